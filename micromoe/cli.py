@@ -1,0 +1,53 @@
+"""The `micromoe` command: subcommands for simulation, benchmarks and (later) training.
+
+Each subcommand lives with the layer it drives and exposes `add_arguments(parser)` and
+`run(args) -> int`; this file only wires them together.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+# name -> (module, one-line help); modules are imported only when their subcommand runs
+SUBCOMMANDS: dict[str, tuple[str, str]] = {
+    "simulate": ("micromoe.sim.command", "compare load balancers on routing traces or Zipf skews"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="micromoe",
+        description="MicroMoE: Mixture-of-Experts with fine-grained, per-micro-batch load balancing.",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (module, help_text) in SUBCOMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        p.set_defaults(_module=module)
+        importlib.import_module(module).add_arguments(p)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(message)s",
+        stream=sys.stderr,
+    )
+    if args.command is None:
+        parser.print_help()
+        return 2
+    try:
+        return int(importlib.import_module(args._module).run(args) or 0)
+    except ValueError as exc:  # user mistakes: one clear line, no traceback
+        print(f"micromoe {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

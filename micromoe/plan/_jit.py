@@ -1,0 +1,20 @@
+"""The one numba wrapper of the planner.
+
+`cache=True` keeps the compile cost off every process start after the first; no `fastmath` and no
+`parallel`: the planner is integer arithmetic with fixed tie-breaks so that every rank computes the
+bit-identical plan.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TypeVar
+
+import numba
+
+F = TypeVar("F", bound=Callable)
+
+
+def njit(fn: F) -> F:
+    """Compile `fn` in nopython mode with an on-disk cache."""
+    return numba.njit(cache=True, nogil=True)(fn)

@@ -1,0 +1,386 @@
+"""Compiled kernels of the exact min-max scheduler (arrays and scalars only; no validation).
+
+The problem: experts supply `load[e]` tokens, expert e may send tokens to the GPUs holding its
+replicas, GPU g accepts at most `T - offset[g]`. Feasibility for a given T is a bipartite max-flow;
+when it fails, the GPUs reached from unsaturated experts in the residual graph form a Hall set S
+with L(S) + offset(S) > T * |S|, which gives the next valid lower bound (discrete Newton /
+Dinkelbach). The last Hall set certifies optimality.
+
+Legend: E experts, G GPUs, R replicas. `x[r]` is the flow (tokens) on replica r; `assigned[g]` the
+tokens given to GPU g; `cap[g]` what GPU g may take in total.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from micromoe.plan._jit import njit
+
+
+@njit
+def _ceil_div(a, b):
+    return -((-a) // b)
+
+
+@njit
+def _water_fill(e, rem, assigned, level_offset, limit, host_ptr, host_gpu, x):
+    """Pour rem[e] into e's hosts, raising the lowest GPU levels first (level = offset + assigned)."""
+    lo = host_ptr[e]
+    hi = host_ptr[e + 1]
+    while rem[e] > 0:
+        m = limit
+        for r in range(lo, hi):
+            lv = level_offset[host_gpu[r]] + assigned[host_gpu[r]]
+            if lv < m:
+                m = lv
+        if m >= limit:
+            return
+        k = 0
+        nxt = limit
+        for r in range(lo, hi):
+            lv = level_offset[host_gpu[r]] + assigned[host_gpu[r]]
+            if lv == m:
+                k += 1
+            elif m < lv < nxt:
+                nxt = lv
+        room = k * (nxt - m)
+        if rem[e] >= room:
+            step = nxt - m
+            extra = 0
+        else:
+            step = rem[e] // k
+            extra = rem[e] - step * k
+        for r in range(lo, hi):
+            g = host_gpu[r]
+            if level_offset[g] + assigned[g] == m:
+                give = step
+                if extra > 0:
+                    give += 1
+                    extra -= 1
+                x[r] += give
+                assigned[g] += give
+                rem[e] -= give
+
+
+@njit
+def _bfs(
+    rem,
+    assigned,
+    cap,
+    x,
+    keep,
+    use_keep,
+    host_ptr,
+    host_gpu,
+    gpu_ptr,
+    gpu_replica,
+    replica_expert,
+    par_g,
+    par_e,
+    vis_e,
+    vis_g,
+    queue,
+):
+    """Multi-source BFS from unsaturated experts; returns a GPU with spare capacity or -1."""
+    num_e = rem.size
+    vis_e[:] = False
+    vis_g[:] = False
+    tail = 0
+    for e in range(num_e):
+        if rem[e] > 0:
+            vis_e[e] = True
+            par_e[e] = -1
+            queue[tail] = e
+            tail += 1
+    head = 0
+    while head < tail:
+        node = queue[head]
+        head += 1
+        if node < num_e:
+            for r in range(host_ptr[node], host_ptr[node + 1]):
+                g = host_gpu[r]
+                if vis_g[g]:
+                    continue
+                vis_g[g] = True
+                par_g[g] = r
+                if assigned[g] < cap[g]:
+                    return g
+                queue[tail] = num_e + g
+                tail += 1
+        else:
+            g = node - num_e
+            for k in range(gpu_ptr[g], gpu_ptr[g + 1]):
+                r = gpu_replica[k]
+                e2 = replica_expert[r]
+                if vis_e[e2]:
+                    continue
+                movable = x[r]
+                if use_keep:
+                    movable -= keep[r]
+                if movable <= 0:
+                    continue
+                vis_e[e2] = True
+                par_e[e2] = r
+                queue[tail] = e2
+                tail += 1
+    return -1
+
+
+@njit
+def _push_path(target, rem, assigned, cap, x, keep, use_keep, host_gpu, replica_expert, par_g, par_e):
+    """Push the bottleneck amount along the BFS path ending at GPU `target`."""
+    b = cap[target] - assigned[target]
+    g = target
+    while True:
+        e = replica_expert[par_g[g]]
+        rb = par_e[e]
+        if rb == -1:
+            if rem[e] < b:
+                b = rem[e]
+            break
+        movable = x[rb]
+        if use_keep:
+            movable -= keep[rb]
+        if movable < b:
+            b = movable
+        g = host_gpu[rb]
+    assigned[target] += b
+    g = target
+    while True:
+        r = par_g[g]
+        x[r] += b
+        e = replica_expert[r]
+        rb = par_e[e]
+        if rb == -1:
+            rem[e] -= b
+            return
+        x[rb] -= b
+        g = host_gpu[rb]
+
+
+@njit
+def _augment(rem, assigned, cap, x, keep, host_ptr, host_gpu, gpu_ptr, gpu_replica, replica_expert, vis_g):
+    """Augment until every expert is placed (True) or no path exists (False; vis_g = Hall set).
+
+    Paths first try to move only flow above `keep` (tokens that would leave their source GPU), so
+    local tokens are displaced only when the max load needs it.
+    """
+    num_e = rem.size
+    num_g = cap.size
+    par_g = np.empty(num_g, dtype=np.int64)
+    par_e = np.empty(num_e, dtype=np.int64)
+    vis_e = np.empty(num_e, dtype=np.bool_)
+    queue = np.empty(num_e + num_g, dtype=np.int64)
+    while True:
+        if not np.any(rem > 0):
+            return True
+        found = False
+        for tier in range(2):
+            use_keep = tier == 0
+            t = _bfs(
+                rem,
+                assigned,
+                cap,
+                x,
+                keep,
+                use_keep,
+                host_ptr,
+                host_gpu,
+                gpu_ptr,
+                gpu_replica,
+                replica_expert,
+                par_g,
+                par_e,
+                vis_e,
+                vis_g,
+                queue,
+            )
+            if t >= 0:
+                _push_path(t, rem, assigned, cap, x, keep, use_keep, host_gpu, replica_expert, par_g, par_e)
+                found = True
+                break
+        if not found:
+            return False
+
+
+@njit
+def _inside_load(load, host_ptr, host_gpu, in_set):
+    """Sum of load over experts whose replicas all lie in the GPU set."""
+    total = 0
+    for e in range(load.size):
+        inside = True
+        for r in range(host_ptr[e], host_ptr[e + 1]):
+            if not in_set[host_gpu[r]]:
+                inside = False
+                break
+        if inside:
+            total += load[e]
+    return total
+
+
+@njit
+def lower_bound(load, base, host_ptr, host_gpu):
+    """Best of three cheap integer lower bounds on the max load, with the GPU set proving it."""
+    num_g = base.size
+    cert = np.ones(num_g, dtype=np.bool_)
+    t = _ceil_div(load.sum() + base.sum(), num_g)
+    gmax = np.argmax(base)
+    if base[gmax] > t:
+        t = base[gmax]
+        cert[:] = False
+        cert[gmax] = True
+    for e in range(load.size):
+        lo = host_ptr[e]
+        hi = host_ptr[e + 1]
+        s = load[e]
+        for r in range(lo, hi):
+            s += base[host_gpu[r]]
+        v = _ceil_div(s, hi - lo)
+        if v > t:
+            t = v
+            cert[:] = False
+            for r in range(lo, hi):
+                cert[host_gpu[r]] = True
+    return t, cert
+
+
+@njit
+def solve_min_max(load, base, local, host_ptr, host_gpu, gpu_ptr, gpu_replica, replica_expert):
+    """Integer min-max assignment.
+
+    Args: load int64 [E]; base int64 [G] (tokens a GPU already has); local int64 [R] (tokens of the
+    replica's expert that sit on the replica's GPU; they are placed there first).
+    Returns (x [R], max_load, cert bool [G]) with every GPU at <= max_load, max_load optimal, and
+    ceil((L_inside(cert) + base(cert)) / |cert|) == max_load.
+    """
+    num_g = base.size
+    t, cert = lower_bound(load, base, host_ptr, host_gpu)
+    cap = t - base
+    x = np.zeros(host_gpu.size, dtype=np.int64)
+    assigned = np.zeros(num_g, dtype=np.int64)
+    rem = load.copy()
+    for r in range(host_gpu.size):
+        g = host_gpu[r]
+        e = replica_expert[r]
+        take = min(local[r], rem[e], cap[g] - assigned[g])
+        if take > 0:
+            x[r] += take
+            assigned[g] += take
+            rem[e] -= take
+    for e in range(load.size):
+        _water_fill(e, rem, assigned, base, t, host_ptr, host_gpu, x)
+    return _raise_until_feasible(
+        x,
+        assigned,
+        rem,
+        cap,
+        t,
+        cert,
+        load,
+        base,
+        local,
+        host_ptr,
+        host_gpu,
+        gpu_ptr,
+        gpu_replica,
+        replica_expert,
+    )
+
+
+@njit
+def solve_from(x0, t0, load, base, local, host_ptr, host_gpu, gpu_ptr, gpu_replica, replica_expert):
+    """Like `solve_min_max`, but start from flow `x0` (x0 <= final quota) at max load >= t0.
+
+    Used to round an LP solution: x0 = floor(LP x), t0 = ceil(LP T*). The returned certificate is
+    only meaningful when the bound was raised here; callers recompute it otherwise.
+    """
+    num_g = base.size
+    t, cert = lower_bound(load, base, host_ptr, host_gpu)
+    t = max(t, t0)
+    cap = t - base
+    x = x0.copy()
+    assigned = np.zeros(num_g, dtype=np.int64)
+    rem = load.copy()
+    for r in range(host_gpu.size):
+        assigned[host_gpu[r]] += x[r]
+        rem[replica_expert[r]] -= x[r]
+    return _raise_until_feasible(
+        x,
+        assigned,
+        rem,
+        cap,
+        t,
+        cert,
+        load,
+        base,
+        local,
+        host_ptr,
+        host_gpu,
+        gpu_ptr,
+        gpu_replica,
+        replica_expert,
+    )
+
+
+@njit
+def _raise_until_feasible(
+    x,
+    assigned,
+    rem,
+    cap,
+    t,
+    cert,
+    load,
+    base,
+    local,
+    host_ptr,
+    host_gpu,
+    gpu_ptr,
+    gpu_replica,
+    replica_expert,
+):
+    """Augment; on a Hall set raise T to its ratio and keep going (discrete Newton)."""
+    vis_g = np.empty(base.size, dtype=np.bool_)
+    while not _augment(
+        rem,
+        assigned,
+        cap,
+        x,
+        local,
+        host_ptr,
+        host_gpu,
+        gpu_ptr,
+        gpu_replica,
+        replica_expert,
+        vis_g,
+    ):
+        n_s = vis_g.sum()
+        t_new = _ceil_div(_inside_load(load, host_ptr, host_gpu, vis_g) + base[vis_g].sum(), n_s)
+        assert t_new > t
+        cap += t_new - t
+        t = t_new
+        cert = vis_g.copy()
+    return x, t, cert
+
+
+@njit
+def feasible_scaled(supply, cap, offset, limit, host_ptr, host_gpu, gpu_ptr, gpu_replica, replica_expert):
+    """Can `supply` be placed with GPU g taking at most cap[g]? Returns (ok, Hall set if not ok)."""
+    num_g = cap.size
+    x = np.zeros(host_gpu.size, dtype=np.int64)
+    assigned = np.zeros(num_g, dtype=np.int64)
+    rem = supply.copy()
+    for e in range(supply.size):
+        _water_fill(e, rem, assigned, offset, limit, host_ptr, host_gpu, x)
+    keep = np.zeros(host_gpu.size, dtype=np.int64)
+    vis_g = np.zeros(num_g, dtype=np.bool_)
+    ok = _augment(
+        rem, assigned, cap, x, keep, host_ptr, host_gpu, gpu_ptr, gpu_replica, replica_expert, vis_g
+    )
+    return ok, vis_g
+
+
+@njit
+def inside_load(load, host_ptr, host_gpu, in_set):
+    """Public wrapper of the inside-load sum (used by the density oracle and the tests)."""
+    return _inside_load(load, host_ptr, host_gpu, in_set)

@@ -1,0 +1,178 @@
+"""Per-micro-batch token scheduling over expert replicas (the MicroEP planner's entry point).
+
+Legend: G GPUs in the MicroEP group, E experts, R replicas (see `placement.py`).
+`counts[src, e]` is the number of (token, expert) selections on GPU src for expert e (each top-k
+choice counts once). The plan says how many of them each replica processes (`quota`) and who sends
+what to whom (`route`). Integers throughout: no token is rounded away or duplicated.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cached_property
+from typing import Literal
+
+import numpy as np
+import numpy.typing as npt
+
+from micromoe.plan.flow import inside_load, solve_min_max
+from micromoe.plan.placement import IntArray, Placement
+from micromoe.plan.route import fill_routes
+
+Solver = Literal["flow", "highs"]
+
+
+@dataclass(frozen=True, eq=False)
+class Plan:
+    """The schedule of one layer for one micro-batch; identical on every rank for the same input.
+
+    Attributes:
+        placement: the layout the plan is for.
+        replica_quota: int64 [R]; tokens processed by each replica (placement's replica order).
+        max_load: the largest per-GPU load, base load included; equals ceil(T*) (optimal).
+        gpu_load: int64 [G]; per-GPU load, base load included.
+        certificate: bool [G]; a GPU set S with ceil((L_inside(S) + base(S)) / |S|) == max_load,
+            which proves no plan has a smaller max load (L_inside: load of experts whose replicas
+            all lie in S).
+        route_src, route_expert, route_dst, route_count: int64 [N]; the COO route list
+            (expert-major; for one (src, expert), entries in the order the source's tokens are cut).
+    """
+
+    placement: Placement
+    replica_quota: IntArray
+    max_load: int
+    gpu_load: IntArray
+    certificate: npt.NDArray[np.bool_]
+    route_src: IntArray
+    route_expert: IntArray
+    route_dst: IntArray
+    route_count: IntArray
+
+    @cached_property
+    def quota(self) -> IntArray:
+        """int64 [E, G]: tokens of expert e processed on GPU g."""
+        p = self.placement
+        q = np.zeros((p.num_experts, p.num_gpus), dtype=np.int64)
+        q[p.replica_expert, p.host_gpu] = self.replica_quota
+        return q
+
+    @cached_property
+    def route(self) -> IntArray:
+        """int64 [G, E, G]: tokens sent from src to the replica of e on dst."""
+        p = self.placement
+        r = np.zeros((p.num_gpus, p.num_experts, p.num_gpus), dtype=np.int64)
+        np.add.at(r, (self.route_src, self.route_expert, self.route_dst), self.route_count)
+        return r
+
+    def send_counts(self) -> IntArray:
+        """int64 [G, G]: tokens GPU src sends to GPU dst (the all-to-all split sizes)."""
+        g = self.placement.num_gpus
+        m = np.zeros((g, g), dtype=np.int64)
+        np.add.at(m, (self.route_src, self.route_dst), self.route_count)
+        return m
+
+
+def schedule(
+    counts: npt.ArrayLike,
+    placement: Placement,
+    *,
+    base_load: npt.ArrayLike | None = None,
+    gpus_per_node: int | None = None,
+    solver: Solver = "flow",
+) -> Plan:
+    """Optimal integer schedule of one micro-batch's tokens over the placement's replicas.
+
+    Args:
+        counts: int [G, E]; tokens on GPU src routed to expert e (>= 0).
+        placement: the replica layout of the MicroEP group (G GPUs, E experts).
+        base_load: int [G] >= 0; work a GPU already has (e.g. the first half of a split batch).
+        gpus_per_node: GPUs per node (consecutive ids); the route then prefers same-node replicas.
+        solver: "flow" (exact combinatorial solver, default) or "highs" (the paper's LP,
+            warm-started HiGHS; needs `highspy`).
+
+    Returns:
+        A `Plan` with max_load == ceil(T*), the LP optimum; tokens stay on their source GPU
+        wherever that GPU holds a replica with room at that max load.
+    """
+    counts_ge, base = _validate(counts, placement, base_load, gpus_per_node)
+    p = placement
+    load = counts_ge.sum(axis=0)
+    local = counts_ge[p.host_gpu, p.replica_expert]
+    if solver == "flow":
+        x, max_load, cert = solve_min_max(
+            load, base, local, p.host_ptr, p.host_gpu, p.gpu_ptr, p.gpu_replica, p.replica_expert
+        )
+    elif solver == "highs":
+        from micromoe.plan.highs import highs_quota
+
+        x, max_load, cert = highs_quota(load, base, local, p)
+    else:
+        raise ValueError(f"unknown solver {solver!r}; use 'flow' or 'highs'")
+    node_of = _node_map(p.num_gpus, gpus_per_node)
+    src, exp, dst, cnt = fill_routes(counts_ge, x, p.host_ptr, p.host_gpu, node_of)
+    gpu_load = base + np.bincount(p.host_gpu, weights=x, minlength=p.num_gpus).astype(np.int64)
+    for a in (x, gpu_load, cert, src, exp, dst, cnt):
+        a.setflags(write=False)
+    return Plan(p, x, int(max_load), gpu_load, cert, src, exp, dst, cnt)
+
+
+def certificate_bound(plan: Plan, counts: npt.ArrayLike, base_load: npt.ArrayLike | None = None) -> int:
+    """ceil((L_inside(S) + base(S)) / |S|) for the plan's certificate S: a lower bound on any max load."""
+    p = plan.placement
+    load = np.asarray(counts, dtype=np.int64).sum(axis=0)
+    base = np.zeros(p.num_gpus, np.int64) if base_load is None else np.asarray(base_load, np.int64)
+    s = np.asarray(plan.certificate, dtype=np.bool_)
+    num = int(inside_load(load, p.host_ptr, p.host_gpu, s)) + int(base[s].sum())
+    return -(-num // int(s.sum()))
+
+
+def _node_map(num_gpus: int, gpus_per_node: int | None) -> IntArray:
+    if gpus_per_node is None:
+        return np.full(num_gpus, -1, dtype=np.int64)
+    return np.arange(num_gpus, dtype=np.int64) // gpus_per_node
+
+
+def as_int_array(a: npt.ArrayLike, name: str, shape: tuple[int, ...]) -> IntArray:
+    """Validate a non-negative integer array of a given shape; ValueError names what is wrong."""
+    arr = np.asarray(a)
+    if arr.shape != shape:
+        raise ValueError(f"{name} must have shape {shape}, got {arr.shape}")
+    if arr.dtype == np.bool_ or not (
+        np.issubdtype(arr.dtype, np.integer) or np.issubdtype(arr.dtype, np.floating)
+    ):
+        raise ValueError(f"{name} must be an integer array, got dtype {arr.dtype}")
+    if np.issubdtype(arr.dtype, np.floating):
+        if not np.all(np.isfinite(arr)):
+            raise ValueError(f"{name} has non-finite entries")
+        if not np.all(arr == np.floor(arr)):
+            raise ValueError(f"{name} must hold whole token counts, got fractional entries")
+        if arr.size and np.abs(arr).max() >= 2**53:
+            raise ValueError(f"{name} has entries too large to be exact token counts")
+    if arr.size and arr.min() < 0:
+        idx = np.unravel_index(int(np.argmin(arr)), arr.shape)
+        raise ValueError(f"{name}{list(idx)} = {arr[idx]}: token counts must be >= 0")
+    out = np.ascontiguousarray(arr, dtype=np.int64)
+    if out.size and out.sum() >= 2**62 // max(1, shape[0] if shape else 1):
+        raise ValueError(f"{name} sums to {out.sum()}, too large for exact int64 scheduling")
+    return out
+
+
+def _validate(counts, placement, base_load, gpus_per_node) -> tuple[IntArray, IntArray]:
+    if not isinstance(placement, Placement):
+        raise ValueError(f"placement must be a micromoe.plan.Placement, got {type(placement).__name__}")
+    g, e = placement.num_gpus, placement.num_experts
+    counts_ge = as_int_array(counts, "counts", (g, e))
+    if base_load is None:
+        base = np.zeros(g, dtype=np.int64)
+    else:
+        base = as_int_array(base_load, "base_load", (g,))
+    if gpus_per_node is not None:
+        if (
+            isinstance(gpus_per_node, bool)
+            or not isinstance(gpus_per_node, (int, np.integer))
+            or gpus_per_node < 1
+        ):
+            raise ValueError(f"gpus_per_node must be a positive integer, got {gpus_per_node!r}")
+        if g % gpus_per_node:
+            raise ValueError(f"gpus_per_node={gpus_per_node} does not divide the group's {g} GPUs")
+    return counts_ge, base
