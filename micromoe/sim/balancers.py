@@ -1,0 +1,220 @@
+"""The balancers a simulation compares; each turns one layer's routing counts into expert quotas.
+
+Legend: G GPUs in the group, E experts, d replicas per expert, S = E * d / G slots per GPU.
+
+Every replicating balancer gets the same G * S = E * d expert slots (LPLB, at most 2 copies per
+expert, uses 2 * E of them). A balancer sees one (layer, micro-batch) at a time and returns a
+`Decision`: quota[e, g] = tokens of expert e processed on GPU g (rows sum to the expert's load) and
+the wall time of its per-micro-batch decision. Adaptive balancers then `observe` the loads, so
+they only ever use earlier micro-batches.
+"""
+
+from __future__ import annotations
+
+import time
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from micromoe.plan import LoadTracker, Placement, decide_replacement, schedule
+from micromoe.sim.eplb import eplb_slots, even_quota
+from micromoe.sim.lplb import LplbSolver, Topology, default_topology, lplb_layout
+from micromoe.sim.traces import IntArray
+from micromoe.sim.workload import Workload
+
+BALANCERS = ("ep", "eplb", "lplb", "microep", "microep-ar", "bound")
+
+
+@dataclass(frozen=True)
+class Decision:
+    """quota: int64 [E, G]; sched_ns: wall time of the per-micro-batch decision (ns)."""
+
+    quota: IntArray
+    sched_ns: int
+
+
+@dataclass(frozen=True)
+class GroupConfig:
+    """The group every balancer runs on."""
+
+    num_gpus: int
+    replicas: int
+    gpus_per_node: int | None = None
+    lplb_topology: Topology | None = None
+    ar_interval: int = 4
+    seed: int = 0
+
+
+class Balancer(ABC):
+    """One strategy. `setup` per workload (placements from its history), then `decide` per layer."""
+
+    name: str
+
+    def __init__(self, cfg: GroupConfig) -> None:
+        self.cfg = cfg
+
+    @abstractmethod
+    def setup(self, workload: Workload) -> None: ...
+
+    @abstractmethod
+    def decide(self, layer: int, counts: IntArray) -> Decision:
+        """counts: int64 [G, E] of one micro-batch of `layer`."""
+
+    def observe(self, layer: int, loads: IntArray) -> None:
+        """Called with the per-expert loads [E] after each decision; static balancers ignore it."""
+        del layer, loads
+
+    def info(self) -> dict[str, Any]:
+        """Extra facts for the report (slots used, replacements made, ...)."""
+        return {}
+
+
+class ExpertParallel(Balancer):
+    """Plain EP: GPU g holds experts g*E/G .. (g+1)*E/G - 1, no replicas."""
+
+    name = "ep"
+
+    def setup(self, workload: Workload) -> None:
+        g, e = self.cfg.num_gpus, workload.num_experts
+        if e % g:
+            raise ValueError(f"plain EP needs experts divisible by GPUs: {e} experts on {g} GPUs")
+        self._owner = np.arange(e) // (e // g)
+
+    def decide(self, layer: int, counts: IntArray) -> Decision:
+        t0 = time.perf_counter_ns()
+        loads = counts.sum(axis=0)
+        quota = np.zeros((loads.size, self.cfg.num_gpus), dtype=np.int64)
+        quota[np.arange(loads.size), self._owner] = loads
+        return Decision(quota, time.perf_counter_ns() - t0)
+
+    def info(self) -> dict[str, Any]:
+        return {"slots": int(self._owner.size)}
+
+
+class Eplb(Balancer):
+    """DeepSeek EPLB: placement per layer from the history, tokens split evenly over replicas."""
+
+    name = "eplb"
+
+    def setup(self, workload: Workload) -> None:
+        g, e = self.cfg.num_gpus, workload.num_experts
+        slots_per_gpu = _slots_per_gpu(e, g, self.cfg.replicas)
+        self._slots = [eplb_slots(workload.history[l], g, slots_per_gpu) for l in range(workload.num_layers)]
+
+    def decide(self, layer: int, counts: IntArray) -> Decision:
+        t0 = time.perf_counter_ns()
+        quota = even_quota(counts.sum(axis=0), self._slots[layer])
+        return Decision(quota, time.perf_counter_ns() - t0)
+
+    def info(self) -> dict[str, Any]:
+        return {"slots": int(self._slots[0].size)}
+
+
+class Lplb(Balancer):
+    """LPLB-style: one copy per expert along a ring/cube, per-micro-batch LP (see `lplb.py`)."""
+
+    name = "lplb"
+
+    def setup(self, workload: Workload) -> None:
+        g = self.cfg.num_gpus
+        self.topology = self.cfg.lplb_topology or default_topology(g)
+        self._solvers = []
+        for l in range(workload.num_layers):
+            orig, copy = lplb_layout(workload.history[l], g, self.topology)
+            self._solvers.append(LplbSolver(orig, copy, g))
+        self._slots = 2 * workload.num_experts
+
+    def decide(self, layer: int, counts: IntArray) -> Decision:
+        t0 = time.perf_counter_ns()
+        quota = self._solvers[layer].quota(counts.sum(axis=0))
+        return Decision(quota, time.perf_counter_ns() - t0)
+
+    def info(self) -> dict[str, Any]:
+        return {"slots": self._slots, "topology": self.topology}
+
+
+class MicroEP(Balancer):
+    """Our planner on the static symmetric placement: the exact optimum every micro-batch."""
+
+    name = "microep"
+
+    def setup(self, workload: Workload) -> None:
+        g, e = self.cfg.num_gpus, workload.num_experts
+        _slots_per_gpu(e, g, self.cfg.replicas)
+        base = Placement.symmetric(g, e, self.cfg.replicas)
+        self.placements = [base] * workload.num_layers
+        _warm_up(base)
+
+    def decide(self, layer: int, counts: IntArray) -> Decision:
+        p = self.placements[layer]
+        t0 = time.perf_counter_ns()
+        plan = schedule(counts, p, gpus_per_node=self.cfg.gpus_per_node)
+        ns = time.perf_counter_ns() - t0
+        return Decision(plan.quota, ns)
+
+    def info(self) -> dict[str, Any]:
+        return {"slots": int(self.placements[0].num_replicas_total)}
+
+
+class MicroEPAdaptive(MicroEP):
+    """MicroEP with adaptive replacement: every `ar_interval` micro-batches a layer's placement is
+    rescored on the moving-average forecast of the loads seen so far and replaced when worse than
+    the threshold (the new one serves from the next micro-batch on; migration cost not modelled)."""
+
+    name = "microep-ar"
+
+    def setup(self, workload: Workload) -> None:
+        super().setup(workload)
+        if self.cfg.ar_interval < 1:
+            raise ValueError(f"--ar-interval must be >= 1, got {self.cfg.ar_interval}")
+        self.placements = list(self.placements)
+        self._tracker = LoadTracker(workload.num_layers, workload.num_experts)
+        self.replacements = 0
+
+    def observe(self, layer: int, loads: IntArray) -> None:
+        self._tracker.observe(layer, loads)
+        if self._tracker.observations(layer) % self.cfg.ar_interval:
+            return
+        r = decide_replacement(
+            self._tracker.forecast(layer), self.placements[layer], seed=self.cfg.seed + layer
+        )
+        if r.replace:
+            self.placements[layer] = r.placement
+            self.replacements += 1
+
+    def info(self) -> dict[str, Any]:
+        return {**super().info(), "replacements": self.replacements, "ar_interval": self.cfg.ar_interval}
+
+
+def make_balancers(names: list[str], cfg: GroupConfig) -> list[Balancer]:
+    """Balancer objects for `names` (order kept); 'bound' is computed by the runner, not here."""
+    classes = {c.name: c for c in (ExpertParallel, Eplb, Lplb, MicroEP, MicroEPAdaptive)}
+    out = []
+    for n in names:
+        if n == "bound":
+            continue
+        if n not in classes:
+            raise ValueError(f"unknown balancer {n!r}; choose from {', '.join(BALANCERS)}")
+        out.append(classes[n](cfg))
+    return out
+
+
+def _slots_per_gpu(num_experts: int, num_gpus: int, replicas: int) -> int:
+    if replicas < 1 or replicas > num_gpus or num_gpus % replicas:
+        raise ValueError(
+            f"--replicas {replicas} must be between 1 and --gpus {num_gpus} and divide it "
+            "(each slot index splits the GPUs into replica groups)"
+        )
+    if (num_experts * replicas) % num_gpus:
+        raise ValueError(
+            f"{num_experts} experts x {replicas} replicas = {num_experts * replicas} slots do not split "
+            f"evenly over {num_gpus} GPUs; change --replicas or --gpus"
+        )
+    return num_experts * replicas // num_gpus
+
+
+def _warm_up(p: Placement) -> None:
+    """Compile the planner's kernels before anything is timed (numba caches them on disk)."""
+    schedule(np.ones((p.num_gpus, p.num_experts), dtype=np.int64), p)

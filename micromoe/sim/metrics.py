@@ -1,0 +1,96 @@
+"""What a simulation measures per (micro-batch, layer), and the summary statistics of it.
+
+Legend: M micro-batches, L layers, G GPUs, E experts.
+
+- ratio = max GPU load / mean GPU load (mean = total selections / G); 1.0 is perfect balance.
+- at bound: max GPU load == ceil(total / G), the smallest integer max load any balancer can reach.
+- remote tokens: selections processed on a GPU other than their source, counted for the quota
+  the balancer chose with locality-first routing (each source keeps what its local replicas
+  take; the same for every balancer, and the fewest possible for that quota). With nodes, also
+  the selections that leave their source's node (again the fewest possible for the quota).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from micromoe.sim.traces import IntArray
+
+
+@dataclass
+class Samples:
+    """Per-sample records of one balancer on one workload; every array is [M, L]."""
+
+    max_load: IntArray
+    total: IntArray
+    remote: IntArray
+    remote_node: IntArray
+    sched_ns: IntArray
+
+    @classmethod
+    def empty(cls, num_micro_batches: int, num_layers: int) -> Samples:
+        def z() -> IntArray:
+            return np.zeros((num_micro_batches, num_layers), dtype=np.int64)
+
+        return cls(z(), z(), z(), z(), z())
+
+    @classmethod
+    def concat(cls, parts: list[Samples]) -> Samples:
+        """Stack workloads along the micro-batch axis; flattened to [sum M*L, 1] if their L differ."""
+        same_l = len({p.max_load.shape[1] for p in parts}) == 1
+
+        def cat(f: str) -> IntArray:
+            arrs = [getattr(p, f) for p in parts]
+            return np.concatenate(arrs if same_l else [a.reshape(-1, 1) for a in arrs])
+
+        return cls(*(cat(f) for f in cls.__dataclass_fields__))
+
+    def tail(self, skip: int) -> Samples:
+        """The samples without the first `skip` micro-batches."""
+        return Samples(*(getattr(self, f)[skip:] for f in self.__dataclass_fields__))
+
+    def ratios(self, num_gpus: int) -> np.ndarray:
+        """float64 [M, L]: max / mean GPU load (1.0 where a sample has no tokens)."""
+        mean = self.total / num_gpus
+        return np.where(self.total > 0, self.max_load / np.maximum(mean, 1e-300), 1.0)
+
+
+def traffic(counts: IntArray, quota: IntArray, gpus_per_node: int | None) -> tuple[int, int]:
+    """(tokens leaving their GPU, tokens leaving their node) for counts [G, E] and quota [E, G].
+
+    A source keeps min(own tokens, local quota) of an expert; everything else must travel. At node
+    level the same with per-node sums (0 when gpus_per_node is None).
+    """
+    local = np.minimum(counts, quota.T).sum()
+    total = counts.sum()
+    if gpus_per_node is None:
+        return int(total - local), 0
+    num_nodes = counts.shape[0] // gpus_per_node
+    node_counts = counts.reshape(num_nodes, gpus_per_node, -1).sum(axis=1)
+    node_quota = quota.T.reshape(num_nodes, gpus_per_node, -1).sum(axis=1)
+    return int(total - local), int(total - np.minimum(node_counts, node_quota).sum())
+
+
+def summarize(s: Samples, num_gpus: int, gpus_per_node: int | None) -> dict[str, float | None]:
+    """The report's numbers for one balancer: ratio statistics, share at the bound, timing, traffic."""
+    ratios = s.ratios(num_gpus).ravel()
+    bound = -(-s.total // num_gpus)
+    total = int(s.total.sum())
+    sched_us = s.sched_ns.ravel() / 1e3
+    out: dict[str, float | None] = {
+        "mean_ratio": float(ratios.mean()),
+        "p50_ratio": float(np.percentile(ratios, 50)),
+        "p99_ratio": float(np.percentile(ratios, 99)),
+        "max_ratio": float(ratios.max()),
+        "at_bound": float(np.mean(s.max_load == bound)),
+        "sched_us_median": float(np.median(sched_us)),
+        "sched_us_p99": float(np.percentile(sched_us, 99)),
+        "remote_share": float(s.remote.sum() / total) if total else 0.0,
+        "node_remote_share": (float(s.remote_node.sum() / total) if total else 0.0)
+        if gpus_per_node is not None
+        else None,
+        "samples": int(ratios.size),
+    }
+    return out

@@ -1,0 +1,73 @@
+"""Figures of a simulation (matplotlib, Agg backend: no display needed).
+
+Panels: (1) distribution of max/mean GPU load per balancer (ECDF over all (micro-batch, layer)
+samples); (2) mean max/mean per layer; (3) with several workloads, mean max/mean per workload
+(against the Zipf exponent for --zipf runs: the paper's balance figure).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from micromoe.sim.runner import WorkloadResult, pooled
+
+STYLE = {
+    "ep": ("tab:red", "o"),
+    "eplb": ("tab:orange", "s"),
+    "lplb": ("tab:purple", "^"),
+    "microep": ("tab:blue", "D"),
+    "microep-ar": ("tab:green", "v"),
+    "bound": ("black", ""),
+}
+
+
+def plot_results(
+    results: list[WorkloadResult],
+    num_gpus: int,
+    path: str | Path,
+    *,
+    x_values: list[float] | None = None,
+    x_label: str = "workload",
+    title: str = "",
+) -> None:
+    """Write the figure to `path` (format from its suffix, e.g. .png, .pdf, .svg)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    multi = len(results) > 1
+    fig, axes = plt.subplots(1, 3 if multi else 2, figsize=(16 if multi else 11, 4.2))
+    pool = pooled(results)
+    for name, s in pool.items():
+        color, marker = STYLE.get(name, ("gray", "x"))
+        r = np.sort(s.ratios(num_gpus).ravel())
+        axes[0].step(r, np.arange(1, r.size + 1) / r.size, where="post", color=color, label=name)
+        per_layer = s.ratios(num_gpus).mean(axis=0)
+        if per_layer.size > 1:
+            axes[1].plot(np.arange(per_layer.size), per_layer, color=color, marker=marker, ms=3, label=name)
+        else:
+            axes[1].bar(name, per_layer[0], color=color)
+        if multi:
+            ys = [r_.samples[name].ratios(num_gpus).mean() for r_ in results]
+            xs = x_values if x_values is not None else list(range(len(results)))
+            axes[2].plot(xs, ys, color=color, marker=marker, label=name)
+    axes[0].set(xlabel="max / mean GPU load", ylabel="share of (micro-batch, layer) samples <= x")
+    axes[0].set_title("distribution of max/mean")
+    axes[1].set(xlabel="layer", ylabel="mean max / mean GPU load")
+    axes[1].set_title("per layer")
+    if multi:
+        axes[2].set(xlabel=x_label, ylabel="mean max / mean GPU load")
+        axes[2].set_title(f"by {x_label}")
+        if x_values is None:
+            axes[2].set_xticks(range(len(results)), [r.name for r in results], rotation=20, fontsize=8)
+    for ax in axes:
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

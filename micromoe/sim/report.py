@@ -1,0 +1,90 @@
+"""Text tables and the JSON document of a simulation's results."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from micromoe.sim.metrics import summarize
+from micromoe.sim.runner import WorkloadResult, pooled
+
+
+def build_report(results: list[WorkloadResult], config: dict[str, Any]) -> dict[str, Any]:
+    """{"config", "results": {balancer: summary} over all workloads pooled, "workloads": [...]}."""
+    g, gpn = config["gpus"], config["gpus_per_node"]
+    return {
+        "config": config,
+        "results": {n: summarize(s, g, gpn) for n, s in pooled(results).items()},
+        "workloads": [
+            {
+                "name": r.name,
+                "results": {n: summarize(s, g, gpn) for n, s in r.samples.items()},
+                "info": r.info,
+            }
+            for r in results
+        ],
+    }
+
+
+def write_json(report: dict[str, Any], path: str | Path) -> None:
+    Path(path).write_text(json.dumps(report, indent=2) + "\n")
+
+
+def format_table(results: dict[str, dict[str, Any]], *, nodes: bool) -> str:
+    """One row per balancer: max/mean statistics, share at the bound, scheduling time, traffic."""
+    head = ["balancer", "mean", "p50", "p99", "worst", "at bound", "sched us p50", "sched us p99", "remote"]
+    if nodes:
+        head.append("off-node")
+    rows = [head]
+    for name, r in results.items():
+        timed = name != "bound"
+        row = [
+            name,
+            f"{r['mean_ratio']:.4f}",
+            f"{r['p50_ratio']:.4f}",
+            f"{r['p99_ratio']:.4f}",
+            f"{r['max_ratio']:.4f}",
+            f"{100 * r['at_bound']:.1f}%",
+            f"{r['sched_us_median']:.1f}" if timed else "-",
+            f"{r['sched_us_p99']:.1f}" if timed else "-",
+            f"{100 * r['remote_share']:.1f}%" if timed else "-",
+        ]
+        if nodes:
+            row.append(f"{100 * r['node_remote_share']:.1f}%" if timed else "-")
+        rows.append(row)
+    return _align(rows)
+
+
+def format_matrix(report: dict[str, Any], key: str = "mean_ratio") -> str:
+    """Workloads x balancers table of one statistic (the figure's data)."""
+    names = list(report["results"])
+    rows = [["workload", *names]]
+    for w in report["workloads"]:
+        rows.append([w["name"], *(f"{w['results'][n][key]:.4f}" for n in names)])
+    return _align(rows)
+
+
+def format_report(report: dict[str, Any]) -> str:
+    """The stdout text: resolved config, one table per workload, and a summary across workloads."""
+    cfg = report["config"]
+    nodes = cfg["gpus_per_node"] is not None
+    lines = ["config: " + ", ".join(f"{k}={v}" for k, v in cfg.items() if k != "workloads")]
+    unit = "per (micro-batch, layer); max/mean GPU load"
+    for w in report["workloads"]:
+        lines += ["", f"== {w['name']} ({unit})", format_table(w["results"], nodes=nodes)]
+    if len(report["workloads"]) > 1:
+        lines += ["", f"== all workloads pooled ({unit})", format_table(report["results"], nodes=nodes)]
+        lines += ["", "== mean max/mean by workload", format_matrix(report)]
+    return "\n".join(lines)
+
+
+def _align(rows: list[list[str]]) -> str:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    out = []
+    for k, r in enumerate(rows):
+        cells = [r[0].ljust(widths[0])] + [c.rjust(w) for c, w in zip(r[1:], widths[1:], strict=True)]
+        out.append("  ".join(cells))
+        if k == 0:
+            out.append("  ".join("-" * w for w in widths))
+    return "\n".join(out)

@@ -1,0 +1,96 @@
+"""The simulation loop: replay every workload's micro-batches through every balancer.
+
+Legend: M micro-batches, L layers, G GPUs, E experts.
+Per micro-batch, layers run in order; each balancer decides (timed), its quota is checked and
+measured, then it observes the loads (so adaptive balancers only learn from the past).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from tqdm import tqdm
+
+from micromoe.sim.balancers import Balancer, GroupConfig, make_balancers
+from micromoe.sim.metrics import Samples, traffic
+from micromoe.sim.workload import Workload
+
+
+@dataclass
+class WorkloadResult:
+    """One workload's samples per balancer (in request order, 'bound' included) and their facts."""
+
+    name: str
+    samples: dict[str, Samples]
+    info: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+
+def simulate(
+    workloads: list[Workload],
+    names: list[str],
+    cfg: GroupConfig,
+    *,
+    warmup: int = 0,
+    progress: bool | None = None,
+) -> list[WorkloadResult]:
+    """Run `names` (see balancers.BALANCERS) on every workload.
+
+    The first `warmup` micro-batches of each workload are run (adaptive balancers learn from them)
+    but not measured. progress: None = a progress bar only on a terminal.
+    """
+    total = sum(w.num_micro_batches for w in workloads)
+    bar = tqdm(total=total, desc="simulate", unit="mb", disable=None if progress is None else not progress)
+    try:
+        return [_run_one(w, names, cfg, bar, warmup) for w in workloads]
+    finally:
+        bar.close()
+
+
+def _run_one(w: Workload, names: list[str], cfg: GroupConfig, bar: tqdm, warmup: int) -> WorkloadResult:
+    if w.num_gpus != cfg.num_gpus:
+        raise ValueError(f"{w.name}: workload has {w.num_gpus} source GPUs, the group {cfg.num_gpus}")
+    if not 0 <= warmup < w.num_micro_batches:
+        raise ValueError(
+            f"{w.name}: --warmup {warmup} must be >= 0 and leave some of its {w.num_micro_batches} micro-batches"
+        )
+    balancers = make_balancers(names, cfg)
+    for b in balancers:
+        b.setup(w)
+    samples = {b.name: Samples.empty(w.num_micro_batches, w.num_layers) for b in balancers}
+    bar.set_postfix_str(w.name)
+    for m in range(w.num_micro_batches):
+        for l in range(w.num_layers):
+            counts = w.counts[m, l]
+            loads = counts.sum(axis=0)
+            for b in balancers:
+                _step(b, samples[b.name], m, l, counts, loads, cfg.gpus_per_node)
+        bar.update(1)
+    if "bound" in names:
+        totals = w.counts.sum(axis=(2, 3))
+        bound = Samples.empty(w.num_micro_batches, w.num_layers)
+        bound.total[:] = totals
+        bound.max_load[:] = -(-totals // cfg.num_gpus)
+        samples["bound"] = bound
+    ordered = {n: samples[n].tail(warmup) for n in names}
+    return WorkloadResult(w.name, ordered, {b.name: b.info() for b in balancers})
+
+
+def _step(
+    b: Balancer, s: Samples, m: int, l: int, counts: np.ndarray, loads: np.ndarray, gpn: int | None
+) -> None:
+    d = b.decide(l, counts)
+    assert np.array_equal(d.quota.sum(axis=1), loads), f"{b.name} lost or duplicated tokens"
+    assert d.quota.min() >= 0, f"{b.name} produced a negative quota"
+    s.max_load[m, l] = d.quota.sum(axis=0).max()
+    s.total[m, l] = loads.sum()
+    s.remote[m, l], s.remote_node[m, l] = traffic(counts, d.quota, gpn)
+    s.sched_ns[m, l] = d.sched_ns
+    b.observe(l, loads)
+
+
+def pooled(results: list[WorkloadResult]) -> dict[str, Samples]:
+    """Every workload's samples of each balancer stacked (see `Samples.concat`)."""
+    names = list(results[0].samples)
+    return {n: Samples.concat([r.samples[n] for r in results]) for n in names}

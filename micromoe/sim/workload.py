@@ -1,0 +1,186 @@
+"""Workloads: the per-micro-batch routing counts a simulation replays.
+
+Legend: M micro-batches, L layers, G source GPUs, E experts.
+
+A workload is `counts[m, l, src, e]` (int64 [M, L, G, E]) plus `history[l, e]` (float64 [L, E]), the
+long-run per-expert load that history-based placements (EPLB, LPLB's expert order) are built from.
+
+Sampling model for aggregate traces and Zipf loads (`sample_counts`), per layer l with expert
+distribution p_l (p_l = counts[l] / sum for a trace; Zipf: P(i-th most loaded) ~ i^-s):
+- **drift** (shared by all GPUs of a micro-batch, correlated in time): log-weights
+  z_m = rho * z_{m-1} + sqrt(1 - rho^2) * drift * N(0, 1) per expert, z_0 ~ drift * N(0, 1),
+  rho = DRIFT_CORRELATION, so consecutive micro-batches differ a little and drift apart slowly,
+  as expert popularity does during training;
+- **per-source noise**: each source GPU's distribution is p_l * exp(z_m + noise * N(0, 1)),
+  renormalized (different data on every GPU);
+- **sampling**: the source's N * k selections (tokens per GPU x top-k) are a multinomial draw from
+  that distribution. Selections are independent draws, so at extreme skew an expert may get more
+  than N selections from one source; the balance problem only sees counts.
+With drift = noise = 0 every micro-batch is a pure multinomial sample of p_l.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import numpy.typing as npt
+
+from micromoe.sim.traces import AggregateTrace, FloatArray, IntArray, RoutingTrace
+
+DRIFT_CORRELATION = 0.9  # rho of the AR(1) drift between consecutive micro-batches
+
+
+@dataclass(frozen=True)
+class Workload:
+    """Routing counts to replay. counts: int64 [M, L, G, E]; history: float64 [L, E] (>= 0)."""
+
+    name: str
+    counts: IntArray
+    history: FloatArray
+    top_k: int
+
+    @property
+    def num_micro_batches(self) -> int:
+        return int(self.counts.shape[0])
+
+    @property
+    def num_layers(self) -> int:
+        return int(self.counts.shape[1])
+
+    @property
+    def num_gpus(self) -> int:
+        return int(self.counts.shape[2])
+
+    @property
+    def num_experts(self) -> int:
+        return int(self.counts.shape[3])
+
+
+def zipf_distribution(s: float, num_experts: int, num_layers: int, rng: np.random.Generator) -> FloatArray:
+    """float64 [L, E]: P(i-th most loaded expert) ~ i^-s; each layer's hot experts at random ids."""
+    if not np.isfinite(s) or s < 0:
+        raise ValueError(f"Zipf exponent must be finite and >= 0, got {s}")
+    weights = np.arange(1, num_experts + 1, dtype=np.float64) ** -s
+    weights /= weights.sum()
+    out = np.empty((num_layers, num_experts))
+    for layer in range(num_layers):
+        out[layer, rng.permutation(num_experts)] = weights
+    return out
+
+
+def sample_counts(
+    probs: npt.ArrayLike,
+    *,
+    num_micro_batches: int,
+    num_gpus: int,
+    tokens_per_gpu: int,
+    top_k: int,
+    noise: float,
+    drift: float,
+    rng: np.random.Generator,
+) -> IntArray:
+    """Sample int64 [M, L, G, E] counts from per-layer distributions probs [L, E] (see module doc)."""
+    p = np.asarray(probs, dtype=np.float64)
+    _check_sampling(p, num_micro_batches, num_gpus, tokens_per_gpu, top_k, noise, drift)
+    p = p / p.sum(axis=1, keepdims=True)
+    num_layers, num_experts = p.shape
+    out = np.empty((num_micro_batches, num_layers, num_gpus, num_experts), dtype=np.int64)
+    rho = DRIFT_CORRELATION
+    z = drift * rng.standard_normal((num_layers, num_experts))
+    for m in range(num_micro_batches):
+        if m:
+            z = rho * z + np.sqrt(1 - rho**2) * drift * rng.standard_normal(z.shape)
+        eps = noise * rng.standard_normal((num_layers, num_gpus, num_experts))
+        logw = z[:, None, :] + eps
+        logw -= logw.max(axis=2, keepdims=True)  # exp stays in range
+        q = p[:, None, :] * np.exp(logw)
+        q /= q.sum(axis=2, keepdims=True)
+        out[m] = rng.multinomial(tokens_per_gpu * top_k, q)
+    return out
+
+
+def workload_from_aggregate(
+    trace: AggregateTrace,
+    *,
+    num_micro_batches: int,
+    num_gpus: int,
+    tokens_per_gpu: int,
+    top_k: int,
+    noise: float,
+    drift: float,
+    seed: int,
+) -> Workload:
+    """Sample micro-batches from an aggregate trace; its counts are EPLB's history."""
+    rng = np.random.default_rng(seed)
+    counts = sample_counts(
+        trace.counts,
+        num_micro_batches=num_micro_batches,
+        num_gpus=num_gpus,
+        tokens_per_gpu=tokens_per_gpu,
+        top_k=top_k,
+        noise=noise,
+        drift=drift,
+        rng=rng,
+    )
+    return Workload(trace.name, counts, trace.counts.astype(np.float64), top_k)
+
+
+def workload_from_zipf(
+    s: float,
+    *,
+    num_experts: int,
+    num_layers: int,
+    num_micro_batches: int,
+    num_gpus: int,
+    tokens_per_gpu: int,
+    top_k: int,
+    noise: float,
+    drift: float,
+    seed: int,
+) -> Workload:
+    """Synthetic Zipf(s) loads, the same hot experts on every GPU; history = the Zipf distribution."""
+    rng = np.random.default_rng(seed)
+    probs = zipf_distribution(s, num_experts, num_layers, rng)
+    counts = sample_counts(
+        probs,
+        num_micro_batches=num_micro_batches,
+        num_gpus=num_gpus,
+        tokens_per_gpu=tokens_per_gpu,
+        top_k=top_k,
+        noise=noise,
+        drift=drift,
+        rng=rng,
+    )
+    return Workload(f"zipf s={s:g}", counts, probs, top_k)
+
+
+def workload_from_routing(trace: RoutingTrace, *, num_gpus: int | None, top_k: int) -> Workload:
+    """Replay a routing log as is; history = its total per-expert load (an offline EPLB's input)."""
+    if num_gpus is not None and trace.counts.shape[2] != num_gpus:
+        raise ValueError(
+            f"{trace.name}: the routing log has {trace.counts.shape[2]} source GPUs but --gpus is {num_gpus}; "
+            "pass --gpus matching the log (or leave it out)"
+        )
+    history = trace.counts.sum(axis=(0, 2)).astype(np.float64)
+    return Workload(trace.name, trace.counts, history, top_k)
+
+
+def _check_sampling(p, num_micro_batches, num_gpus, tokens_per_gpu, top_k, noise, drift) -> None:
+    if p.ndim != 2 or p.size == 0:
+        raise ValueError(f"probs must be a non-empty [layers, experts] array, got shape {p.shape}")
+    if not np.all(np.isfinite(p)) or np.any(p < 0) or np.any(p.sum(axis=1) <= 0):
+        raise ValueError("probs must be finite, >= 0, with a positive sum in every layer")
+    for name, v in (
+        ("micro-batches", num_micro_batches),
+        ("gpus", num_gpus),
+        ("tokens-per-gpu", tokens_per_gpu),
+        ("top-k", top_k),
+    ):
+        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
+            raise ValueError(f"--{name} must be a positive integer, got {v!r}")
+    if top_k > p.shape[1]:
+        raise ValueError(f"--top-k {top_k} exceeds the {p.shape[1]} experts")
+    for name, v in (("noise", noise), ("drift", drift)):
+        if not np.isfinite(v) or v < 0:
+            raise ValueError(f"--{name} must be finite and >= 0, got {v}")
