@@ -18,3 +18,9 @@ F = TypeVar("F", bound=Callable)
 def njit(fn: F) -> F:
     """Compile `fn` in nopython mode with an on-disk cache."""
     return numba.njit(cache=True, nogil=True)(fn)
+
+
+def njit_inline(fn: F) -> F:
+    """Like `njit`, inlined into its callers: for small helpers on the per-token loops, where a
+    call would cost more (argument passing, array reference counting) than the work."""
+    return numba.njit(cache=True, nogil=True, inline="always")(fn)

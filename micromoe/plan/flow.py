@@ -80,20 +80,29 @@ def _bfs(
     vis_e,
     vis_g,
     queue,
+    targets,
 ):
-    """Multi-source BFS from unsaturated experts; returns a GPU with spare capacity or -1."""
+    """Multi-source BFS from unsaturated experts over the residual graph.
+
+    Records reached GPUs with spare capacity in `targets` (discovery order) and returns how many;
+    such GPUs are not expanded further. Stops once the spare found covers all unplaced load (more
+    targets could not take more). Paths are read back through par_g / par_e.
+    """
     num_e = rem.size
     vis_e[:] = False
     vis_g[:] = False
     tail = 0
+    missing = 0
     for e in range(num_e):
         if rem[e] > 0:
             vis_e[e] = True
             par_e[e] = -1
             queue[tail] = e
             tail += 1
+            missing += rem[e]
     head = 0
-    while head < tail:
+    n_targets = 0
+    while head < tail and missing > 0:
         node = queue[head]
         head += 1
         if node < num_e:
@@ -104,9 +113,12 @@ def _bfs(
                 vis_g[g] = True
                 par_g[g] = r
                 if assigned[g] < cap[g]:
-                    return g
-                queue[tail] = num_e + g
-                tail += 1
+                    targets[n_targets] = g
+                    n_targets += 1
+                    missing -= cap[g] - assigned[g]
+                else:
+                    queue[tail] = num_e + g
+                    tail += 1
         else:
             g = node - num_e
             for k in range(gpu_ptr[g], gpu_ptr[g + 1]):
@@ -123,7 +135,7 @@ def _bfs(
                 par_e[e2] = r
                 queue[tail] = e2
                 tail += 1
-    return -1
+    return n_targets
 
 
 @njit
@@ -144,6 +156,8 @@ def _push_path(target, rem, assigned, cap, x, keep, use_keep, host_gpu, replica_
         if movable < b:
             b = movable
         g = host_gpu[rb]
+    if b <= 0:
+        return
     assigned[target] += b
     g = target
     while True:
@@ -171,13 +185,14 @@ def _augment(rem, assigned, cap, x, keep, host_ptr, host_gpu, gpu_ptr, gpu_repli
     par_e = np.empty(num_e, dtype=np.int64)
     vis_e = np.empty(num_e, dtype=np.bool_)
     queue = np.empty(num_e + num_g, dtype=np.int64)
+    targets = np.empty(num_g, dtype=np.int64)
     while True:
-        if not np.any(rem > 0):
+        if rem.max() <= 0:
             return True
         found = False
         for tier in range(2):
             use_keep = tier == 0
-            t = _bfs(
+            n = _bfs(
                 rem,
                 assigned,
                 cap,
@@ -194,9 +209,23 @@ def _augment(rem, assigned, cap, x, keep, host_ptr, host_gpu, gpu_ptr, gpu_repli
                 vis_e,
                 vis_g,
                 queue,
+                targets,
             )
-            if t >= 0:
-                _push_path(t, rem, assigned, cap, x, keep, use_keep, host_gpu, replica_expert, par_g, par_e)
+            if n > 0:
+                for i in range(n):
+                    _push_path(
+                        targets[i],
+                        rem,
+                        assigned,
+                        cap,
+                        x,
+                        keep,
+                        use_keep,
+                        host_gpu,
+                        replica_expert,
+                        par_g,
+                        par_e,
+                    )
                 found = True
                 break
         if not found:

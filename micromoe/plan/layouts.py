@@ -55,8 +55,10 @@ def symmetric_slots(num_gpus: int, num_experts: int, replicas: int = 2) -> IntAr
     cycle C8, 8/16 = K_{4,4}, 16/32 = the 4x4 torus, 8/32 = K_8 plus a perfect matching. Other sizes:
     among a fixed, seeded set of random layouts, the one with the best balance under a fixed
     family of Zipf-skewed loads (deterministic: the same sizes give the same layout everywhere).
+    When `replicas` does not divide num_gpus, a slot index cannot hold only groups of that size:
+    replica counts then differ by at most a few around `replicas` (the packing of `asymmetric`).
     """
-    _check_sizes(num_gpus, num_experts, replicas)
+    _check_sizes(num_gpus, num_experts, replicas, need_divisible=False)
     return _symmetric_cached(num_gpus, num_experts, replicas).copy()
 
 
@@ -71,7 +73,11 @@ def _symmetric_cached(num_gpus: int, num_experts: int, replicas: int) -> IntArra
     probes = _probe_loads(num_experts)
     best, best_score = None, np.inf
     for seed in range(16):
-        slots = random_slots(num_gpus, num_experts, replicas, np.random.default_rng(seed))
+        rng = np.random.default_rng(seed)
+        if num_gpus % replicas:
+            slots = _packed_slots(np.ones(num_experts), num_gpus, num_experts * replicas // num_gpus, rng)
+        else:
+            slots = random_slots(num_gpus, num_experts, replicas, rng)
         score = _skew_score(slots, num_experts, probes)
         if score < best_score:
             best, best_score = slots, score
@@ -184,25 +190,31 @@ def asymmetric_slots(
         raise ValueError(f"need num_gpus >= 1 and slots_per_gpu >= 1, got {num_gpus}, {slots_per_gpu}")
     if num_samples < 1:
         raise ValueError(f"num_samples must be >= 1, got {num_samples}")
-    reps = replica_counts_for(loads, num_gpus * slots_per_gpu, num_gpus)
-    columns = _pack_columns(loads, reps, num_gpus, slots_per_gpu)
     int_loads = _integer_loads(loads)
     rng = np.random.default_rng(seed)
     best, best_t = None, None
     from micromoe.plan.density import lp_optimum_fraction
 
     for _ in range(num_samples):
-        slots = np.full((num_gpus, slots_per_gpu), -1, dtype=np.int64)
-        for j, column in enumerate(columns):
-            perm = rng.permutation(num_gpus)
-            at = 0
-            for e, r in column:
-                slots[perm[at : at + r], j] = e
-                at += r
+        slots = _packed_slots(loads, num_gpus, slots_per_gpu, rng)
         t = lp_optimum_fraction(int_loads, Placement.from_slots(slots, loads.size))
         if best_t is None or t < best_t:
             best, best_t = slots, t
     return best
+
+
+def _packed_slots(loads, num_gpus: int, slots_per_gpu: int, rng: np.random.Generator) -> IntArray:
+    """Replica counts by load per replica, packed into slot indices, GPUs of each group at random."""
+    reps = replica_counts_for(loads, num_gpus * slots_per_gpu, num_gpus)
+    columns = _pack_columns(np.asarray(loads, dtype=np.float64), reps, num_gpus, slots_per_gpu)
+    slots = np.full((num_gpus, slots_per_gpu), -1, dtype=np.int64)
+    for j, column in enumerate(columns):
+        perm = rng.permutation(num_gpus)
+        at = 0
+        for e, r in column:
+            slots[perm[at : at + r], j] = e
+            at += r
+    return slots
 
 
 def _pack_columns(loads, reps, num_gpus: int, num_slots: int) -> list[list[tuple[int, int]]]:
@@ -248,13 +260,13 @@ def _check_loads(expected_loads: npt.ArrayLike) -> npt.NDArray[np.float64]:
     return loads
 
 
-def _check_sizes(num_gpus: int, num_experts: int, replicas: int) -> None:
+def _check_sizes(num_gpus: int, num_experts: int, replicas: int, *, need_divisible: bool = True) -> None:
     for name, v in (("num_gpus", num_gpus), ("num_experts", num_experts), ("replicas", replicas)):
         if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
             raise ValueError(f"{name} must be a positive integer, got {v!r}")
     if replicas > num_gpus:
         raise ValueError(f"replicas={replicas} exceeds num_gpus={num_gpus}: replicas sit on distinct GPUs")
-    if num_gpus % replicas:
+    if need_divisible and num_gpus % replicas:
         raise ValueError(
             f"replicas={replicas} must divide num_gpus={num_gpus} so every slot splits into replica groups"
         )

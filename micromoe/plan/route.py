@@ -1,85 +1,129 @@
 """Compiled route fill: given per-replica quotas, decide which source sends how many tokens where.
 
-For each expert, in a fixed order: (1) every source keeps its own tokens on its local replica up to
-that replica's quota; (2) with a node map, remaining tokens fill quotas on the same node; (3) the
-rest fills remaining quotas, sources and replicas both ascending. For a fixed quota, steps (1)+(2)
-maximize same-GPU and then same-node tokens per expert, and every token is routed exactly once.
+The rule, fixed so every rank computes the same routes:
+(1) every source keeps its own tokens on its local replica, up to that replica's quota;
+(2) with a node map, remaining tokens fill the quotas of replicas on the source's node;
+(3) the rest fills the remaining quotas, sources ascending, replicas ascending.
+For a fixed quota, (1) and (2) maximize same-GPU and then same-node tokens of every expert (each
+node's sources only meet that node's replicas in step 2), and every token is routed exactly once.
 
-Output is a COO list (src, expert, dst, count), expert-major; for one (src, expert) its entries come
-in the order tokens are cut from the source's contiguous token range.
+Output is a COO list (src, expert, dst, count). Without a node map it is sorted by (src, expert)
+(the loops run over `counts` row by row, which keeps memory access sequential). With one, the
+same-node entries come first. Either way the entries of one (src, expert) are in the order the
+source's contiguous tokens for that expert are cut: local, same node, then the rest.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from micromoe.plan._jit import njit
+from micromoe.plan._jit import njit, njit_inline
+
+
+@njit_inline
+def _emit(buf, n, s, e, d, t):
+    buf[0, n] = s
+    buf[1, n] = e
+    buf[2, n] = d
+    buf[3, n] = t
+    return n + 1
 
 
 @njit
-def fill_routes(counts, quota, host_ptr, host_gpu, node_of):
+def _nonzeros(counts):
+    n = 0
+    for s in range(counts.shape[0]):
+        for e in range(counts.shape[1]):
+            if counts[s, e] > 0:
+                n += 1
+    return n
+
+
+@njit
+def fill_routes(counts, quota, host_ptr, host_gpu, gpu_ptr, gpu_replica, replica_expert, node_of):
     """counts int64 [G, E], quota int64 [R] (per replica), node_of int64 [G] (all -1 = no nodes).
 
-    Returns (src, expert, dst, count) int64 arrays of equal length, zero counts omitted.
+    Returns int64 [4, N]: rows (src, expert, dst, count), zero counts omitted.
     """
+    num_r = host_gpu.size
+    kept = np.empty(num_r, dtype=np.int64)  # (1) tokens a replica takes from its own GPU
+    dem = np.empty(num_r, dtype=np.int64)  # quota still open after step (1)
+    for r in range(num_r):
+        kept[r] = min(counts[host_gpu[r], replica_expert[r]], quota[r])
+        dem[r] = quota[r] - kept[r]
+    if node_of[0] < 0:
+        return _fill_source_major(counts, kept, dem, host_ptr, host_gpu, gpu_ptr, gpu_replica, replica_expert)
+    return _fill_by_node(counts, kept, dem, host_ptr, host_gpu, replica_expert, node_of)
+
+
+@njit_inline
+def _fill_rest(buf, n, s, e, a, nxt, dem, host_gpu):
+    """Step (3) for one (src, expert): a tokens into the expert's next replicas with open quota."""
+    while a > 0:
+        r = nxt[e]
+        while dem[r] == 0:
+            r += 1
+        nxt[e] = r
+        t = min(a, dem[r])
+        n = _emit(buf, n, s, e, host_gpu[r], t)
+        a -= t
+        dem[r] -= t
+    return n
+
+
+@njit
+def _fill_source_major(counts, kept, dem, host_ptr, host_gpu, gpu_ptr, gpu_replica, replica_expert):
     num_g, num_e = counts.shape
-    cap_entries = num_g * num_e + host_gpu.size
-    out_src = np.empty(cap_entries, dtype=np.int64)
-    out_exp = np.empty(cap_entries, dtype=np.int64)
-    out_dst = np.empty(cap_entries, dtype=np.int64)
-    out_cnt = np.empty(cap_entries, dtype=np.int64)
-    use_nodes = node_of[0] >= 0
-    sup = np.empty(num_g, dtype=np.int64)
-    dem = np.empty(host_gpu.size, dtype=np.int64)
+    buf = np.empty((4, _nonzeros(counts) + host_gpu.size), dtype=np.int64)
+    nxt = host_ptr[:-1].copy()  # first replica of each expert that may still have open quota
+    local_r = np.full(num_e, -1, dtype=np.int64)  # replica of e on the current source, or -1
     n = 0
-    for e in range(num_e):
-        lo = host_ptr[e]
-        hi = host_ptr[e + 1]
-        for s in range(num_g):
-            sup[s] = counts[s, e]
-        for r in range(lo, hi):
-            dem[r] = quota[r]
-        for r in range(lo, hi):  # (1) same GPU
-            g = host_gpu[r]
-            t = min(sup[g], dem[r])
-            if t > 0:
-                out_src[n] = g
-                out_exp[n] = e
-                out_dst[n] = g
-                out_cnt[n] = t
-                n += 1
-                sup[g] -= t
-                dem[r] -= t
-        if use_nodes:  # (2) same node
-            for r in range(lo, hi):
+    for s in range(num_g):
+        for k in range(gpu_ptr[s], gpu_ptr[s + 1]):
+            local_r[replica_expert[gpu_replica[k]]] = gpu_replica[k]
+        for e in range(num_e):
+            a = counts[s, e]
+            if a == 0:
+                continue
+            r_loc = local_r[e]
+            if r_loc >= 0 and kept[r_loc] > 0:
+                n = _emit(buf, n, s, e, s, kept[r_loc])
+                a -= kept[r_loc]
+            n = _fill_rest(buf, n, s, e, a, nxt, dem, host_gpu)
+        for k in range(gpu_ptr[s], gpu_ptr[s + 1]):
+            local_r[replica_expert[gpu_replica[k]]] = -1
+    return buf[:, :n]
+
+
+@njit
+def _fill_by_node(counts, kept, dem, host_ptr, host_gpu, replica_expert, node_of):
+    num_g, num_e = counts.shape
+    num_r = host_gpu.size
+    buf = np.empty((4, 2 * _nonzeros(counts) + 3 * num_r), dtype=np.int64)
+    left = counts.copy()
+    n = 0
+    for r in range(num_r):  # (1)
+        g = host_gpu[r]
+        e = replica_expert[r]
+        left[g, e] -= kept[r]
+        if kept[r] > 0:
+            n = _emit(buf, n, g, e, g, kept[r])
+    for s in range(num_g):  # (2) only the source's own node: no node takes another's quota first
+        for e in range(num_e):
+            a = left[s, e]
+            r = host_ptr[e]
+            while a > 0 and r < host_ptr[e + 1]:
                 g = host_gpu[r]
-                s = 0
-                while dem[r] > 0 and s < num_g:
-                    if sup[s] > 0 and node_of[s] == node_of[g]:
-                        t = min(sup[s], dem[r])
-                        out_src[n] = s
-                        out_exp[n] = e
-                        out_dst[n] = g
-                        out_cnt[n] = t
-                        n += 1
-                        sup[s] -= t
-                        dem[r] -= t
-                    s += 1
-        s = 0  # (3) the rest, two pointers
-        r = lo
-        while s < num_g and r < hi:
-            if sup[s] == 0:
-                s += 1
-                continue
-            if dem[r] == 0:
+                if node_of[g] == node_of[s] and dem[r] > 0:
+                    t = min(a, dem[r])
+                    n = _emit(buf, n, s, e, g, t)
+                    a -= t
+                    dem[r] -= t
                 r += 1
-                continue
-            t = min(sup[s], dem[r])
-            out_src[n] = s
-            out_exp[n] = e
-            out_dst[n] = host_gpu[r]
-            out_cnt[n] = t
-            n += 1
-            sup[s] -= t
-            dem[r] -= t
-    return out_src[:n].copy(), out_exp[:n].copy(), out_dst[:n].copy(), out_cnt[:n].copy()
+            left[s, e] = a
+    nxt = host_ptr[:-1].copy()
+    for s in range(num_g):  # (3)
+        for e in range(num_e):
+            if left[s, e] > 0:
+                n = _fill_rest(buf, n, s, e, left[s, e], nxt, dem, host_gpu)
+    return buf[:, :n]

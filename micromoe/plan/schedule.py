@@ -15,7 +15,8 @@ from typing import Literal
 import numpy as np
 import numpy.typing as npt
 
-from micromoe.plan.flow import inside_load, solve_min_max
+from micromoe.plan.flow import inside_load
+from micromoe.plan.kernel import MAX_TOTAL, check_and_sum, plan_kernel
 from micromoe.plan.placement import IntArray, Placement
 from micromoe.plan.route import fill_routes
 
@@ -96,24 +97,36 @@ def schedule(
     """
     counts_ge, base = _validate(counts, placement, base_load, gpus_per_node)
     p = placement
-    load = counts_ge.sum(axis=0)
-    local = counts_ge[p.host_gpu, p.replica_expert]
+    node_of = _node_map(p.num_gpus, gpus_per_node)
     if solver == "flow":
-        x, max_load, cert = solve_min_max(
-            load, base, local, p.host_ptr, p.host_gpu, p.gpu_ptr, p.gpu_replica, p.replica_expert
+        ok, x, max_load, cert, routes, gpu_load = plan_kernel(
+            counts_ge, base, node_of, p.host_ptr, p.host_gpu, p.gpu_ptr, p.gpu_replica, p.replica_expert
         )
     elif solver == "highs":
-        from micromoe.plan.highs import highs_quota
-
-        x, max_load, cert = highs_quota(load, base, local, p)
+        ok, x, max_load, cert, routes, gpu_load = _highs_plan(counts_ge, base, node_of, p)
     else:
         raise ValueError(f"unknown solver {solver!r}; use 'flow' or 'highs'")
-    node_of = _node_map(p.num_gpus, gpus_per_node)
-    src, exp, dst, cnt = fill_routes(counts_ge, x, p.host_ptr, p.host_gpu, node_of)
-    gpu_load = base + np.bincount(p.host_gpu, weights=x, minlength=p.num_gpus).astype(np.int64)
-    for a in (x, gpu_load, cert, src, exp, dst, cnt):
+    if not ok:  # the compiled pass found a negative entry or an oversized total: explain it
+        as_int_array(counts_ge, "counts", counts_ge.shape)
+        raise AssertionError("counts failed the compiled check but passed the slow one")
+    for a in (x, gpu_load, cert, routes):
         a.setflags(write=False)
-    return Plan(p, x, int(max_load), gpu_load, cert, src, exp, dst, cnt)
+    return Plan(p, x, int(max_load), gpu_load, cert, *routes)
+
+
+def _highs_plan(counts: IntArray, base: IntArray, node_of: IntArray, p: Placement):
+    from micromoe.plan.highs import highs_quota
+
+    load, ok = check_and_sum(counts)
+    if not ok:
+        return (False,) + (None,) * 5
+    local = counts[p.host_gpu, p.replica_expert]  # tokens already on a replica's GPU
+    x, max_load, cert = highs_quota(load, base, local, p)
+    routes = fill_routes(
+        counts, x, p.host_ptr, p.host_gpu, p.gpu_ptr, p.gpu_replica, p.replica_expert, node_of
+    )
+    gpu_load = base + np.bincount(p.host_gpu, weights=x, minlength=p.num_gpus).astype(np.int64)
+    return True, x, max_load, cert, routes, gpu_load
 
 
 def certificate_bound(plan: Plan, counts: npt.ArrayLike, base_load: npt.ArrayLike | None = None) -> int:
@@ -152,8 +165,8 @@ def as_int_array(a: npt.ArrayLike, name: str, shape: tuple[int, ...]) -> IntArra
         idx = np.unravel_index(int(np.argmin(arr)), arr.shape)
         raise ValueError(f"{name}{list(idx)} = {arr[idx]}: token counts must be >= 0")
     out = np.ascontiguousarray(arr, dtype=np.int64)
-    if out.size and out.sum() >= 2**62 // max(1, shape[0] if shape else 1):
-        raise ValueError(f"{name} sums to {out.sum()}, too large for exact int64 scheduling")
+    if out.size and out.sum() >= MAX_TOTAL:
+        raise ValueError(f"{name} sums to {out.sum()}; totals must stay below 2**53 tokens")
     return out
 
 
@@ -161,7 +174,10 @@ def _validate(counts, placement, base_load, gpus_per_node) -> tuple[IntArray, In
     if not isinstance(placement, Placement):
         raise ValueError(f"placement must be a micromoe.plan.Placement, got {type(placement).__name__}")
     g, e = placement.num_gpus, placement.num_experts
-    counts_ge = as_int_array(counts, "counts", (g, e))
+    if isinstance(counts, np.ndarray) and counts.dtype == np.int64 and counts.shape == (g, e):
+        counts_ge = counts  # hot path: the compiled kernel checks signs and totals in its first pass
+    else:
+        counts_ge = as_int_array(counts, "counts", (g, e))
     if base_load is None:
         base = np.zeros(g, dtype=np.int64)
     else:

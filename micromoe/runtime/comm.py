@@ -1,0 +1,97 @@
+"""Collectives of the token dispatchers: the count exchange and an autograd-aware all-to-all.
+
+Works on NCCL (CUDA tensors) and gloo (CPU tensors). Every collective is commented at its call
+site; every host-device sync is marked "host sync".
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import numpy.typing as npt
+import torch
+import torch.distributed as dist
+
+
+class _AllToAll(torch.autograd.Function):
+    """Rows of `x` split by `send_splits` go to the group's ranks; backward sends gradients back."""
+
+    @staticmethod
+    def forward(ctx, x, send_splits, recv_splits, group):
+        ctx.splits = (send_splits, recv_splits)
+        ctx.group = group
+        out = x.new_empty((sum(recv_splits), *x.shape[1:]))
+        # collective (dispatch group): the uneven all-to-all of token rows
+        dist.all_to_all_single(out, x.contiguous(), list(recv_splits), list(send_splits), group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        send_splits, recv_splits = ctx.splits
+        out = grad.new_empty((sum(send_splits), *grad.shape[1:]))
+        # collective (dispatch group): gradients take the forward route in reverse
+        dist.all_to_all_single(out, grad.contiguous(), list(send_splits), list(recv_splits), group=ctx.group)
+        return out, None, None, None
+
+
+def all_to_all_rows(
+    x: torch.Tensor,
+    send_splits: tuple[int, ...],
+    recv_splits: tuple[int, ...],
+    group: dist.ProcessGroup,
+) -> torch.Tensor:
+    """Differentiable uneven all-to-all of rows.
+
+    Args:
+        x: [sum(send_splits), ...]; rows for rank i are the i-th block of `send_splits[i]` rows.
+        send_splits, recv_splits: rows sent to / received from each rank of `group`.
+
+    Returns:
+        [sum(recv_splits), ...]; blocks ordered by source rank.
+    """
+    assert x.shape[0] == sum(send_splits), (x.shape, sum(send_splits))
+    return _AllToAll.apply(x, tuple(send_splits), tuple(recv_splits), group)
+
+
+@dataclass(frozen=True)
+class PendingCounts:
+    """A started count exchange; `wait()` returns the gathered matrix on the host."""
+
+    host: torch.Tensor
+    event: torch.cuda.Event | None
+    num_ranks: int
+
+    def wait(self) -> npt.NDArray[np.int64]:
+        """int64 [G, E+1]: row src = that rank's counts and, last, its error flag."""
+        if self.event is not None:
+            self.event.synchronize()  # host sync: waits for the gather and its copy only
+        return self.host.numpy().reshape(self.num_ranks, -1).astype(np.int64, copy=True)
+
+
+def start_count_exchange(vec: torch.Tensor, group: dist.ProcessGroup | None) -> PendingCounts:
+    """All-gather the int64 vector `vec` [E+1] over `group` and start its copy to the host.
+
+    On CUDA the copy goes to pinned memory behind an event, so the caller can queue more GPU work
+    (the token permutation) before waiting: the host sync then waits for the counts only.
+    `group=None` means a single-rank dispatch (no collective).
+    """
+    n = 1 if group is None else dist.get_world_size(group)
+    if group is None:
+        gathered = vec.reshape(1, -1)
+    else:
+        gathered = vec.new_empty((n, vec.numel()))
+        # collective (dispatch group): the one count exchange per layer and micro-batch
+        _all_gather_into(gathered, vec, group)
+    if not vec.is_cuda:
+        return PendingCounts(gathered.reshape(-1), None, n)
+    host = torch.empty(gathered.numel(), dtype=gathered.dtype, pin_memory=True)
+    host.copy_(gathered.reshape(-1), non_blocking=True)
+    event = torch.cuda.Event()
+    event.record()
+    return PendingCounts(host, event, n)
+
+
+def _all_gather_into(out: torch.Tensor, vec: torch.Tensor, group: dist.ProcessGroup) -> None:
+    gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+    gather(out.reshape(-1), vec, group=group)

@@ -1,0 +1,243 @@
+"""Token dispatchers: plain objects with `dispatch(...) -> (tokens, rows, meta)` and `combine`.
+
+Legend: T tokens on this rank, K top-k, H hidden, E experts, S local slots, G ranks of the dispatch
+group, N rows. The hierarchy follows capability:
+- `LocalDispatcher`: every expert on this device, no communication (the reference);
+- `EPDispatcher` (`dispatch_a2a.py`): plain expert parallelism, Megatron-Core's alltoall style;
+- `MicroEPDispatcher` (`dispatch_a2a.py`): tokens scheduled over expert replicas by the planner.
+All share one pipeline; subclasses change only the group, the route and the all-to-all:
+
+  count + flag -> [collective] all-gather counts  |  GPU: sort rows by expert, gather tokens
+  host sync (counts only) -> route on the CPU (the planner for MicroEP) while the GPU permutes
+  -> reorder rows by destination -> [collective] all-to-all -> slot-major, padded, grouped rows.
+
+`combine` runs the same steps backwards and sums each token's top-k outputs weighted by its
+gates. Everything is differentiable (index ops and an autograd-aware all-to-all). Dispatchers hold
+configuration only: all per-call state travels in the frozen `DispatchMeta`.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+import numpy.typing as npt
+import torch
+import torch.distributed as dist
+
+from micromoe.plan import Placement, Plan
+from micromoe.runtime.comm import start_count_exchange
+from micromoe.runtime.routing import Route, RowLayout, plain_ep_route, row_layout
+
+ERR_CALLER, ERR_EXPERT_ID, ERR_NONFINITE = 1, 2, 4
+_REASONS = {
+    ERR_CALLER: "bad input shape or value (see that rank's message)",
+    ERR_EXPERT_ID: "expert index out of range",
+    ERR_NONFINITE: "non-finite gate weights (NaN/inf router logits or inputs)",
+}
+
+
+class PhaseTimer(Protocol):
+    """Optional hook (benchmarks): `mark(name)` closes the phase that ends here."""
+
+    def mark(self, name: str) -> None: ...
+
+
+@dataclass(frozen=True)
+class DispatchMeta:
+    """Everything `combine` needs from one `dispatch` (device index tensors and host layout).
+
+    Attributes:
+        num_tokens: T.
+        token_of_row: int64 [T*K]; token of each row in expert-sorted order.
+        weight_of_row: [T*K]; its gate weight (carries the router's gradient).
+        layout: host-side row layout (splits, per-slot loads).
+        send_pos: int64 [N_send] on device, or None when sorted order is the send order.
+        group_pos: int64 [N_recv] on device; received row -> grouped row.
+        counts_ge: int64 [G, E]; the gathered counts (counts[src, e]).
+        plan: the planner's plan (MicroEP) or None.
+        route_s: host seconds spent routing (planner + row layout) for this call.
+    """
+
+    num_tokens: int
+    token_of_row: torch.Tensor
+    weight_of_row: torch.Tensor
+    layout: RowLayout
+    send_pos: torch.Tensor | None
+    group_pos: torch.Tensor
+    counts_ge: npt.NDArray[np.int64]
+    plan: Plan | None
+    route_s: float
+
+
+class LocalDispatcher:
+    """All E experts live in this device's E local slots; no communication.
+
+    Args:
+        num_experts: E.
+    """
+
+    def __init__(self, num_experts: int) -> None:
+        if num_experts < 1:
+            raise ValueError(f"num_experts must be >= 1, got {num_experts}")
+        self.num_experts = num_experts
+        self.placement = Placement.expert_parallel(1, num_experts, 1)
+        self.rank = 0
+        self.group: dist.ProcessGroup | None = None
+        self.timer: PhaseTimer | None = None
+
+    # ----------------------------------------------------------------------------------------
+    # the hooks subclasses change
+    @property
+    def slot_expert(self) -> npt.NDArray[np.int64]:
+        """int64 [S]: expert in each local slot of this rank (-1 = empty)."""
+        return self.placement.slot_expert[self.rank]
+
+    def _route(self, counts_ge: npt.NDArray[np.int64]) -> tuple[Route, Plan | None]:
+        return plain_ep_route(counts_ge, self.placement), None
+
+    def _all_to_all(self, x: torch.Tensor, send: tuple[int, ...], recv: tuple[int, ...]) -> torch.Tensor:
+        return x
+
+    # ----------------------------------------------------------------------------------------
+    def dispatch(
+        self, x: torch.Tensor, expert: torch.Tensor, weight: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, DispatchMeta]:
+        """Send each (token, choice) row to a replica of its expert.
+
+        Args:
+            x: [T, H] tokens.
+            expert: int64 [T, K] chosen experts (distinct per token).
+            weight: [T, K] gate weights (differentiable).
+
+        Returns:
+            tokens: [N, H] rows for this rank's local slots, slot-major, each slot's block padded
+                to the grouped GEMM's alignment with zero rows.
+            rows: int64 [S] on x's device; rows per local slot (padded).
+            meta: the record `combine` consumes.
+        Raises ValueError on every rank of the group if any rank's input is invalid.
+        """
+        problem = _check_shapes(x, expert, weight, self.num_experts)
+        if problem:
+            self.fail(problem, x.device)
+        self.mark("start")
+        vec = self._count_vector(expert, weight)
+        pending = start_count_exchange(vec, self.group)  # collective inside: count all-gather
+        self.mark("count_exchange")
+        k = expert.shape[1]
+        sorted_idx = torch.argsort(expert.reshape(-1), stable=True)
+        token_of_row = torch.div(sorted_idx, k, rounding_mode="floor")
+        x_sorted = x.index_select(0, token_of_row)  # the permutation overlaps the host wait
+        weight_of_row = weight.reshape(-1).index_select(0, sorted_idx)
+        self.mark("permute")
+        counts = pending.wait()  # host sync (counts only; the permutation keeps the GPU busy)
+        self._raise_if_flagged(counts[:, -1], None)
+        t0 = time.perf_counter()
+        route, plan = self._route(counts[:, :-1])
+        align = 8 if x.is_cuda else 1  # CUDA grouped GEMM: 16-byte-aligned row groups
+        layout = row_layout(route, self.rank, counts.shape[0], self.slot_expert, self.num_experts, align)
+        route_s = time.perf_counter() - t0
+        send_pos, group_pos, rows = _index_to_device(layout, x.device)
+        x_send = x_sorted if send_pos is None else x_sorted.index_select(0, send_pos)
+        self.mark("route")
+        recv = self._all_to_all(x_send, layout.send_splits, layout.recv_splits)
+        self.mark("dispatch_a2a")
+        tokens = recv.new_zeros((layout.num_grouped, x.shape[1])).index_copy(0, group_pos, recv)
+        self.mark("slot_sort")
+        meta = DispatchMeta(
+            x.shape[0],
+            token_of_row,
+            weight_of_row,
+            layout,
+            send_pos,
+            group_pos,
+            counts[:, :-1],
+            plan,
+            route_s,
+        )
+        return tokens, rows, meta
+
+    def combine(self, out: torch.Tensor, meta: DispatchMeta) -> torch.Tensor:
+        """[N, H] expert outputs (dispatch's row order) -> [T, H]: sum_k gate_k * expert_k(x)."""
+        recv_out = out.index_select(0, meta.group_pos)
+        lay = meta.layout
+        send_out = self._all_to_all(recv_out, lay.recv_splits, lay.send_splits)
+        if meta.send_pos is None:
+            sorted_out = send_out
+        else:
+            sorted_out = send_out.new_zeros(send_out.shape).index_copy(0, meta.send_pos, send_out)
+        weighted = sorted_out * meta.weight_of_row.to(out.dtype).unsqueeze(1)
+        y = weighted.new_zeros((meta.num_tokens, out.shape[1])).index_add(0, meta.token_of_row, weighted)
+        self.mark("combine")
+        return y
+
+    def fail(self, message: str, device: torch.device) -> None:
+        """Join the count exchange with an error flag so every rank raises, then raise."""
+        vec = torch.zeros(self.num_experts + 1, dtype=torch.int64, device=device)
+        vec[-1] = ERR_CALLER
+        counts = start_count_exchange(vec, self.group).wait()  # collective + host sync
+        self._raise_if_flagged(counts[:, -1], message)
+        raise AssertionError("unreachable: the local flag is set")
+
+    # ----------------------------------------------------------------------------------------
+    def _count_vector(self, expert: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """int64 [E+1]: tokens per expert on this rank, then an error bitmask (stays on device)."""
+        e = self.num_experts
+        flat = expert.reshape(-1)
+        bad_id = ((flat < 0) | (flat >= e)).any()
+        bad_weight = ~torch.isfinite(weight).all()
+        counts = torch.bincount(flat.clamp(0, e - 1), minlength=e)
+        flag = bad_id.long() * ERR_EXPERT_ID + bad_weight.long() * ERR_NONFINITE
+        return torch.cat([counts, flag.reshape(1)])
+
+    def _raise_if_flagged(self, flags: npt.NDArray[np.int64], local_message: str | None) -> None:
+        if not flags.any():
+            return
+        parts = []
+        for r in np.flatnonzero(flags):
+            reasons = [text for bit, text in _REASONS.items() if flags[r] & bit]
+            if r == self.rank and local_message:
+                reasons = [local_message]
+            parts.append(f"rank {r} of the dispatch group: {'; '.join(reasons)}")
+        raise ValueError("MoE dispatch refused, no collective was started: " + " | ".join(parts))
+
+    def mark(self, name: str) -> None:
+        """Close the phase `name` on the optional timer (benchmarks); no-op otherwise."""
+        if self.timer is not None:
+            self.timer.mark(name)
+
+
+def _check_shapes(x: torch.Tensor, expert: torch.Tensor, weight: torch.Tensor, num_experts: int) -> str:
+    """'' if the shapes fit, else what is wrong (no device sync)."""
+    if x.dim() != 2:
+        return f"tokens must be [T, H], got shape {tuple(x.shape)}"
+    if expert.dim() != 2 or expert.shape[0] != x.shape[0]:
+        return f"expert indices must be [T={x.shape[0]}, K], got shape {tuple(expert.shape)}"
+    if weight.shape != expert.shape:
+        return f"gate weights {tuple(weight.shape)} must match expert indices {tuple(expert.shape)}"
+    if expert.dtype not in (torch.int32, torch.int64):
+        return f"expert indices must be int32/int64, got {expert.dtype}"
+    if expert.shape[1] > num_experts:
+        return f"top-k {expert.shape[1]} exceeds the {num_experts} experts"
+    if expert.device != x.device or weight.device != x.device:
+        return "tokens, expert indices and gate weights must be on one device"
+    return ""
+
+
+def _index_to_device(
+    layout: RowLayout, device: torch.device
+) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
+    """(send_pos, group_pos, slot_rows) on `device` in one host-to-device copy.
+
+    The host buffer is pinned on CUDA so the copy is asynchronous (no host sync).
+    """
+    parts = [layout.slot_rows, layout.group_pos] + ([] if layout.send_pos is None else [layout.send_pos])
+    host = torch.from_numpy(np.concatenate(parts))
+    if device.type == "cuda":
+        host = host.pin_memory()
+    dev = host.to(device, non_blocking=True)
+    s, n = layout.slot_rows.size, layout.group_pos.size
+    send_pos = None if layout.send_pos is None else dev[s + n :]
+    return send_pos, dev[s : s + n], dev[:s]

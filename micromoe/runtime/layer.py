@@ -1,0 +1,125 @@
+"""The MoE layer: router, token dispatcher, grouped SwiGLU experts.
+
+Written for one device: built with all E experts in E local slots and the `LocalDispatcher`.
+`parallelize.apply_expert_parallel` turns it into a plain-EP or MicroEP layer (keeps the local
+slots' weights, swaps the dispatcher); nothing else changes.
+Legend: T tokens, H hidden, E experts, K top-k, S local slots.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import numpy.typing as npt
+import torch
+from torch import nn
+
+from micromoe.plan import Plan
+from micromoe.runtime.dispatch import LocalDispatcher
+from micromoe.runtime.experts import GroupedSwiGLU
+from micromoe.runtime.router import TopKRouter
+
+
+@dataclass(frozen=True)
+class MoEConfig:
+    """Shape of one MoE layer.
+
+    Attributes:
+        hidden: H, the model width.
+        ffn_hidden: F, each expert's SwiGLU hidden size.
+        num_experts: E.
+        top_k: K experts per token.
+        aux_loss_coef: load-balancing loss weight (0 = off).
+        expert_bias: aux-loss-free selection bias (DeepSeek-V3 style).
+        normalize_gates: rescale each token's K gates to sum to 1.
+    """
+
+    hidden: int
+    ffn_hidden: int
+    num_experts: int
+    top_k: int = 2
+    aux_loss_coef: float = 0.0
+    expert_bias: bool = False
+    normalize_gates: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("hidden", "ffn_hidden", "num_experts", "top_k"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"MoEConfig.{name} must be a positive integer, got {v!r}")
+        if self.top_k > self.num_experts:
+            raise ValueError(f"top_k={self.top_k} exceeds num_experts={self.num_experts}")
+
+
+@dataclass(frozen=True)
+class MoEStats:
+    """Counters of the last forward pass (for logging and tests).
+
+    Attributes:
+        aux_loss: scalar tensor (add it to the training loss).
+        slot_load: int64 [S]; (token, expert) rows each local slot computed.
+        counts_ge: int64 [G, E]; rows per (source rank, expert) in the dispatch group.
+        plan: the MicroEP plan, None for other dispatchers.
+        route_s: host seconds spent routing.
+    """
+
+    aux_loss: torch.Tensor
+    slot_load: npt.NDArray[np.int64]
+    counts_ge: npt.NDArray[np.int64]
+    plan: Plan | None
+    route_s: float
+
+
+class MoELayer(nn.Module):
+    """y = sum over the token's top-k experts of gate * SwiGLU_expert(x).
+
+    Args:
+        cfg: the layer's shape.
+        device, dtype: where the parameters live.
+    """
+
+    def __init__(
+        self, cfg: MoEConfig, *, device: torch.device | str | None = None, dtype: torch.dtype | None = None
+    ) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.router = TopKRouter(
+            cfg.hidden,
+            cfg.num_experts,
+            cfg.top_k,
+            aux_loss_coef=cfg.aux_loss_coef,
+            expert_bias=cfg.expert_bias,
+            normalize=cfg.normalize_gates,
+            device=device,
+            dtype=dtype,
+        )
+        self.experts = GroupedSwiGLU(cfg.num_experts, cfg.hidden, cfg.ffn_hidden, device=device, dtype=dtype)
+        self.dispatcher: LocalDispatcher = LocalDispatcher(cfg.num_experts)
+        self.last_stats: MoEStats | None = None
+
+    def forward(self, x: torch.Tensor, *, forced_expert: torch.Tensor | None = None) -> torch.Tensor:
+        """x [..., H] -> [..., H]. `forced_expert` int64 [T, K] fixes the routing (tests, benchmarks).
+
+        Raises ValueError on every rank of the dispatch group when any rank's input is bad.
+        """
+        if x.shape[-1] != self.cfg.hidden:
+            self.dispatcher.fail(
+                f"input hidden size {x.shape[-1]} != MoEConfig.hidden={self.cfg.hidden}", x.device
+            )
+        x_th = x.reshape(-1, self.cfg.hidden)
+        if forced_expert is not None and forced_expert.shape != (x_th.shape[0], self.cfg.top_k):
+            self.dispatcher.fail(
+                f"forced_expert must be [T={x_th.shape[0]}, K={self.cfg.top_k}], got "
+                f"{tuple(forced_expert.shape)}",
+                x.device,
+            )
+        routing = self.router(x_th, forced_expert)
+        tokens, rows, meta = self.dispatcher.dispatch(x_th, routing.expert, routing.weight)
+        out = self.experts(tokens, rows)
+        self.dispatcher.mark("experts")
+        y = self.dispatcher.combine(out, meta)
+        self.last_stats = MoEStats(
+            routing.aux_loss, meta.layout.slot_load, meta.counts_ge, meta.plan, meta.route_s
+        )
+        return y.reshape(x.shape)

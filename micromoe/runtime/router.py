@@ -1,0 +1,105 @@
+"""Top-k softmax router with an optional auxiliary loss and optional aux-loss-free expert bias.
+
+Legend: T tokens, H hidden, E experts, K top-k.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class Routing:
+    """Router output for T tokens.
+
+    Attributes:
+        expert: int64 [T, K]; chosen experts (distinct per token).
+        weight: float [T, K]; gate weights (differentiable).
+        probs: float32 [T, E]; softmax of the router logits.
+        aux_loss: scalar; coef * E * sum_e f_e * P_e (Switch-style), 0 when coef is 0.
+    """
+
+    expert: torch.Tensor
+    weight: torch.Tensor
+    probs: torch.Tensor
+    aux_loss: torch.Tensor
+
+
+class TopKRouter(nn.Module):
+    """Softmax router: probs = softmax(x W^T); top-k by probs (+ bias); gates = chosen probs.
+
+    Args:
+        hidden: H.
+        num_experts: E.
+        top_k: K.
+        aux_loss_coef: weight of the load-balancing auxiliary loss (0 disables it).
+        expert_bias: keep an aux-loss-free bias that shifts only the top-k *selection*
+            (DeepSeek-V3 style); update it with `update_expert_bias`.
+        normalize: rescale the K gate weights of a token to sum to 1 (Mixtral style).
+    """
+
+    def __init__(
+        self,
+        hidden: int,
+        num_experts: int,
+        top_k: int,
+        *,
+        aux_loss_coef: float = 0.0,
+        expert_bias: bool = False,
+        normalize: bool = True,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        if not 1 <= top_k <= num_experts:
+            raise ValueError(f"top_k must be in [1, num_experts={num_experts}], got {top_k}")
+        if aux_loss_coef < 0:
+            raise ValueError(f"aux_loss_coef must be >= 0, got {aux_loss_coef}")
+        self.num_experts, self.top_k = num_experts, top_k
+        self.aux_loss_coef, self.normalize = aux_loss_coef, normalize
+        self.weight = nn.Parameter(torch.empty(num_experts, hidden, device=device, dtype=dtype))
+        nn.init.normal_(self.weight, std=hidden**-0.5)
+        bias = torch.zeros(num_experts, device=device, dtype=torch.float32) if expert_bias else None
+        self.register_buffer("expert_bias", bias)
+
+    def forward(self, x: torch.Tensor, forced_expert: torch.Tensor | None = None) -> Routing:
+        """x [T, H] -> Routing. `forced_expert` int64 [T, K] overrides the selection (benchmarks
+        and tests); the gates still come from the router's probabilities, so gradients flow."""
+        probs = torch.softmax((x @ self.weight.t()).float(), dim=-1)
+        if forced_expert is not None:
+            if forced_expert.shape != (x.shape[0], self.top_k):
+                raise ValueError(
+                    f"forced_expert must be [T={x.shape[0]}, K={self.top_k}], got {tuple(forced_expert.shape)}"
+                )
+            expert = forced_expert
+        else:
+            score = probs if self.expert_bias is None else probs + self.expert_bias
+            expert = torch.topk(score.detach(), self.top_k, dim=-1).indices
+        weight = probs.gather(1, expert.clamp(0, self.num_experts - 1))
+        if self.normalize:
+            weight = weight / weight.sum(dim=-1, keepdim=True)
+        return Routing(expert, weight.to(x.dtype), probs, self._aux_loss(probs, expert))
+
+    def _aux_loss(self, probs: torch.Tensor, expert: torch.Tensor) -> torch.Tensor:
+        if self.aux_loss_coef == 0 or probs.shape[0] == 0:
+            return probs.new_zeros(())
+        e = self.num_experts
+        frac = torch.bincount(expert.reshape(-1).clamp(0, e - 1), minlength=e).float() / expert.numel()
+        return self.aux_loss_coef * e * (frac * probs.mean(dim=0)).sum()
+
+    @torch.no_grad()
+    def update_expert_bias(self, load: torch.Tensor, rate: float = 1e-3) -> None:
+        """Aux-loss-free balancing: raise the bias of under-loaded experts, lower over-loaded ones.
+
+        Args:
+            load: [E] tokens per expert (summed over the data-parallel group, so every rank
+                applies the same update).
+            rate: step size.
+        """
+        if self.expert_bias is None:
+            raise ValueError("this router was built with expert_bias=False")
+        load = load.to(self.expert_bias.device, torch.float32)
+        self.expert_bias += rate * torch.sign(load.mean() - load)

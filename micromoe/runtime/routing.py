@@ -1,0 +1,148 @@
+"""Host-side row layout of one dispatch: who sends which rows where, and where received rows go.
+
+Pure NumPy (no torch). Legend: G GPUs of the dispatch group, E experts, S local slots, N rows.
+A *route* is the planner's COO list (src, expert, dst, count), expert-major; for one (src, expert)
+its entries come in the order the source cuts its contiguous block of that expert's rows. Every rank
+holds the same route, so each can derive both its send layout and its receive layout without any
+further communication.
+
+Row orders (all on one rank):
+- *sorted*: this rank's (token, choice) rows sorted by expert (stable): one block per expert.
+- *send*: rows grouped by destination rank (the all-to-all's input), inside one destination by
+  expert then cut order.
+- *recv*: the all-to-all's output: grouped by source rank, inside one source by expert.
+- *grouped*: slot-major (the grouped GEMM's input), each slot's block padded to a multiple of
+  `align` rows (the CUDA grouped GEMM needs 16-byte-aligned groups: 8 bf16 rows).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import numpy.typing as npt
+
+from micromoe.plan import Placement
+
+IntArray = npt.NDArray[np.int64]
+
+
+@dataclass(frozen=True)
+class Route:
+    """COO route of one dispatch (planner order); int64 arrays of equal length."""
+
+    src: IntArray
+    expert: IntArray
+    dst: IntArray
+    count: IntArray
+
+
+@dataclass(frozen=True)
+class RowLayout:
+    """Where this rank's rows go; host arrays, identical in meaning on every rank.
+
+    Attributes:
+        send_pos: int64 [N_send]; row of the sorted buffer for each send row, or None if the
+            sorted order already is the send order (plain EP).
+        send_splits: rows sent to each rank of the group, [G].
+        recv_splits: rows received from each rank of the group, [G].
+        group_pos: int64 [N_recv]; position of each received row in the padded grouped buffer.
+        slot_load: int64 [S]; real rows per local slot (the planned per-slot load).
+        slot_rows: int64 [S]; rows per local slot after padding to `align`.
+    """
+
+    send_pos: IntArray | None
+    send_splits: tuple[int, ...]
+    recv_splits: tuple[int, ...]
+    group_pos: IntArray
+    slot_load: IntArray
+    slot_rows: IntArray
+
+    @property
+    def num_grouped(self) -> int:
+        return int(self.slot_rows.sum())
+
+
+def plain_ep_route(counts_ge: IntArray, placement: Placement) -> Route:
+    """The route of plain EP: all rows of expert e go to its single host (no planner needed)."""
+    if np.any(placement.replica_counts != 1):
+        raise ValueError("plain EP needs exactly one replica per expert in the group")
+    host = placement.host_gpu[placement.host_ptr[:-1]]
+    cnt_eg = counts_ge.T
+    e_idx, s_idx = np.nonzero(cnt_eg)  # expert-major, then source ascending (planner order)
+    return Route(s_idx.astype(np.int64), e_idx.astype(np.int64), host[e_idx], cnt_eg[e_idx, s_idx])
+
+
+def row_layout(
+    route: Route, rank: int, num_gpus: int, slot_expert: IntArray, num_experts: int, align: int
+) -> RowLayout:
+    """Send and receive layout of `rank` for `route`.
+
+    Args:
+        route: the group's route (identical on every rank).
+        rank: this rank's index in the group.
+        num_gpus: G, the group size.
+        slot_expert: int64 [S]; expert in each local slot of this rank (-1 = empty).
+        num_experts: E.
+        align: pad each slot's row block to a multiple of this (>= 1).
+    """
+    send_pos, send_splits = _send_layout(route, rank, num_gpus)
+    recv_splits, group_pos, slot_load, slot_rows = _recv_layout(
+        route, rank, num_gpus, slot_expert, num_experts, align
+    )
+    return RowLayout(
+        send_pos=send_pos,
+        send_splits=tuple(int(v) for v in send_splits),
+        recv_splits=tuple(int(v) for v in recv_splits),
+        group_pos=group_pos,
+        slot_load=slot_load,
+        slot_rows=slot_rows,
+    )
+
+
+def _send_layout(route: Route, rank: int, num_gpus: int) -> tuple[IntArray | None, IntArray]:
+    mine = route.src == rank
+    cnt, dst = route.count[mine], route.dst[mine]
+    start = _exclusive_cumsum(cnt)  # pieces tile the sorted buffer in COO order
+    send_splits = np.bincount(dst, weights=cnt, minlength=num_gpus).astype(np.int64)
+    if np.all(np.diff(dst) >= 0):
+        return None, send_splits
+    order = np.argsort(dst, kind="stable")
+    return _ranges(start[order], cnt[order]), send_splits
+
+
+def _recv_layout(
+    route: Route, rank: int, num_gpus: int, slot_expert: IntArray, num_experts: int, align: int
+) -> tuple[IntArray, IntArray, IntArray, IntArray]:
+    num_slots = slot_expert.size
+    slot_of = np.full(num_experts, -1, dtype=np.int64)
+    held = slot_expert >= 0
+    slot_of[slot_expert[held]] = np.flatnonzero(held)
+    mine = route.dst == rank
+    src = route.src[mine]
+    order = np.argsort(src, kind="stable")  # a source sends its pieces for us in COO order
+    src, exp, cnt = src[order], route.expert[mine][order], route.count[mine][order]
+    recv_splits = np.bincount(src, weights=cnt, minlength=num_gpus).astype(np.int64)
+    slot = slot_of[exp]
+    assert np.all(slot >= 0), "route sends an expert to a rank that holds no replica of it"
+    slot_load = np.bincount(slot, weights=cnt, minlength=num_slots).astype(np.int64)
+    slot_rows = -(-slot_load // align) * align
+    by_slot = np.argsort(slot, kind="stable")
+    cnt2, slot2 = cnt[by_slot], slot[by_slot]
+    offset_in_slot = _exclusive_cumsum(cnt2) - _exclusive_cumsum(slot_load)[slot2]
+    grouped_start = np.empty_like(cnt)
+    grouped_start[by_slot] = _exclusive_cumsum(slot_rows)[slot2] + offset_in_slot
+    return recv_splits, _ranges(grouped_start, cnt), slot_load, slot_rows
+
+
+def _exclusive_cumsum(a: IntArray) -> IntArray:
+    out = np.zeros(a.size, dtype=np.int64)
+    if a.size > 1:
+        np.cumsum(a[:-1], out=out[1:])
+    return out
+
+
+def _ranges(starts: IntArray, lengths: IntArray) -> IntArray:
+    """concat(arange(s, s + n) for s, n in zip(starts, lengths)), vectorized."""
+    total = int(lengths.sum())
+    return np.repeat(starts - _exclusive_cumsum(lengths), lengths) + np.arange(total, dtype=np.int64)
