@@ -37,6 +37,8 @@ def test_zipf_law_and_hot_set() -> None:
     expected = np.arange(1, 17, dtype=np.float64) ** -1.5
     for row in p:
         np.testing.assert_allclose(np.sort(row)[::-1], expected / expected.sum())
+    first = zipf_distribution(1.5, 16, 2, np.random.default_rng(0), shuffle=False)
+    np.testing.assert_allclose(first, np.tile(expected / expected.sum(), (2, 1)))
     with pytest.raises(ValueError, match="Zipf exponent"):
         zipf_distribution(-1.0, 4, 1, np.random.default_rng(0))
 

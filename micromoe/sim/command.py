@@ -47,6 +47,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--experts", type=int, default=32, metavar="E", help="experts per layer for --zipf (default 32)"
     )
     src.add_argument(
+        "--hot-experts",
+        choices=("random", "first"),
+        default="random",
+        help="--zipf: which expert ids are hot: random per layer (default) or expert i = (i+1)-th most loaded",
+    )
+    src.add_argument(
         "--layers",
         type=int,
         default=4,
@@ -237,11 +243,23 @@ def _zipf_workloads(
     top_k = args.top_k or ZIPF_TOP_K
     workloads = [
         workload_from_zipf(
-            s, num_experts=args.experts, num_layers=args.layers, num_gpus=gpus, top_k=top_k, **sampling
+            s,
+            num_experts=args.experts,
+            num_layers=args.layers,
+            num_gpus=gpus,
+            top_k=top_k,
+            shuffle=args.hot_experts == "random",
+            **sampling,
         )
         for s in zipf
     ]
-    return workloads, {"zipf": zipf, "experts": args.experts, "layers": args.layers, "top_k": top_k}
+    return workloads, {
+        "zipf": zipf,
+        "experts": args.experts,
+        "layers": args.layers,
+        "hot_experts": args.hot_experts,
+        "top_k": top_k,
+    }
 
 
 def _trace_workloads(

@@ -37,6 +37,7 @@ def plot_results(
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     multi = len(results) > 1
     fig, axes = plt.subplots(1, 3 if multi else 2, figsize=(16 if multi else 11, 4.2))
@@ -57,6 +58,7 @@ def plot_results(
     axes[0].set(xlabel="max / mean GPU load", ylabel="share of (micro-batch, layer) samples <= x")
     axes[0].set_title("distribution of max/mean")
     axes[1].set(xlabel="layer", ylabel="mean max / mean GPU load")
+    axes[1].xaxis.set_major_locator(MaxNLocator(integer=True))
     axes[1].set_title("per layer")
     if multi:
         axes[2].set(xlabel=x_label, ylabel="mean max / mean GPU load")

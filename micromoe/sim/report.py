@@ -11,19 +11,23 @@ from micromoe.sim.runner import WorkloadResult, pooled
 
 
 def build_report(results: list[WorkloadResult], config: dict[str, Any]) -> dict[str, Any]:
-    """{"config", "results": {balancer: summary} over all workloads pooled, "workloads": [...]}."""
+    """{"config", "results": {balancer: summary} over all workloads pooled, "workloads": [...]}.
+
+    The 'bound' row has no scheduler and no traffic: those fields are None there.
+    """
     g, gpn = config["gpus"], config["gpus_per_node"]
+
+    def summaries(samples: dict) -> dict[str, dict[str, Any]]:
+        out = {n: summarize(s, g, gpn) for n, s in samples.items()}
+        if "bound" in out:
+            for key in ("sched_us_median", "sched_us_p99", "remote_share", "node_remote_share"):
+                out["bound"][key] = None
+        return out
+
     return {
         "config": config,
-        "results": {n: summarize(s, g, gpn) for n, s in pooled(results).items()},
-        "workloads": [
-            {
-                "name": r.name,
-                "results": {n: summarize(s, g, gpn) for n, s in r.samples.items()},
-                "info": r.info,
-            }
-            for r in results
-        ],
+        "results": summaries(pooled(results)),
+        "workloads": [{"name": r.name, "results": summaries(r.samples), "info": r.info} for r in results],
     }
 
 
@@ -76,6 +80,7 @@ def format_report(report: dict[str, Any]) -> str:
     if len(report["workloads"]) > 1:
         lines += ["", f"== all workloads pooled ({unit})", format_table(report["results"], nodes=nodes)]
         lines += ["", "== mean max/mean by workload", format_matrix(report)]
+        lines += ["", "== share of samples at the bound by workload", format_matrix(report, "at_bound")]
     return "\n".join(lines)
 
 

@@ -57,15 +57,21 @@ class Workload:
         return int(self.counts.shape[3])
 
 
-def zipf_distribution(s: float, num_experts: int, num_layers: int, rng: np.random.Generator) -> FloatArray:
-    """float64 [L, E]: P(i-th most loaded expert) ~ i^-s; each layer's hot experts at random ids."""
+def zipf_distribution(
+    s: float, num_experts: int, num_layers: int, rng: np.random.Generator, *, shuffle: bool = True
+) -> FloatArray:
+    """float64 [L, E]: P(i-th most loaded expert) ~ i^-s.
+
+    shuffle=True: each layer's hot experts sit at random expert ids; False: expert i is the
+    (i+1)-th most loaded in every layer.
+    """
     if not np.isfinite(s) or s < 0:
         raise ValueError(f"Zipf exponent must be finite and >= 0, got {s}")
     weights = np.arange(1, num_experts + 1, dtype=np.float64) ** -s
     weights /= weights.sum()
     out = np.empty((num_layers, num_experts))
     for layer in range(num_layers):
-        out[layer, rng.permutation(num_experts)] = weights
+        out[layer, rng.permutation(num_experts) if shuffle else np.arange(num_experts)] = weights
     return out
 
 
@@ -138,10 +144,11 @@ def workload_from_zipf(
     noise: float,
     drift: float,
     seed: int,
+    shuffle: bool = True,
 ) -> Workload:
     """Synthetic Zipf(s) loads, the same hot experts on every GPU; history = the Zipf distribution."""
     rng = np.random.default_rng(seed)
-    probs = zipf_distribution(s, num_experts, num_layers, rng)
+    probs = zipf_distribution(s, num_experts, num_layers, rng, shuffle=shuffle)
     counts = sample_counts(
         probs,
         num_micro_batches=num_micro_batches,
