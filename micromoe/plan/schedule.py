@@ -162,7 +162,7 @@ def as_int_array(a: npt.ArrayLike, name: str, shape: tuple[int, ...]) -> IntArra
         if arr.size and np.abs(arr).max() >= 2**53:
             raise ValueError(f"{name} has entries too large to be exact token counts")
     if arr.size and arr.min() < 0:
-        idx = np.unravel_index(int(np.argmin(arr)), arr.shape)
+        idx = tuple(int(i) for i in np.unravel_index(int(np.argmin(arr)), arr.shape))
         raise ValueError(f"{name}{list(idx)} = {arr[idx]}: token counts must be >= 0")
     out = np.ascontiguousarray(arr, dtype=np.int64)
     if out.size and out.sum() >= MAX_TOTAL:
