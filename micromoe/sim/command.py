@@ -28,6 +28,14 @@ ZIPF_TOP_K = 2  # the paper's Zipf experiments use top-2 models
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of `micromoe simulate`, in four groups."""
+    _add_workload_arguments(parser)
+    _add_group_arguments(parser)
+    _add_balancer_arguments(parser)
+    _add_output_arguments(parser)
+
+
+def _add_workload_arguments(parser: argparse.ArgumentParser) -> None:
     src = parser.add_argument_group("workload (default: the bundled counts57b.json trace)")
     src.add_argument(
         "--trace",
@@ -59,6 +67,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="L",
         help="layers for --zipf, each with its own hot experts (default 4)",
     )
+
+
+def _add_group_arguments(parser: argparse.ArgumentParser) -> None:
     grp = parser.add_argument_group("group and batch")
     grp.add_argument(
         "--gpus",
@@ -100,7 +111,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=int,
         default=32,
         metavar="M",
-        help="micro-batches to sample per workload (default 32)",
+        help="micro-batches to sample per workload (default 32; a routing log replays all of its own)",
     )
     grp.add_argument(
         "--warmup",
@@ -124,6 +135,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     grp.add_argument(
         "--seed", type=int, default=0, help="random seed: the same seed gives the same results (default 0)"
     )
+
+
+def _add_balancer_arguments(parser: argparse.ArgumentParser) -> None:
     bal = parser.add_argument_group("balancers")
     bal.add_argument(
         "--balancers",
@@ -144,6 +158,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="K",
         help="microep-ar re-checks each layer's placement every K micro-batches (default 4)",
     )
+
+
+def _add_output_arguments(parser: argparse.ArgumentParser) -> None:
     out = parser.add_argument_group("output")
     out.add_argument("--json", metavar="OUT.json", default=None, help="write the results as JSON")
     out.add_argument(
