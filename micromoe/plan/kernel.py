@@ -38,6 +38,35 @@ def check_and_sum(counts):
 
 
 @njit
+def preferred_with_nodes(counts, local, host_ptr, host_gpu, node_of):
+    """Tokens each replica should take first: its own GPU's, plus an even share of the tokens of
+    same-node GPUs that hold no replica of the expert (so quotas lean towards on-node traffic)."""
+    num_g, num_e = counts.shape
+    pref = local.copy()
+    num_nodes = node_of[num_g - 1] + 1
+    node_supply = np.zeros(num_nodes, dtype=np.int64)
+    node_reps = np.zeros(num_nodes, dtype=np.int64)
+    hosted = np.zeros(num_g, dtype=np.bool_)
+    for e in range(num_e):
+        node_supply[:] = 0
+        node_reps[:] = 0
+        for r in range(host_ptr[e], host_ptr[e + 1]):
+            hosted[host_gpu[r]] = True
+            node_reps[node_of[host_gpu[r]]] += 1
+        for s in range(num_g):
+            if not hosted[s]:
+                node_supply[node_of[s]] += counts[s, e]
+        for r in range(host_ptr[e], host_ptr[e + 1]):
+            n = node_of[host_gpu[r]]
+            share = node_supply[n] // node_reps[n]
+            pref[r] += share
+            node_supply[n] -= share
+            node_reps[n] -= 1
+            hosted[host_gpu[r]] = False
+    return pref
+
+
+@njit
 def plan_kernel(counts, base, node_of, host_ptr, host_gpu, gpu_ptr, gpu_replica, replica_expert):
     """Returns (ok, replica quota [R], max_load, certificate [G], routes [4, N], gpu_load [G])."""
     load, ok = check_and_sum(counts)
@@ -47,6 +76,8 @@ def plan_kernel(counts, base, node_of, host_ptr, host_gpu, gpu_ptr, gpu_replica,
     local = np.empty(host_gpu.size, dtype=np.int64)
     for r in range(host_gpu.size):
         local[r] = counts[host_gpu[r], replica_expert[r]]
+    if node_of[0] >= 0:
+        local = preferred_with_nodes(counts, local, host_ptr, host_gpu, node_of)
     x, t, cert = solve_min_max(load, base, local, host_ptr, host_gpu, gpu_ptr, gpu_replica, replica_expert)
     routes = fill_routes(counts, x, host_ptr, host_gpu, gpu_ptr, gpu_replica, replica_expert, node_of)
     gpu_load = base.copy()
