@@ -69,9 +69,7 @@ def run_workers(fn: Callable[..., Any], world_size: int, *args: Any, timeout: fl
 def _entry(fn, rank, world_size, port, out_dir, args) -> None:
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     torch.set_num_threads(1)
-    dist.init_process_group(
-        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size
-    )
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
     try:
         payload = (True, fn(rank, world_size, *args))
     except BaseException:  # noqa: BLE001 - report anything to the parent
@@ -125,4 +123,5 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     """max |a - b| / max |b| (0 when both are empty)."""
     if b.numel() == 0:
         return 0.0
+    a, b = a.detach(), b.detach()
     return float((a - b).abs().max() / b.abs().max().clamp_min(1e-30))

@@ -126,7 +126,9 @@ def _group_counts(groups, expert: torch.Tensor, world: int) -> np.ndarray:
     first = groups.rank - groups.microep_rank
     rows = []
     for r in range(first, first + size):
-        rows.append(np.bincount(expert[_my_slice(r)].reshape(-1).numpy(), minlength=groups.placement.num_experts))
+        rows.append(
+            np.bincount(expert[_my_slice(r)].reshape(-1).numpy(), minlength=groups.placement.num_experts)
+        )
     return np.stack(rows)
 
 
@@ -172,7 +174,10 @@ def _check_token_identity(layer: MoELayer, groups, expert: torch.Tensor, world: 
     group_ranks = range(group_first, group_first + groups.layout.microep_size)
     got = sorted(x for part in (everyone[r] for r in group_ranks) for x in part)
     want = sorted(
-        (src, tok, int(e)) for src in group_ranks for tok, row in enumerate(expert[_my_slice(src)]) for e in row
+        (src, tok, int(e))
+        for src in group_ranks
+        for tok, row in enumerate(expert[_my_slice(src)])
+        for e in row
     )
     assert got == want, "some (token, expert) pair was lost or computed twice"
 
