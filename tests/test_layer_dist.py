@@ -134,7 +134,7 @@ def _group_counts(groups, expert: torch.Tensor, world: int) -> np.ndarray:
 
 def _check_counters(layer: MoELayer, groups, expert: torch.Tensor, world: int) -> None:
     """Gathered counts are the true ones; per-slot loads are the planned ones."""
-    stats, p, me = layer.last_stats, groups.placement, groups.microep_rank
+    stats, me = layer.last_stats, groups.microep_rank
     counts = _group_counts(groups, expert, world)
     np.testing.assert_array_equal(stats.counts_ge, counts)
     slots = np.array(groups.local_slots)
