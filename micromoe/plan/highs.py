@@ -9,6 +9,8 @@ an integral quota at ceil(T*) by the exact flow kernel, started from floor(x).
 from __future__ import annotations
 
 import math
+import os
+import sys
 from collections import OrderedDict
 
 import numpy as np
@@ -20,6 +22,24 @@ _MODELS: OrderedDict[bytes, HighsMinMax] = OrderedDict()
 _MAX_MODELS = 32
 
 
+def new_highs():
+    """A silent single-threaded HiGHS instance (its banner goes to fd 1 on creation: muted)."""
+    import highspy
+
+    sys.stdout.flush()
+    saved, null = os.dup(1), os.open(os.devnull, os.O_WRONLY)
+    os.dup2(null, 1)
+    try:
+        h = highspy.Highs()
+    finally:
+        os.dup2(saved, 1)
+        os.close(saved)
+        os.close(null)
+    h.setOptionValue("output_flag", False)
+    h.setOptionValue("threads", 1)
+    return h
+
+
 class HighsMinMax:
     """A warm-startable HiGHS model of the min-max LP for one placement."""
 
@@ -27,9 +47,7 @@ class HighsMinMax:
         import highspy
 
         self.placement = p = placement
-        h = highspy.Highs()
-        h.setOptionValue("output_flag", False)
-        h.setOptionValue("threads", 1)
+        h = new_highs()
         h.setOptionValue("solver", "simplex")
         h.setOptionValue("simplex_strategy", 1)  # dual simplex, as in the paper
         inf = highspy.kHighsInf
@@ -159,9 +177,7 @@ def min_traffic_lp(
 
     num_g, num_e = counts.shape
     base = np.zeros(num_g, dtype=np.int64) if base is None else base
-    h = highspy.Highs()
-    h.setOptionValue("output_flag", False)
-    h.setOptionValue("threads", 1)
+    h = new_highs()
     inf = highspy.kHighsInf
     # one variable per (source with tokens, replica of that expert)
     var_src, var_rep = [], []

@@ -18,13 +18,12 @@ version gets the exact optimum, so it shows what LPLB's topology allows, not its
 
 from __future__ import annotations
 
-import os
-import sys
-from typing import Any, Literal
+from typing import Literal
 
 import numpy as np
 import numpy.typing as npt
 
+from micromoe.plan.highs import new_highs
 from micromoe.sim.eplb import balanced_packing
 from micromoe.sim.traces import IntArray
 
@@ -74,8 +73,7 @@ class LplbSolver:
 
         self.orig_gpu, self.copy_gpu, self.num_gpus = orig_gpu, copy_gpu, num_gpus
         num_e = orig_gpu.size
-        h = _quiet_highs()
-        h.setOptionValue("threads", 1)
+        h = new_highs()
         inf = highspy.kHighsInf
         h.addVars(num_e + 1, np.zeros(num_e + 1), np.full(num_e + 1, inf))
         h.changeColsCost(1, np.array([num_e], dtype=np.int32), np.array([1.0]))
@@ -105,21 +103,3 @@ class LplbSolver:
         quota[experts, self.orig_gpu] = load - moved
         quota[experts, self.copy_gpu] += moved
         return quota
-
-
-def _quiet_highs() -> Any:
-    """A silent highspy.Highs(); the C library prints a banner on the process's first instance,
-    straight to file descriptor 1, which would land in the middle of the report."""
-    import highspy
-
-    sys.stdout.flush()
-    saved = os.dup(1)
-    try:
-        with open(os.devnull, "w") as devnull:
-            os.dup2(devnull.fileno(), 1)
-            h = highspy.Highs()
-    finally:
-        os.dup2(saved, 1)
-        os.close(saved)
-    h.setOptionValue("output_flag", False)
-    return h
