@@ -188,7 +188,9 @@ class LocalDispatcher:
         flat = expert.reshape(-1)
         bad_id = ((flat < 0) | (flat >= e)).any()
         bad_weight = ~torch.isfinite(weight).all()
-        counts = torch.bincount(flat.clamp(0, e - 1), minlength=e)
+        # scatter_add, not bincount: CUDA bincount reads the max to the host (a sync)
+        counts = torch.zeros(e, dtype=torch.int64, device=flat.device)
+        counts.scatter_add_(0, flat.clamp(0, e - 1).long(), torch.ones_like(flat, dtype=torch.int64))
         flag = bad_id.long() * ERR_EXPERT_ID + bad_weight.long() * ERR_NONFINITE
         return torch.cat([counts, flag.reshape(1)])
 

@@ -87,7 +87,8 @@ class TopKRouter(nn.Module):
         if self.aux_loss_coef == 0 or probs.shape[0] == 0:
             return probs.new_zeros(())
         e = self.num_experts
-        frac = torch.bincount(expert.reshape(-1).clamp(0, e - 1), minlength=e).float() / expert.numel()
+        flat = expert.reshape(-1).clamp(0, e - 1).long()
+        frac = probs.new_zeros(e).scatter_add_(0, flat, probs.new_ones(flat.shape)) / flat.numel()
         return self.aux_loss_coef * e * (frac * probs.mean(dim=0)).sum()
 
     @torch.no_grad()
