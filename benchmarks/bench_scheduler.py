@@ -25,7 +25,7 @@ from pathlib import Path
 import numba
 import numpy as np
 
-from micromoe.plan import Placement, lp_optimum_fraction, schedule
+from micromoe.plan import Placement, allocator_settings, lp_optimum_fraction, schedule, tune_allocator
 from micromoe.plan.highs import min_traffic_lp, traffic_cost
 
 SIZES = [(16, 8, 2), (32, 8, 2), (64, 8, 2), (64, 32, 2), (128, 32, 3), (256, 64, 4)]
@@ -134,6 +134,7 @@ def environment() -> dict:
         "numba": numba.__version__,
         "highspy": _version("highspy"),
         "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""),
+        "allocator": allocator_settings() or "glibc defaults",
         "date": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
 
@@ -167,7 +168,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--quick", action="store_true", help="a few micro-batches per size (smoke run)")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/scheduler_cpu.json"))
+    ap.add_argument(
+        "--default-malloc",
+        action="store_true",
+        help="keep glibc's allocator defaults (by default tune_allocator() runs, as in the runtime)",
+    )
     args = ap.parse_args(argv)
+    if not args.default_malloc:
+        tune_allocator()
     if args.quick:
         args.batches, args.repeats, args.traffic_checks = 10, 1, 1
     rows = []

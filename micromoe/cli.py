@@ -11,6 +11,8 @@ import importlib
 import logging
 import sys
 
+from micromoe.plan import tune_allocator
+
 # name -> (module, one-line help); modules are imported only when their subcommand runs
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "simulate": ("micromoe.sim.command", "compare load balancers on routing traces or Zipf skews"),
@@ -42,6 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
+    tune_allocator()  # commands schedule every micro-batch: keep their arrays off fresh pages
     try:
         return int(importlib.import_module(args._module).run(args) or 0)
     except ValueError as exc:  # user mistakes: one clear line, no traceback

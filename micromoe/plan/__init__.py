@@ -4,6 +4,7 @@ Entry points: `Placement` (replica layouts), `schedule` (the per-micro-batch opt
 `lp_optimum` (the density lemma), and the adaptive-replacement helpers in `forecast`.
 """
 
+from micromoe.plan.allocator import allocator_settings, tune_allocator
 from micromoe.plan.density import (
     balance_ratio,
     lp_optimum,
@@ -19,6 +20,7 @@ __all__ = [
     "Placement",
     "Plan",
     "Replacement",
+    "allocator_settings",
     "balance_ratio",
     "certificate_bound",
     "decide_replacement",
@@ -27,4 +29,5 @@ __all__ = [
     "lp_optimum_fraction",
     "placement_score",
     "schedule",
+    "tune_allocator",
 ]

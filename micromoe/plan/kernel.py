@@ -38,31 +38,33 @@ def check_and_sum(counts):
 
 
 @njit
-def preferred_with_nodes(counts, local, host_ptr, host_gpu, node_of):
+def preferred_with_nodes(counts, local, host_ptr, host_gpu, gpu_ptr, gpu_replica, replica_expert, node_of):
     """Tokens each replica should take first: its own GPU's, plus an even share of the tokens of
     same-node GPUs that hold no replica of the expert (so quotas lean towards on-node traffic)."""
     num_g, num_e = counts.shape
-    pref = local.copy()
     num_nodes = node_of[num_g - 1] + 1
-    node_supply = np.zeros(num_nodes, dtype=np.int64)
+    node_supply = np.zeros((num_e, num_nodes), dtype=np.int64)
+    hosted = np.zeros(num_e, dtype=np.bool_)
+    for s in range(num_g):  # row by row: sequential reads of counts
+        for k in range(gpu_ptr[s], gpu_ptr[s + 1]):
+            hosted[replica_expert[gpu_replica[k]]] = True
+        n = node_of[s]
+        for e in range(num_e):
+            if not hosted[e]:
+                node_supply[e, n] += counts[s, e]
+        for k in range(gpu_ptr[s], gpu_ptr[s + 1]):
+            hosted[replica_expert[gpu_replica[k]]] = False
+    pref = local.copy()
     node_reps = np.zeros(num_nodes, dtype=np.int64)
-    hosted = np.zeros(num_g, dtype=np.bool_)
     for e in range(num_e):
-        node_supply[:] = 0
-        node_reps[:] = 0
         for r in range(host_ptr[e], host_ptr[e + 1]):
-            hosted[host_gpu[r]] = True
             node_reps[node_of[host_gpu[r]]] += 1
-        for s in range(num_g):
-            if not hosted[s]:
-                node_supply[node_of[s]] += counts[s, e]
         for r in range(host_ptr[e], host_ptr[e + 1]):
             n = node_of[host_gpu[r]]
-            share = node_supply[n] // node_reps[n]
+            share = node_supply[e, n] // node_reps[n]
             pref[r] += share
-            node_supply[n] -= share
+            node_supply[e, n] -= share
             node_reps[n] -= 1
-            hosted[host_gpu[r]] = False
     return pref
 
 
@@ -77,7 +79,9 @@ def plan_kernel(counts, base, node_of, host_ptr, host_gpu, gpu_ptr, gpu_replica,
     for r in range(host_gpu.size):
         local[r] = counts[host_gpu[r], replica_expert[r]]
     if node_of[0] >= 0:
-        local = preferred_with_nodes(counts, local, host_ptr, host_gpu, node_of)
+        local = preferred_with_nodes(
+            counts, local, host_ptr, host_gpu, gpu_ptr, gpu_replica, replica_expert, node_of
+        )
     x, t, cert = solve_min_max(load, base, local, host_ptr, host_gpu, gpu_ptr, gpu_replica, replica_expert)
     routes = fill_routes(counts, x, host_ptr, host_gpu, gpu_ptr, gpu_replica, replica_expert, node_of)
     gpu_load = base.copy()
