@@ -68,6 +68,14 @@ def _check_plan(plan, counts, placement, base):
         gg, ee = placement.host_gpu[r], placement.replica_expert[r]
         assert route[gg, ee, gg] == min(counts[gg, ee], plan.quota[ee, gg])
     np.testing.assert_array_equal(plan.send_counts(), route.sum(axis=1))
+    # one rank's share equals its rows of the whole list, in the same order
+    coo = np.stack([plan.route_src, plan.route_expert, plan.route_dst, plan.route_count])
+    for r in range(g):
+        mine = coo[:, coo[0] == r]
+        np.testing.assert_array_equal(plan.routes_from(r), mine[1:])
+        into = coo[:, coo[2] == r]
+        into = into[:, np.lexsort((into[1], into[0]))]
+        np.testing.assert_array_equal(plan.routes_to(r), into[[0, 1, 3]])
 
 
 CASES = [

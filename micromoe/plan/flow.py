@@ -84,25 +84,22 @@ def _bfs(
 ):
     """Multi-source BFS from unsaturated experts over the residual graph.
 
-    Records reached GPUs with spare capacity in `targets` (discovery order) and returns how many;
-    such GPUs are not expanded further. Stops once the spare found covers all unplaced load (more
-    targets could not take more). Paths are read back through par_g / par_e.
+    Records every reached GPU with spare capacity in `targets` (discovery order) and returns how
+    many; such GPUs are not expanded further. Paths are read back through par_g / par_e.
     """
     num_e = rem.size
     vis_e[:] = False
     vis_g[:] = False
     tail = 0
-    missing = 0
     for e in range(num_e):
         if rem[e] > 0:
             vis_e[e] = True
             par_e[e] = -1
             queue[tail] = e
             tail += 1
-            missing += rem[e]
     head = 0
     n_targets = 0
-    while head < tail and missing > 0:
+    while head < tail:
         node = queue[head]
         head += 1
         if node < num_e:
@@ -115,7 +112,6 @@ def _bfs(
                 if assigned[g] < cap[g]:
                     targets[n_targets] = g
                     n_targets += 1
-                    missing -= cap[g] - assigned[g]
                 else:
                     queue[tail] = num_e + g
                     tail += 1

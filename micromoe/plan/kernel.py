@@ -1,4 +1,4 @@
-"""The compiled body of `schedule`: one call from counts to quota, routes and certificate.
+"""The compiled body of `schedule`: one call from counts to quota, max load and certificate.
 
 One entry point keeps the per-micro-batch path to a single dispatch into compiled code; it also
 does the sign check in the same pass that transposes the counts.
@@ -10,31 +10,31 @@ import numpy as np
 
 from micromoe.plan._jit import njit
 from micromoe.plan.flow import solve_min_max
-from micromoe.plan.route import fill_routes
 
 MAX_TOTAL = 2**53  # token totals beyond this cannot be exact as floats (LP backend, ratios)
 
 
 @njit
-def check_and_sum(counts):
-    """counts int64 [G, E] -> (load [E], ok), in one row-major pass.
+def check_copy_sum(counts):
+    """counts int64 [G, E] -> (a C-contiguous copy, load [E], ok), in one row-major pass.
 
     ok is False on a negative entry or a total of 2**53 tokens or more (the caller then explains).
     """
     num_g, num_e = counts.shape
+    copy = np.empty((num_g, num_e), dtype=np.int64)
     load = np.zeros(num_e, dtype=np.int64)
-    ok = True
     total = 0
     for s in range(num_g):
         for e in range(num_e):
             c = counts[s, e]
             if c < 0 or c >= MAX_TOTAL:
-                return load, False
+                return copy, load, False
+            copy[s, e] = c
             total += c
             load[e] += c
         if total >= MAX_TOTAL:
-            return load, False
-    return load, ok
+            return copy, load, False
+    return copy, load, True
 
 
 @njit
@@ -70,11 +70,14 @@ def preferred_with_nodes(counts, local, host_ptr, host_gpu, gpu_ptr, gpu_replica
 
 @njit
 def plan_kernel(counts, base, node_of, host_ptr, host_gpu, gpu_ptr, gpu_replica, replica_expert):
-    """Returns (ok, replica quota [R], max_load, certificate [G], routes [4, N], gpu_load [G])."""
-    load, ok = check_and_sum(counts)
+    """Returns (ok, counts copy [G, E], replica quota [R], max_load, certificate [G], gpu_load [G]).
+
+    Routes follow from (counts, quota) by the fixed rule in `route.py`, built when asked for.
+    """
+    counts, load, ok = check_copy_sum(counts)
     if not ok:
         z = np.zeros(0, dtype=np.int64)
-        return False, z, 0, np.zeros(0, dtype=np.bool_), np.zeros((4, 0), dtype=np.int64), z
+        return False, counts, z, 0, np.zeros(0, dtype=np.bool_), z
     local = np.empty(host_gpu.size, dtype=np.int64)
     for r in range(host_gpu.size):
         local[r] = counts[host_gpu[r], replica_expert[r]]
@@ -83,8 +86,7 @@ def plan_kernel(counts, base, node_of, host_ptr, host_gpu, gpu_ptr, gpu_replica,
             counts, local, host_ptr, host_gpu, gpu_ptr, gpu_replica, replica_expert, node_of
         )
     x, t, cert = solve_min_max(load, base, local, host_ptr, host_gpu, gpu_ptr, gpu_replica, replica_expert)
-    routes = fill_routes(counts, x, host_ptr, host_gpu, gpu_ptr, gpu_replica, replica_expert, node_of)
     gpu_load = base.copy()
     for r in range(host_gpu.size):
         gpu_load[host_gpu[r]] += x[r]
-    return True, x, t, cert, routes, gpu_load
+    return True, counts, x, t, cert, gpu_load

@@ -127,3 +127,104 @@ def _fill_by_node(counts, kept, dem, host_ptr, host_gpu, replica_expert, node_of
             if left[s, e] > 0:
                 n = _fill_rest(buf, n, s, e, left[s, e], nxt, dem, host_gpu)
     return buf[:, :n]
+
+
+# ------------------------------------------------------------------------------------------------
+# One rank's share of the routes, without building the whole list (no node map). Each rank of a
+# MicroEP group needs only what it sends and what it receives; both follow from the same rule as
+# `fill_routes`: a source's remote tokens of expert e occupy the interval [P, P + a) of e's remote
+# token sequence (sources ascending), replica r's open quota the interval [Q_r, Q_r + open_r)
+# (replicas ascending), and an entry is the overlap of the two.
+
+
+@njit
+def routes_from_source(counts, quota, src, host_ptr, host_gpu, gpu_ptr, gpu_replica, replica_expert):
+    """The route entries of source `src`, in `fill_routes` order: int64 [3, n] (expert, dst, count)."""
+    num_g, num_e = counts.shape
+    offset = np.zeros(num_e, dtype=np.int64)  # P: remote tokens of earlier sources, per expert
+    for s in range(src):
+        for e in range(num_e):
+            offset[e] += counts[s, e]
+    for r in range(host_gpu.size):
+        g = host_gpu[r]
+        if g < src:
+            offset[replica_expert[r]] -= min(counts[g, replica_expert[r]], quota[r])
+    local_r = np.full(num_e, -1, dtype=np.int64)
+    for k in range(gpu_ptr[src], gpu_ptr[src + 1]):
+        local_r[replica_expert[gpu_replica[k]]] = gpu_replica[k]
+    out = np.empty((3, num_e + host_gpu.size), dtype=np.int64)
+    n = 0
+    for e in range(num_e):
+        a = counts[src, e]
+        if a == 0:
+            continue
+        if local_r[e] >= 0:
+            kept = min(a, quota[local_r[e]])
+            if kept > 0:
+                out[0, n] = e
+                out[1, n] = src
+                out[2, n] = kept
+                n += 1
+                a -= kept
+        lo = offset[e]
+        q = 0
+        for r in range(host_ptr[e], host_ptr[e + 1]):
+            if a == 0:
+                break
+            g = host_gpu[r]
+            open_r = quota[r] - min(counts[g, e], quota[r])
+            t = min(lo + a, q + open_r) - max(lo, q)
+            if t > 0:
+                out[0, n] = e
+                out[1, n] = g
+                out[2, n] = t
+                n += 1
+                lo += t
+                a -= t
+            q += open_r
+    return out[:, :n]
+
+
+@njit
+def routes_to_gpu(counts, quota, dst, host_ptr, host_gpu, gpu_ptr, gpu_replica, replica_expert):
+    """The route entries into GPU `dst`, sorted by (src, expert) as in `fill_routes`:
+    int64 [3, n] (src, expert, count)."""
+    num_g, num_e = counts.shape
+    lo_k, hi_k = gpu_ptr[dst], gpu_ptr[dst + 1]
+    num_local = hi_k - lo_k
+    got = np.zeros((num_g, num_local), dtype=np.int64)  # tokens from src for the k-th local replica
+    experts = np.empty(num_local, dtype=np.int64)
+    for i in range(num_local):
+        r = gpu_replica[lo_k + i]
+        e = replica_expert[r]
+        experts[i] = e
+        got[dst, i] = min(counts[dst, e], quota[r])  # the replica's own GPU's tokens
+        q_lo = 0  # Q_r: open quota of e's replicas before r
+        for r2 in range(host_ptr[e], r):
+            g2 = host_gpu[r2]
+            q_lo += quota[r2] - min(counts[g2, e], quota[r2])
+        q_hi = q_lo + quota[r] - got[dst, i]
+        p = 0  # P: remote tokens of e from sources before s
+        for s in range(num_g):
+            if p >= q_hi:
+                break
+            a = counts[s, e]
+            for r2 in range(host_ptr[e], host_ptr[e + 1]):
+                if host_gpu[r2] == s:
+                    a -= min(counts[s, e], quota[r2])
+            t = min(p + a, q_hi) - max(p, q_lo)
+            if t > 0:
+                got[s, i] += t
+            p += a
+    order = np.argsort(experts)
+    out = np.empty((3, num_g * num_local), dtype=np.int64)
+    n = 0
+    for s in range(num_g):
+        for j in range(num_local):
+            i = order[j]
+            if got[s, i] > 0:
+                out[0, n] = s
+                out[1, n] = experts[i]
+                out[2, n] = got[s, i]
+                n += 1
+    return out[:, :n]

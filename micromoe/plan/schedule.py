@@ -9,16 +9,16 @@ what to whom (`route`). Integers throughout: no token is rounded away or duplica
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import cached_property
+from functools import cached_property, lru_cache
 from typing import Literal
 
 import numpy as np
 import numpy.typing as npt
 
 from micromoe.plan.flow import inside_load
-from micromoe.plan.kernel import MAX_TOTAL, check_and_sum, plan_kernel
+from micromoe.plan.kernel import MAX_TOTAL, check_copy_sum, plan_kernel
 from micromoe.plan.placement import IntArray, Placement
-from micromoe.plan.route import fill_routes
+from micromoe.plan.route import fill_routes, routes_from_source, routes_to_gpu
 
 Solver = Literal["flow", "highs"]
 
@@ -29,25 +29,28 @@ class Plan:
 
     Attributes:
         placement: the layout the plan is for.
+        counts: int64 [G, E]; the scheduled counts (a read-only copy).
         replica_quota: int64 [R]; tokens processed by each replica (placement's replica order).
         max_load: the largest per-GPU load, base load included; equals ceil(T*) (optimal).
         gpu_load: int64 [G]; per-GPU load, base load included.
         certificate: bool [G]; a GPU set S with ceil((L_inside(S) + base(S)) / |S|) == max_load,
             which proves no plan has a smaller max load (L_inside: load of experts whose replicas
             all lie in S).
-        route_src, route_expert, route_dst, route_count: int64 [N]; the COO route list
-            (expert-major; for one (src, expert), entries in the order the source's tokens are cut).
+        node_of: int64 [G]; node of each GPU, all -1 without a node map.
+
+    Routes follow from (counts, replica_quota) by the fixed rule of `route.py` and are built on
+    first use: `route_src/route_expert/route_dst/route_count` (the whole COO list), `route`
+    (dense), or one rank's share with `routes_from(src)` / `routes_to(dst)`, which is what a rank
+    of the MicroEP group needs per micro-batch and costs a fraction of the whole list.
     """
 
     placement: Placement
+    counts: IntArray
     replica_quota: IntArray
     max_load: int
     gpu_load: IntArray
     certificate: npt.NDArray[np.bool_]
-    route_src: IntArray
-    route_expert: IntArray
-    route_dst: IntArray
-    route_count: IntArray
+    node_of: IntArray
 
     @cached_property
     def quota(self) -> IntArray:
@@ -58,12 +61,85 @@ class Plan:
         return q
 
     @cached_property
+    def _routes(self) -> IntArray:
+        p = self.placement
+        out = fill_routes(
+            self.counts,
+            self.replica_quota,
+            p.host_ptr,
+            p.host_gpu,
+            p.gpu_ptr,
+            p.gpu_replica,
+            p.replica_expert,
+            self.node_of,
+        )
+        out.setflags(write=False)
+        return out
+
+    @property
+    def route_src(self) -> IntArray:
+        """int64 [N]: source GPU of each route entry. Entries are sorted by (src, expert) without a
+        node map; with one, same-node entries come first. The entries of one (src, expert) are in
+        the order the source's contiguous tokens of that expert are cut: local, same node, rest."""
+        return self._routes[0]
+
+    @property
+    def route_expert(self) -> IntArray:
+        return self._routes[1]
+
+    @property
+    def route_dst(self) -> IntArray:
+        return self._routes[2]
+
+    @property
+    def route_count(self) -> IntArray:
+        return self._routes[3]
+
+    @cached_property
     def route(self) -> IntArray:
         """int64 [G, E, G]: tokens sent from src to the replica of e on dst."""
         p = self.placement
         r = np.zeros((p.num_gpus, p.num_experts, p.num_gpus), dtype=np.int64)
         np.add.at(r, (self.route_src, self.route_expert, self.route_dst), self.route_count)
         return r
+
+    def routes_from(self, src: int) -> IntArray:
+        """int64 [3, n]: (expert, dst, count) of every entry with this source, in route order."""
+        if self.node_of[0] >= 0:  # node-aware routes have a second phase: read the whole list
+            rows = self.route_src == src
+            return np.stack([self.route_expert[rows], self.route_dst[rows], self.route_count[rows]])
+        p = self.placement
+        return routes_from_source(
+            self.counts,
+            self.replica_quota,
+            src,
+            p.host_ptr,
+            p.host_gpu,
+            p.gpu_ptr,
+            p.gpu_replica,
+            p.replica_expert,
+        )
+
+    def routes_to(self, dst: int) -> IntArray:
+        """int64 [3, n]: (src, expert, count) of every entry into `dst`, sorted by (src, expert)."""
+        if self.node_of[0] >= 0:
+            rows = self.route_dst == dst
+            key = self.route_src[rows] * self.placement.num_experts + self.route_expert[rows]
+            order = np.argsort(key, kind="stable")
+            return np.stack(
+                [self.route_src[rows][order], self.route_expert[rows][order], self.route_count[rows][order]]
+            )
+        p = self.placement
+        return routes_to_gpu(
+            self.counts,
+            self.replica_quota,
+            dst,
+            p.host_ptr,
+            p.host_gpu,
+            p.gpu_ptr,
+            p.gpu_replica,
+            p.replica_expert,
+        )
 
     def send_counts(self) -> IntArray:
         """int64 [G, G]: tokens GPU src sends to GPU dst (the all-to-all split sizes)."""
@@ -99,34 +175,31 @@ def schedule(
     p = placement
     node_of = _node_map(p.num_gpus, gpus_per_node)
     if solver == "flow":
-        ok, x, max_load, cert, routes, gpu_load = plan_kernel(
+        ok, counts_copy, x, max_load, cert, gpu_load = plan_kernel(
             counts_ge, base, node_of, p.host_ptr, p.host_gpu, p.gpu_ptr, p.gpu_replica, p.replica_expert
         )
     elif solver == "highs":
-        ok, x, max_load, cert, routes, gpu_load = _highs_plan(counts_ge, base, node_of, p)
+        ok, counts_copy, x, max_load, cert, gpu_load = _highs_plan(counts_ge, base, p)
     else:
         raise ValueError(f"unknown solver {solver!r}; use 'flow' or 'highs'")
     if not ok:  # the compiled pass found a negative entry or an oversized total: explain it
         as_int_array(counts_ge, "counts", counts_ge.shape)
         raise AssertionError("counts failed the compiled check but passed the slow one")
-    for a in (x, gpu_load, cert, routes):
+    for a in (counts_copy, x, gpu_load, cert):
         a.setflags(write=False)
-    return Plan(p, x, int(max_load), gpu_load, cert, *routes)
+    return Plan(p, counts_copy, x, int(max_load), gpu_load, cert, node_of)
 
 
-def _highs_plan(counts: IntArray, base: IntArray, node_of: IntArray, p: Placement):
+def _highs_plan(counts: IntArray, base: IntArray, p: Placement):
     from micromoe.plan.highs import highs_quota
 
-    load, ok = check_and_sum(counts)
+    counts, load, ok = check_copy_sum(counts)
     if not ok:
-        return (False,) + (None,) * 5
+        return (False, counts) + (None,) * 4
     local = counts[p.host_gpu, p.replica_expert]  # tokens already on a replica's GPU
     x, max_load, cert = highs_quota(load, base, local, p)
-    routes = fill_routes(
-        counts, x, p.host_ptr, p.host_gpu, p.gpu_ptr, p.gpu_replica, p.replica_expert, node_of
-    )
     gpu_load = base + np.bincount(p.host_gpu, weights=x, minlength=p.num_gpus).astype(np.int64)
-    return True, x, max_load, cert, routes, gpu_load
+    return True, counts, x, max_load, cert, gpu_load
 
 
 def certificate_bound(plan: Plan, counts: npt.ArrayLike, base_load: npt.ArrayLike | None = None) -> int:
@@ -139,10 +212,14 @@ def certificate_bound(plan: Plan, counts: npt.ArrayLike, base_load: npt.ArrayLik
     return -(-num // int(s.sum()))
 
 
+@lru_cache(maxsize=64)
 def _node_map(num_gpus: int, gpus_per_node: int | None) -> IntArray:
     if gpus_per_node is None:
-        return np.full(num_gpus, -1, dtype=np.int64)
-    return np.arange(num_gpus, dtype=np.int64) // gpus_per_node
+        out = np.full(num_gpus, -1, dtype=np.int64)
+    else:
+        out = np.arange(num_gpus, dtype=np.int64) // gpus_per_node
+    out.setflags(write=False)
+    return out
 
 
 def as_int_array(a: npt.ArrayLike, name: str, shape: tuple[int, ...]) -> IntArray:
