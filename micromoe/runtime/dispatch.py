@@ -231,15 +231,31 @@ def _check_shapes(x: torch.Tensor, expert: torch.Tensor, weight: torch.Tensor, n
 def _index_to_device(
     layout: RowLayout, device: torch.device
 ) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
-    """(send_pos, group_pos, slot_rows) on `device` in one host-to-device copy.
+    """(send_pos, group_pos, slot_rows) on `device` from one host-to-device copy of the small
+    per-piece tables; rows are expanded on the device (no host sync: sizes are known here).
 
-    The host buffer is pinned on CUDA so the copy is asynchronous (no host sync).
+    The host buffer is pinned on CUDA so the copy is asynchronous.
     """
-    parts = [layout.slot_rows, layout.group_pos] + ([] if layout.send_pos is None else [layout.send_pos])
-    host = torch.from_numpy(np.concatenate(parts))
+    lay = layout
+    send = [] if lay.send_start is None else [lay.send_start, lay.send_count]
+    host = torch.from_numpy(np.concatenate([lay.slot_rows, lay.group_start, lay.group_count, *send]))
     if device.type == "cuda":
         host = host.pin_memory()
     dev = host.to(device, non_blocking=True)
-    s, n = layout.slot_rows.size, layout.group_pos.size
-    send_pos = None if layout.send_pos is None else dev[s + n :]
-    return send_pos, dev[s : s + n], dev[:s]
+    s, p = lay.slot_rows.size, lay.group_start.size
+    group_pos = _expand_ranges(dev[s : s + p], dev[s + p : s + 2 * p], sum(lay.recv_splits))
+    send_pos = None
+    if lay.send_start is not None:
+        q = lay.send_start.size
+        tail = dev[s + 2 * p :]
+        send_pos = _expand_ranges(tail[:q], tail[q:], sum(lay.send_splits))
+    return send_pos, group_pos, dev[:s]
+
+
+def _expand_ranges(starts: torch.Tensor, counts: torch.Tensor, total: int) -> torch.Tensor:
+    """concat(arange(s, s + n)) on the device; `total` = sum(counts), known on the host."""
+    piece = torch.repeat_interleave(
+        torch.arange(counts.numel(), device=counts.device), counts, output_size=total
+    )
+    shift = starts - (torch.cumsum(counts, 0) - counts)
+    return shift[piece] + torch.arange(total, device=counts.device)

@@ -39,28 +39,44 @@ class Route:
 
 @dataclass(frozen=True)
 class RowLayout:
-    """Where this rank's rows go; host arrays, identical in meaning on every rank.
+    """Where this rank's rows go, as small per-piece tables (a piece = one route entry's rows).
 
     Attributes:
-        send_pos: int64 [N_send]; row of the sorted buffer for each send row, or None if the
-            sorted order already is the send order (plain EP).
+        send_start, send_count: int64 [P_send]; the pieces this rank sends, in send order: each
+            is `send_count[i]` consecutive rows of the sorted buffer from `send_start[i]`. None
+            when the sorted order already is the send order (plain EP).
         send_splits: rows sent to each rank of the group, [G].
         recv_splits: rows received from each rank of the group, [G].
-        group_pos: int64 [N_recv]; position of each received row in the padded grouped buffer.
+        group_start, group_count: int64 [P_recv]; the received pieces in receive order: piece i
+            lands at grouped rows `group_start[i] .. + group_count[i]`.
         slot_load: int64 [S]; real rows per local slot (the planned per-slot load).
         slot_rows: int64 [S]; rows per local slot after padding to `align`.
     """
 
-    send_pos: IntArray | None
+    send_start: IntArray | None
+    send_count: IntArray | None
     send_splits: tuple[int, ...]
     recv_splits: tuple[int, ...]
-    group_pos: IntArray
+    group_start: IntArray
+    group_count: IntArray
     slot_load: IntArray
     slot_rows: IntArray
 
     @property
     def num_grouped(self) -> int:
         return int(self.slot_rows.sum())
+
+    @property
+    def send_pos(self) -> IntArray | None:
+        """int64 [N_send]: row of the sorted buffer for each send row (None = identity)."""
+        if self.send_start is None:
+            return None
+        return expand_ranges(self.send_start, self.send_count)
+
+    @property
+    def group_pos(self) -> IntArray:
+        """int64 [N_recv]: grouped row of each received row."""
+        return expand_ranges(self.group_start, self.group_count)
 
 
 def plain_ep_route(counts_ge: IntArray, placement: Placement) -> Route:
@@ -86,34 +102,34 @@ def row_layout(
         num_experts: E.
         align: pad each slot's row block to a multiple of this (>= 1).
     """
-    send_pos, send_splits = _send_layout(route, rank, num_gpus)
-    recv_splits, group_pos, slot_load, slot_rows = _recv_layout(
+    send_start, send_count, send_splits = _send_layout(route, rank, num_gpus)
+    recv_splits, group_start, group_count, slot_load, slot_rows = _recv_layout(
         route, rank, num_gpus, slot_expert, num_experts, align
     )
     return RowLayout(
-        send_pos=send_pos,
-        send_splits=tuple(int(v) for v in send_splits),
-        recv_splits=tuple(int(v) for v in recv_splits),
-        group_pos=group_pos,
+        send_start=send_start,
+        send_count=send_count,
+        send_splits=tuple(send_splits.tolist()),
+        recv_splits=tuple(recv_splits.tolist()),
+        group_start=group_start,
+        group_count=group_count,
         slot_load=slot_load,
         slot_rows=slot_rows,
     )
 
 
-def _send_layout(route: Route, rank: int, num_gpus: int) -> tuple[IntArray | None, IntArray]:
+def _send_layout(route: Route, rank: int, num_gpus: int):
     mine = route.src == rank
     cnt, dst = route.count[mine], route.dst[mine]
-    start = _exclusive_cumsum(cnt)  # pieces tile the sorted buffer in COO order
     send_splits = np.bincount(dst, weights=cnt, minlength=num_gpus).astype(np.int64)
-    if np.all(np.diff(dst) >= 0):
-        return None, send_splits
+    if np.all(dst[1:] >= dst[:-1]):
+        return None, None, send_splits
+    start = _exclusive_cumsum(cnt)  # pieces tile the sorted buffer in COO order
     order = np.argsort(dst, kind="stable")
-    return _ranges(start[order], cnt[order]), send_splits
+    return start[order], cnt[order], send_splits
 
 
-def _recv_layout(
-    route: Route, rank: int, num_gpus: int, slot_expert: IntArray, num_experts: int, align: int
-) -> tuple[IntArray, IntArray, IntArray, IntArray]:
+def _recv_layout(route: Route, rank: int, num_gpus: int, slot_expert: IntArray, num_experts: int, align: int):
     num_slots = slot_expert.size
     slot_of = np.full(num_experts, -1, dtype=np.int64)
     held = slot_expert >= 0
@@ -132,7 +148,7 @@ def _recv_layout(
     offset_in_slot = _exclusive_cumsum(cnt2) - _exclusive_cumsum(slot_load)[slot2]
     grouped_start = np.empty_like(cnt)
     grouped_start[by_slot] = _exclusive_cumsum(slot_rows)[slot2] + offset_in_slot
-    return recv_splits, _ranges(grouped_start, cnt), slot_load, slot_rows
+    return recv_splits, grouped_start, cnt, slot_load, slot_rows
 
 
 def _exclusive_cumsum(a: IntArray) -> IntArray:
@@ -142,7 +158,7 @@ def _exclusive_cumsum(a: IntArray) -> IntArray:
     return out
 
 
-def _ranges(starts: IntArray, lengths: IntArray) -> IntArray:
+def expand_ranges(starts: IntArray, lengths: IntArray) -> IntArray:
     """concat(arange(s, s + n) for s, n in zip(starts, lengths)), vectorized."""
     total = int(lengths.sum())
     return np.repeat(starts - _exclusive_cumsum(lengths), lengths) + np.arange(total, dtype=np.int64)
