@@ -63,7 +63,15 @@ def _water_fill(e, rem, assigned, level_offset, limit, host_ptr, host_gpu, x):
 
 
 @njit
-def _bfs(
+def _movable(x, keep, use_keep, r):
+    """Flow on replica r that a path may move away (tier 1 spares the replica's own-GPU tokens)."""
+    if use_keep:
+        return x[r] - keep[r]
+    return x[r]
+
+
+@njit
+def _bfs_levels(
     rem,
     assigned,
     cap,
@@ -75,26 +83,22 @@ def _bfs(
     gpu_ptr,
     gpu_replica,
     replica_expert,
-    par_g,
-    par_e,
-    vis_e,
-    vis_g,
+    dist_e,
+    dist_g,
     queue,
-    targets,
 ):
-    """Multi-source BFS from unsaturated experts over the residual graph.
+    """BFS levels of the residual graph from all unsaturated experts (level 0).
 
-    Records every reached GPU with spare capacity in `targets` (discovery order) and returns how
-    many; such GPUs are not expanded further. Paths are read back through par_g / par_e.
+    GPUs with spare capacity end paths and are not expanded. Returns how many were reached;
+    dist_g >= 0 marks every GPU reached (the Hall set when that count is 0).
     """
     num_e = rem.size
-    vis_e[:] = False
-    vis_g[:] = False
+    dist_e[:] = -1
+    dist_g[:] = -1
     tail = 0
     for e in range(num_e):
         if rem[e] > 0:
-            vis_e[e] = True
-            par_e[e] = -1
+            dist_e[e] = 0
             queue[tail] = e
             tail += 1
     head = 0
@@ -105,12 +109,10 @@ def _bfs(
         if node < num_e:
             for r in range(host_ptr[node], host_ptr[node + 1]):
                 g = host_gpu[r]
-                if vis_g[g]:
+                if dist_g[g] >= 0:
                     continue
-                vis_g[g] = True
-                par_g[g] = r
+                dist_g[g] = dist_e[node] + 1
                 if assigned[g] < cap[g]:
-                    targets[n_targets] = g
                     n_targets += 1
                 else:
                     queue[tail] = num_e + g
@@ -120,75 +122,115 @@ def _bfs(
             for k in range(gpu_ptr[g], gpu_ptr[g + 1]):
                 r = gpu_replica[k]
                 e2 = replica_expert[r]
-                if vis_e[e2]:
+                if dist_e[e2] >= 0 or _movable(x, keep, use_keep, r) <= 0:
                     continue
-                movable = x[r]
-                if use_keep:
-                    movable -= keep[r]
-                if movable <= 0:
-                    continue
-                vis_e[e2] = True
-                par_e[e2] = r
+                dist_e[e2] = dist_g[g] + 1
                 queue[tail] = e2
                 tail += 1
     return n_targets
 
 
 @njit
-def _push_path(target, rem, assigned, cap, x, keep, use_keep, host_gpu, replica_expert, par_g, par_e):
-    """Push the bottleneck amount along the BFS path ending at GPU `target`."""
-    b = cap[target] - assigned[target]
-    g = target
-    while True:
-        e = replica_expert[par_g[g]]
-        rb = par_e[e]
-        if rb == -1:
-            if rem[e] < b:
-                b = rem[e]
-            break
-        movable = x[rb]
-        if use_keep:
-            movable -= keep[rb]
-        if movable < b:
-            b = movable
-        g = host_gpu[rb]
-    if b <= 0:
-        return
-    assigned[target] += b
-    g = target
-    while True:
-        r = par_g[g]
-        x[r] += b
-        e = replica_expert[r]
-        rb = par_e[e]
-        if rb == -1:
-            rem[e] -= b
+def _blocking_flow(
+    e0,
+    rem,
+    assigned,
+    cap,
+    x,
+    keep,
+    use_keep,
+    host_ptr,
+    host_gpu,
+    gpu_ptr,
+    gpu_replica,
+    replica_expert,
+    dist_e,
+    dist_g,
+    arc_e,
+    arc_g,
+    stack,
+    stack_arc,
+):
+    """Dinic's phase for one source expert: push its load along level-graph paths (depth-first,
+    with current-arc pointers) until it is placed or no level path remains."""
+    num_e = rem.size
+    while rem[e0] > 0:
+        top = 0
+        stack[0] = e0
+        target = -1
+        while top >= 0:
+            u = stack[top]
+            advanced = False
+            if u < num_e:
+                while arc_e[u] < host_ptr[u + 1]:
+                    r = arc_e[u]
+                    g = host_gpu[r]
+                    if dist_g[g] == dist_e[u] + 1:
+                        top += 1
+                        stack[top] = num_e + g
+                        stack_arc[top] = r
+                        advanced = True
+                        break
+                    arc_e[u] += 1
+                if not advanced:
+                    dist_e[u] = -2  # dead end for this phase
+                    top -= 1
+            else:
+                g = u - num_e
+                if assigned[g] < cap[g]:
+                    target = g
+                    break
+                while arc_g[g] < gpu_ptr[g + 1]:
+                    r = gpu_replica[arc_g[g]]
+                    e2 = replica_expert[r]
+                    if dist_e[e2] == dist_g[g] + 1 and _movable(x, keep, use_keep, r) > 0:
+                        top += 1
+                        stack[top] = e2
+                        stack_arc[top] = r
+                        advanced = True
+                        break
+                    arc_g[g] += 1
+                if not advanced:
+                    dist_g[g] = -2
+                    top -= 1
+        if target < 0:
             return
-        x[rb] -= b
-        g = host_gpu[rb]
+        b = min(rem[e0], cap[target] - assigned[target])
+        for i in range(2, top + 1, 2):  # backward arcs: GPU -> expert
+            b = min(b, _movable(x, keep, use_keep, stack_arc[i]))
+        for i in range(1, top + 1):
+            if i % 2 == 1:
+                x[stack_arc[i]] += b
+            else:
+                x[stack_arc[i]] -= b
+        assigned[target] += b
+        rem[e0] -= b
 
 
 @njit
 def _augment(rem, assigned, cap, x, keep, host_ptr, host_gpu, gpu_ptr, gpu_replica, replica_expert, vis_g):
     """Augment until every expert is placed (True) or no path exists (False; vis_g = Hall set).
 
+    Phases of Dinic's algorithm: BFS levels, then blocking flow from every unsaturated expert.
     Paths first try to move only flow above `keep` (tokens that would leave their source GPU), so
     local tokens are displaced only when the max load needs it.
     """
     num_e = rem.size
     num_g = cap.size
-    par_g = np.empty(num_g, dtype=np.int64)
-    par_e = np.empty(num_e, dtype=np.int64)
-    vis_e = np.empty(num_e, dtype=np.bool_)
+    dist_e = np.empty(num_e, dtype=np.int64)
+    dist_g = np.empty(num_g, dtype=np.int64)
     queue = np.empty(num_e + num_g, dtype=np.int64)
-    targets = np.empty(num_g, dtype=np.int64)
+    arc_e = np.empty(num_e, dtype=np.int64)
+    arc_g = np.empty(num_g, dtype=np.int64)
+    stack = np.empty(num_e + num_g + 1, dtype=np.int64)
+    stack_arc = np.empty(num_e + num_g + 1, dtype=np.int64)
     while True:
         if rem.max() <= 0:
             return True
         found = False
         for tier in range(2):
             use_keep = tier == 0
-            n = _bfs(
+            n = _bfs_levels(
                 rem,
                 assigned,
                 cap,
@@ -200,31 +242,40 @@ def _augment(rem, assigned, cap, x, keep, host_ptr, host_gpu, gpu_ptr, gpu_repli
                 gpu_ptr,
                 gpu_replica,
                 replica_expert,
-                par_g,
-                par_e,
-                vis_e,
-                vis_g,
+                dist_e,
+                dist_g,
                 queue,
-                targets,
             )
             if n > 0:
-                for i in range(n):
-                    _push_path(
-                        targets[i],
-                        rem,
-                        assigned,
-                        cap,
-                        x,
-                        keep,
-                        use_keep,
-                        host_gpu,
-                        replica_expert,
-                        par_g,
-                        par_e,
-                    )
+                arc_e[:] = host_ptr[:-1]
+                arc_g[:] = gpu_ptr[:-1]
+                for e0 in range(num_e):
+                    if rem[e0] > 0 and dist_e[e0] == 0:
+                        _blocking_flow(
+                            e0,
+                            rem,
+                            assigned,
+                            cap,
+                            x,
+                            keep,
+                            use_keep,
+                            host_ptr,
+                            host_gpu,
+                            gpu_ptr,
+                            gpu_replica,
+                            replica_expert,
+                            dist_e,
+                            dist_g,
+                            arc_e,
+                            arc_g,
+                            stack,
+                            stack_arc,
+                        )
                 found = True
                 break
         if not found:
+            for g in range(num_g):
+                vis_g[g] = dist_g[g] >= 0
             return False
 
 
