@@ -58,17 +58,19 @@ class CudaPhaseTimer:
     """Records a CUDA event at every `mark`; phase = time between consecutive marks."""
 
     def __init__(self) -> None:
-        self.events: list[tuple[str, torch.cuda.Event]] = []
+        self.events: list[tuple[str, torch.cuda.Event, float]] = []
 
     def mark(self, name: str) -> None:
         ev = torch.cuda.Event(enable_timing=True)
         ev.record()
-        self.events.append((name, ev))
+        self.events.append((name, ev, time.perf_counter()))
 
     def phases_ms(self) -> dict[str, float]:
+        """GPU time per phase, plus 'host_<phase>': host time between the marks."""
         out = {}
-        for (_, a), (name, b) in zip(self.events, self.events[1:], strict=False):
+        for (_, a, ta), (name, b, tb) in zip(self.events, self.events[1:], strict=False):
             out[name] = out.get(name, 0.0) + a.elapsed_time(b)
+            out[f"host_{name}"] = out.get(f"host_{name}", 0.0) + (tb - ta) * 1e3
         return out
 
 

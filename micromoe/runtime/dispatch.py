@@ -29,6 +29,13 @@ import torch.distributed as dist
 
 from micromoe.plan import Placement, Plan
 from micromoe.runtime.comm import start_count_exchange
+from micromoe.runtime.permute import (
+    gather_rows,
+    gather_tokens,
+    inverse_permutation,
+    permute_rows,
+    scatter_rows,
+)
 from micromoe.runtime.routing import Route, RowLayout, plain_ep_route, row_layout
 
 ERR_CALLER, ERR_EXPERT_ID, ERR_NONFINITE = 1, 2, 4
@@ -50,22 +57,24 @@ class DispatchMeta:
     """Everything `combine` needs from one `dispatch` (device index tensors and host layout).
 
     Attributes:
-        num_tokens: T.
-        token_of_row: int64 [T*K]; token of each row in expert-sorted order.
-        weight_of_row: [T*K]; its gate weight (carries the router's gradient).
+        sorted_idx: int64 [T*K]; flat (token, choice) t*K+k of each row in expert-sorted order.
+        row_of_tk: int64 [T*K]; its inverse: the sorted row of each flat (token, choice).
+        weight: [T, K] gate weights (carry the router's gradient).
         layout: host-side row layout (splits, per-slot loads).
-        send_pos: int64 [N_send] on device, or None when sorted order is the send order.
+        send_pos: int64 [N_send] on device (sorted row of each send row), or None when sorted
+            order is the send order; send_inv is its inverse.
         group_pos: int64 [N_recv] on device; received row -> grouped row.
         counts_ge: int64 [G, E]; the gathered counts (counts[src, e]).
         plan: the planner's plan (MicroEP) or None.
         route_s: host seconds spent routing (planner + row layout) for this call.
     """
 
-    num_tokens: int
-    token_of_row: torch.Tensor
-    weight_of_row: torch.Tensor
+    sorted_idx: torch.Tensor
+    row_of_tk: torch.Tensor
+    weight: torch.Tensor
     layout: RowLayout
     send_pos: torch.Tensor | None
+    send_inv: torch.Tensor | None
     group_pos: torch.Tensor
     counts_ge: npt.NDArray[np.int64]
     plan: Plan | None
@@ -128,9 +137,9 @@ class LocalDispatcher:
         self.mark("count_exchange")
         k = expert.shape[1]
         sorted_idx = torch.argsort(expert.reshape(-1), stable=True)
+        row_of_tk = inverse_permutation(sorted_idx)
         token_of_row = torch.div(sorted_idx, k, rounding_mode="floor")
-        x_sorted = x.index_select(0, token_of_row)  # the permutation overlaps the host wait
-        weight_of_row = weight.reshape(-1).index_select(0, sorted_idx)
+        x_sorted = gather_tokens(x, token_of_row, row_of_tk, k)  # overlaps the host wait
         self.mark("permute")
         counts = pending.wait()  # host sync (counts only; the permutation keeps the GPU busy)
         self._raise_if_flagged(counts[:, -1], None)
@@ -140,18 +149,20 @@ class LocalDispatcher:
         layout = row_layout(route, self.rank, counts.shape[0], self.slot_expert, self.num_experts, align)
         route_s = time.perf_counter() - t0
         send_pos, group_pos, rows = _index_to_device(layout, x.device)
-        x_send = x_sorted if send_pos is None else x_sorted.index_select(0, send_pos)
+        send_inv = None if send_pos is None else inverse_permutation(send_pos)
+        x_send = x_sorted if send_pos is None else permute_rows(x_sorted, send_pos, send_inv)
         self.mark("route")
         recv = self._all_to_all(x_send, layout.send_splits, layout.recv_splits)
         self.mark("dispatch_a2a")
-        tokens = recv.new_zeros((layout.num_grouped, x.shape[1])).index_copy(0, group_pos, recv)
+        tokens = scatter_rows(recv, group_pos, layout.num_grouped)
         self.mark("slot_sort")
         meta = DispatchMeta(
-            x.shape[0],
-            token_of_row,
-            weight_of_row,
+            sorted_idx,
+            row_of_tk,
+            weight,
             layout,
             send_pos,
+            send_inv,
             group_pos,
             counts[:, :-1],
             plan,
@@ -161,15 +172,16 @@ class LocalDispatcher:
 
     def combine(self, out: torch.Tensor, meta: DispatchMeta) -> torch.Tensor:
         """[N, H] expert outputs (dispatch's row order) -> [T, H]: sum_k gate_k * expert_k(x)."""
-        recv_out = out.index_select(0, meta.group_pos)
+        recv_out = gather_rows(out, meta.group_pos)
         lay = meta.layout
         send_out = self._all_to_all(recv_out, lay.recv_splits, lay.send_splits)
         if meta.send_pos is None:
             sorted_out = send_out
         else:
-            sorted_out = send_out.new_zeros(send_out.shape).index_copy(0, meta.send_pos, send_out)
-        weighted = sorted_out * meta.weight_of_row.to(out.dtype).unsqueeze(1)
-        y = weighted.new_zeros((meta.num_tokens, out.shape[1])).index_add(0, meta.token_of_row, weighted)
+            sorted_out = permute_rows(send_out, meta.send_inv, meta.send_pos)
+        t, k = meta.weight.shape
+        out_tk = permute_rows(sorted_out, meta.row_of_tk, meta.sorted_idx).view(t, k, out.shape[1])
+        y = (out_tk * meta.weight.to(out.dtype).unsqueeze(2)).sum(dim=1)
         self.mark("combine")
         return y
 
