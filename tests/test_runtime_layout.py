@@ -7,7 +7,7 @@ import pytest
 
 from micromoe.plan import Placement, schedule
 from micromoe.runtime.layout import ParallelLayout
-from micromoe.runtime.routing import Route, plain_ep_route, row_layout
+from micromoe.runtime.routing import Route, expand_ranges, plain_ep_route, row_layout
 
 
 @pytest.mark.parametrize(
@@ -51,6 +51,9 @@ def _simulate(route: Route, placement: Placement, counts: np.ndarray, align: int
     for r, lay in enumerate(layouts):
         sorted_rows = [(r, ex, i) for ex in range(e) for i in range(counts[r, ex])]
         order = np.arange(len(sorted_rows)) if lay.send_pos is None else lay.send_pos
+        if lay.send_pos is not None:  # the inverse map the backward pass uses
+            inv = expand_ranges(lay.inv_start, lay.inv_count)
+            np.testing.assert_array_equal(inv[lay.send_pos], np.arange(len(sorted_rows)))
         rows = [sorted_rows[i] for i in order]
         blocks, start = [], 0
         for n in lay.send_splits:

@@ -63,14 +63,14 @@ class PendingCounts:
     num_ranks: int
 
     def wait(self) -> npt.NDArray[np.int64]:
-        """int64 [G, E+1]: row src = that rank's counts and, last, its error flag."""
+        """int64 [G, V]: row src = the vector rank src contributed."""
         if self.event is not None:
             self.event.synchronize()  # host sync: waits for the gather and its copy only
         return self.host.numpy().reshape(self.num_ranks, -1).astype(np.int64, copy=True)
 
 
 def start_count_exchange(vec: torch.Tensor, group: dist.ProcessGroup | None) -> PendingCounts:
-    """All-gather the int64 vector `vec` [E+1] over `group` and start its copy to the host.
+    """All-gather the int64 vector `vec` [V] over `group` and start its copy to the host.
 
     On CUDA the copy goes to pinned memory behind an event, so the caller can queue more GPU work
     (the token permutation) before waiting: the host sync then waits for the counts only.

@@ -32,13 +32,12 @@ from micromoe.runtime.comm import start_count_exchange
 from micromoe.runtime.permute import (
     gather_rows,
     gather_tokens,
-    inverse_permutation,
     permute_rows,
     scatter_rows,
 )
-from micromoe.runtime.routing import Route, RowLayout, plain_ep_route, row_layout
+from micromoe.runtime.routing import Route, RowLayout, plain_ep_route, range_shift, row_layout
 
-ERR_CALLER, ERR_EXPERT_ID, ERR_NONFINITE = 1, 2, 4
+ERR_NONFINITE, ERR_CALLER, ERR_EXPERT_ID = 1, 2, 4
 _REASONS = {
     ERR_CALLER: "bad input shape or value (see that rank's message)",
     ERR_EXPERT_ID: "expert index out of range",
@@ -137,19 +136,18 @@ class LocalDispatcher:
         self.mark("count_exchange")
         k = expert.shape[1]
         sorted_idx = torch.argsort(expert.reshape(-1), stable=True)
-        row_of_tk = inverse_permutation(sorted_idx)
+        row_of_tk = torch.argsort(sorted_idx)  # the inverse permutation, one kernel
         token_of_row = torch.div(sorted_idx, k, rounding_mode="floor")
         x_sorted = gather_tokens(x, token_of_row, row_of_tk, k)  # overlaps the host wait
         self.mark("permute")
         counts = pending.wait()  # host sync (counts only; the permutation keeps the GPU busy)
-        self._raise_if_flagged(counts[:, -1], None)
+        self._raise_if_flagged(counts, None)
         t0 = time.perf_counter()
-        route, plan = self._route(counts[:, :-1])
+        route, plan = self._route(counts[:, : self.num_experts])
         align = 8 if x.is_cuda else 1  # CUDA grouped GEMM: 16-byte-aligned row groups
         layout = row_layout(route, self.rank, counts.shape[0], self.slot_expert, self.num_experts, align)
         route_s = time.perf_counter() - t0
-        send_pos, group_pos, rows = _index_to_device(layout, x.device)
-        send_inv = None if send_pos is None else inverse_permutation(send_pos)
+        send_pos, send_inv, group_pos, rows = _index_to_device(layout, x.device)
         x_send = x_sorted if send_pos is None else permute_rows(x_sorted, send_pos, send_inv)
         self.mark("route")
         recv = self._all_to_all(x_send, layout.send_splits, layout.recv_splits)
@@ -164,7 +162,7 @@ class LocalDispatcher:
             send_pos,
             send_inv,
             group_pos,
-            counts[:, :-1],
+            counts[:, : self.num_experts],
             plan,
             route_s,
         )
@@ -187,26 +185,30 @@ class LocalDispatcher:
 
     def fail(self, message: str, device: torch.device) -> None:
         """Join the count exchange with an error flag so every rank raises, then raise."""
-        vec = torch.zeros(self.num_experts + 1, dtype=torch.int64, device=device)
+        vec = torch.zeros(self.num_experts + 2, dtype=torch.int64, device=device)
         vec[-1] = ERR_CALLER
         counts = start_count_exchange(vec, self.group).wait()  # collective + host sync
-        self._raise_if_flagged(counts[:, -1], message)
+        self._raise_if_flagged(counts, message)
         raise AssertionError("unreachable: the local flag is set")
 
     # ----------------------------------------------------------------------------------------
     def _count_vector(self, expert: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        """int64 [E+1]: tokens per expert on this rank, then an error bitmask (stays on device)."""
+        """int64 [E+2] on the device: tokens per expert on this rank; then the number of expert
+        ids outside [0, E); then the error bits (ERR_NONFINITE). Few kernels: the host is the
+        bottleneck here."""
         e = self.num_experts
-        flat = expert.reshape(-1)
-        bad_id = ((flat < 0) | (flat >= e)).any()
-        bad_weight = ~torch.isfinite(weight).all()
+        flat = expert.reshape(-1).long()
+        idx = torch.where((flat >= 0) & (flat < e), flat, e)
+        vec = torch.zeros(e + 2, dtype=torch.int64, device=flat.device)
         # scatter_add, not bincount: CUDA bincount reads the max to the host (a sync)
-        counts = torch.zeros(e, dtype=torch.int64, device=flat.device)
-        counts.scatter_add_(0, flat.clamp(0, e - 1).long(), torch.ones_like(flat, dtype=torch.int64))
-        flag = bad_id.long() * ERR_EXPERT_ID + bad_weight.long() * ERR_NONFINITE
-        return torch.cat([counts, flag.reshape(1)])
+        vec.scatter_add_(0, idx, torch.ones_like(idx))
+        vec[e + 1 :] = torch.isfinite(weight.sum()).logical_not()  # NaN/inf propagate into the sum
+        return vec
 
-    def _raise_if_flagged(self, flags: npt.NDArray[np.int64], local_message: str | None) -> None:
+    def _raise_if_flagged(self, counts: npt.NDArray[np.int64], local_message: str | None) -> None:
+        """counts: int64 [G, E+2] as gathered; raise on every rank if any rank flagged an error."""
+        e = self.num_experts
+        flags = counts[:, e + 1] | np.where(counts[:, e] > 0, ERR_EXPERT_ID, 0)
         if not flags.any():
             return
         parts = []
@@ -240,34 +242,31 @@ def _check_shapes(x: torch.Tensor, expert: torch.Tensor, weight: torch.Tensor, n
     return ""
 
 
-def _index_to_device(
-    layout: RowLayout, device: torch.device
-) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
-    """(send_pos, group_pos, slot_rows) on `device` from one host-to-device copy of the small
-    per-piece tables; rows are expanded on the device (no host sync: sizes are known here).
-
-    The host buffer is pinned on CUDA so the copy is asynchronous.
+def _index_to_device(layout: RowLayout, device: torch.device):
+    """(send_pos, send_inv, group_pos, slot_rows) on `device` from ONE host-to-device copy of the
+    small per-piece tables; rows are expanded on the device with sizes known on the host (no
+    host sync). The host buffer is pinned on CUDA so the copy is asynchronous.
     """
     lay = layout
-    send = [] if lay.send_start is None else [lay.send_start, lay.send_count]
-    host = torch.from_numpy(np.concatenate([lay.slot_rows, lay.group_start, lay.group_count, *send]))
+    pieces = [(lay.group_start, lay.group_count, sum(lay.recv_splits))]
+    if lay.send_start is not None:
+        total = sum(lay.send_splits)
+        pieces += [(lay.send_start, lay.send_count, total), (lay.inv_start, lay.inv_count, total)]
+    parts = [lay.slot_rows]
+    for start, count, _ in pieces:
+        parts += [range_shift(start, count), count]
+    host = torch.from_numpy(np.concatenate(parts))
     if device.type == "cuda":
         host = host.pin_memory()
     dev = host.to(device, non_blocking=True)
-    s, p = lay.slot_rows.size, lay.group_start.size
-    group_pos = _expand_ranges(dev[s : s + p], dev[s + p : s + 2 * p], sum(lay.recv_splits))
-    send_pos = None
-    if lay.send_start is not None:
-        q = lay.send_start.size
-        tail = dev[s + 2 * p :]
-        send_pos = _expand_ranges(tail[:q], tail[q:], sum(lay.send_splits))
-    return send_pos, group_pos, dev[:s]
-
-
-def _expand_ranges(starts: torch.Tensor, counts: torch.Tensor, total: int) -> torch.Tensor:
-    """concat(arange(s, s + n)) on the device; `total` = sum(counts), known on the host."""
-    piece = torch.repeat_interleave(
-        torch.arange(counts.numel(), device=counts.device), counts, output_size=total
-    )
-    shift = starts - (torch.cumsum(counts, 0) - counts)
-    return shift[piece] + torch.arange(total, device=counts.device)
+    out, at = [], lay.slot_rows.size
+    for start, _, total in pieces:
+        p = start.size
+        shift, count = dev[at : at + p], dev[at + p : at + 2 * p]
+        out.append(
+            torch.repeat_interleave(shift, count, output_size=total) + torch.arange(total, device=device)
+        )
+        at += 2 * p
+    group_pos = out[0]
+    send_pos, send_inv = (out[1], out[2]) if len(out) == 3 else (None, None)
+    return send_pos, send_inv, group_pos, dev[: lay.slot_rows.size]

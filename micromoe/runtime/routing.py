@@ -45,6 +45,8 @@ class RowLayout:
         send_start, send_count: int64 [P_send]; the pieces this rank sends, in send order: each
             is `send_count[i]` consecutive rows of the sorted buffer from `send_start[i]`. None
             when the sorted order already is the send order (plain EP).
+        inv_start, inv_count: the same pieces in sorted order, with their start in the send
+            buffer (the inverse map); None with send_start.
         send_splits: rows sent to each rank of the group, [G].
         recv_splits: rows received from each rank of the group, [G].
         group_start, group_count: int64 [P_recv]; the received pieces in receive order: piece i
@@ -55,6 +57,8 @@ class RowLayout:
 
     send_start: IntArray | None
     send_count: IntArray | None
+    inv_start: IntArray | None
+    inv_count: IntArray | None
     send_splits: tuple[int, ...]
     recv_splits: tuple[int, ...]
     group_start: IntArray
@@ -102,13 +106,15 @@ def row_layout(
         num_experts: E.
         align: pad each slot's row block to a multiple of this (>= 1).
     """
-    send_start, send_count, send_splits = _send_layout(route, rank, num_gpus)
+    send_start, send_count, inv_start, inv_count, send_splits = _send_layout(route, rank, num_gpus)
     recv_splits, group_start, group_count, slot_load, slot_rows = _recv_layout(
         route, rank, num_gpus, slot_expert, num_experts, align
     )
     return RowLayout(
         send_start=send_start,
         send_count=send_count,
+        inv_start=inv_start,
+        inv_count=inv_count,
         send_splits=tuple(send_splits.tolist()),
         recv_splits=tuple(recv_splits.tolist()),
         group_start=group_start,
@@ -123,10 +129,13 @@ def _send_layout(route: Route, rank: int, num_gpus: int):
     cnt, dst = route.count[mine], route.dst[mine]
     send_splits = np.bincount(dst, weights=cnt, minlength=num_gpus).astype(np.int64)
     if np.all(dst[1:] >= dst[:-1]):
-        return None, None, send_splits
+        return None, None, None, None, send_splits
     start = _exclusive_cumsum(cnt)  # pieces tile the sorted buffer in COO order
     order = np.argsort(dst, kind="stable")
-    return start[order], cnt[order], send_splits
+    send_start, send_count = start[order], cnt[order]
+    inv_start = np.empty_like(cnt)
+    inv_start[order] = _exclusive_cumsum(send_count)
+    return send_start, send_count, inv_start, cnt, send_splits
 
 
 def _recv_layout(route: Route, rank: int, num_gpus: int, slot_expert: IntArray, num_experts: int, align: int):
@@ -161,4 +170,9 @@ def _exclusive_cumsum(a: IntArray) -> IntArray:
 def expand_ranges(starts: IntArray, lengths: IntArray) -> IntArray:
     """concat(arange(s, s + n) for s, n in zip(starts, lengths)), vectorized."""
     total = int(lengths.sum())
-    return np.repeat(starts - _exclusive_cumsum(lengths), lengths) + np.arange(total, dtype=np.int64)
+    return np.repeat(range_shift(starts, lengths), lengths) + np.arange(total, dtype=np.int64)
+
+
+def range_shift(starts: IntArray, lengths: IntArray) -> IntArray:
+    """The per-piece shift d with expand_ranges = repeat(d, lengths) + arange(total)."""
+    return starts - _exclusive_cumsum(lengths)
