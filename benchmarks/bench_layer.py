@@ -259,7 +259,7 @@ def versions() -> dict:
         "nccl": ".".join(map(str, torch.cuda.nccl.version())),
         "python": platform.python_version(),
         "numpy": np.__version__,
-        "micromoe_commit": commit or "unknown",
+        "micromoe_commit": commit if len(commit) == 40 else "unknown (no git history on this machine)",
     }
 
 
