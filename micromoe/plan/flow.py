@@ -14,15 +14,15 @@ from __future__ import annotations
 
 import numpy as np
 
-from micromoe.plan._jit import njit
+from micromoe.plan._jit import njit, njit_inline
 
 
-@njit
+@njit_inline
 def _ceil_div(a, b):
     return -((-a) // b)
 
 
-@njit
+@njit_inline
 def _water_fill(e, rem, assigned, level_offset, limit, host_ptr, host_gpu, x):
     """Pour rem[e] into e's hosts, raising the lowest GPU levels first (level = offset + assigned)."""
     lo = host_ptr[e]
@@ -62,7 +62,7 @@ def _water_fill(e, rem, assigned, level_offset, limit, host_ptr, host_gpu, x):
                 rem[e] -= give
 
 
-@njit
+@njit_inline
 def _movable(x, keep, use_keep, r):
     """Flow on replica r that a path may move away (tier 1 spares the replica's own-GPU tokens)."""
     if use_keep:
@@ -70,7 +70,7 @@ def _movable(x, keep, use_keep, r):
     return x[r]
 
 
-@njit
+@njit_inline
 def _bfs_levels(
     rem,
     assigned,
@@ -130,7 +130,7 @@ def _bfs_levels(
     return n_targets
 
 
-@njit
+@njit_inline
 def _blocking_flow(
     e0,
     rem,
@@ -224,11 +224,12 @@ def _augment(rem, assigned, cap, x, keep, host_ptr, host_gpu, gpu_ptr, gpu_repli
     arc_g = np.empty(num_g, dtype=np.int64)
     stack = np.empty(num_e + num_g + 1, dtype=np.int64)
     stack_arc = np.empty(num_e + num_g + 1, dtype=np.int64)
+    first_tier = 0
     while True:
         if rem.max() <= 0:
             return True
         found = False
-        for tier in range(2):
+        for tier in range(first_tier, 2):
             use_keep = tier == 0
             n = _bfs_levels(
                 rem,
@@ -273,13 +274,14 @@ def _augment(rem, assigned, cap, x, keep, host_ptr, host_gpu, gpu_ptr, gpu_repli
                         )
                 found = True
                 break
+            first_tier = 1  # local-sparing paths ran out: stop trying them first
         if not found:
             for g in range(num_g):
                 vis_g[g] = dist_g[g] >= 0
             return False
 
 
-@njit
+@njit_inline
 def _inside_load(load, host_ptr, host_gpu, in_set):
     """Sum of load over experts whose replicas all lie in the GPU set."""
     total = 0
