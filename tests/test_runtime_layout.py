@@ -7,7 +7,7 @@ import pytest
 
 from micromoe.plan import Placement, schedule
 from micromoe.runtime.layout import ParallelLayout
-from micromoe.runtime.routing import Route, expand_ranges, plain_ep_route, row_layout
+from micromoe.runtime.routing import RankRoute, expand_ranges, plain_ep_route, planned_route, row_layout
 
 
 @pytest.mark.parametrize(
@@ -43,10 +43,10 @@ def test_layout_groups():
         lay.microep_rank(8)
 
 
-def _simulate(route: Route, placement: Placement, counts: np.ndarray, align: int):
+def _simulate(routes: list[RankRoute], placement: Placement, counts: np.ndarray, align: int):
     """Run every rank's layout through a NumPy all-to-all of (src, expert, k) labels."""
     g, e = counts.shape
-    layouts = [row_layout(route, r, g, placement.slot_expert[r], e, align) for r in range(g)]
+    layouts = [row_layout(routes[r], g, placement.slot_expert[r], e, align) for r in range(g)]
     sent = []
     for r, lay in enumerate(layouts):
         sorted_rows = [(r, ex, i) for ex in range(e) for i in range(counts[r, ex])]
@@ -72,17 +72,17 @@ def _simulate(route: Route, placement: Placement, counts: np.ndarray, align: int
     return layouts, grouped
 
 
+@pytest.mark.parametrize("gpus_per_node", [None, 2])
 @pytest.mark.parametrize("align", [1, 8])
 @pytest.mark.parametrize("seed", range(6))
-def test_row_layout_delivers_every_row_once_to_its_expert(seed, align):
+def test_row_layout_delivers_every_row_once_to_its_expert(seed, align, gpus_per_node):
     rng = np.random.default_rng(seed)
     placement = [Placement.symmetric(4, 8, 2), Placement.random(8, 16, 2, seed=seed)][seed % 2]
     g, e = placement.num_gpus, placement.num_experts
     counts = rng.integers(0, 12, size=(g, e)) * (rng.random((g, e)) < 0.8)
     counts[:, 0] += rng.integers(0, 40, size=g)  # a hot expert
-    plan = schedule(counts, placement)
-    route = Route(plan.route_src, plan.route_expert, plan.route_dst, plan.route_count)
-    layouts, grouped = _simulate(route, placement, counts, align)
+    plan = schedule(counts, placement, gpus_per_node=gpus_per_node)
+    layouts, grouped = _simulate([planned_route(plan, r) for r in range(g)], placement, counts, align)
     delivered = []
     for r, (lay, buf) in enumerate(zip(layouts, grouped, strict=True)):
         assert np.all(lay.slot_rows % align == 0)
@@ -103,8 +103,11 @@ def test_row_layout_delivers_every_row_once_to_its_expert(seed, align):
 def test_plain_ep_route_is_already_in_send_order():
     placement = Placement.expert_parallel(4, 8, 1)
     counts = np.arange(32).reshape(4, 8) % 5
-    route = plain_ep_route(counts, placement)
-    layouts, _ = _simulate(route, placement, counts, 1)
+    routes = [plain_ep_route(counts, placement, r) for r in range(4)]
+    layouts, grouped = _simulate(routes, placement, counts, 1)
     assert all(lay.send_pos is None for lay in layouts)
+    for r, buf in enumerate(grouped):  # every row of every source reaches the expert's host
+        want = [(s, ex, i) for s in range(4) for ex in placement.experts_on(r) for i in range(counts[s, ex])]
+        assert sorted(buf) == sorted(want)
     with pytest.raises(ValueError, match="exactly one replica"):
-        plain_ep_route(counts, Placement.symmetric(4, 8, 2))
+        plain_ep_route(counts, Placement.symmetric(4, 8, 2), 0)

@@ -7,10 +7,9 @@ The rule, fixed so every rank computes the same routes:
 For a fixed quota, (1) and (2) maximize same-GPU and then same-node tokens of every expert (each
 node's sources only meet that node's replicas in step 2), and every token is routed exactly once.
 
-Output is a COO list (src, expert, dst, count). Without a node map it is sorted by (src, expert)
-(the loops run over `counts` row by row, which keeps memory access sequential). With one, the
-same-node entries come first. Either way the entries of one (src, expert) are in the order the
-source's contiguous tokens for that expert are cut: local, same node, then the rest.
+Output is a COO list (src, expert, dst, count) sorted by (src, expert); the entries of one
+(src, expert) are in the order the source's contiguous tokens for that expert are cut: local,
+same node, then the rest. So one source's entries tile its expert-sorted token buffer in order.
 """
 
 from __future__ import annotations
@@ -126,7 +125,11 @@ def _fill_by_node(counts, kept, dem, host_ptr, host_gpu, replica_expert, node_of
         for e in range(num_e):
             if left[s, e] > 0:
                 n = _fill_rest(buf, n, s, e, left[s, e], nxt, dem, host_gpu)
-    return buf[:, :n]
+    order = np.argsort(buf[0, :n] * num_e + buf[1, :n], kind="mergesort")  # stable: keeps cut order
+    out = np.empty((4, n), dtype=np.int64)
+    for k in range(4):
+        out[k] = buf[k, :n][order]
+    return out
 
 
 # ------------------------------------------------------------------------------------------------

@@ -78,9 +78,9 @@ class Plan:
 
     @property
     def route_src(self) -> IntArray:
-        """int64 [N]: source GPU of each route entry. Entries are sorted by (src, expert) without a
-        node map; with one, same-node entries come first. The entries of one (src, expert) are in
-        the order the source's contiguous tokens of that expert are cut: local, same node, rest."""
+        """int64 [N]: source GPU of each route entry. Entries are sorted by (src, expert); those
+        of one (src, expert) come in the order the source's contiguous tokens of that expert are
+        cut (local, same node, rest), so a source's entries tile its expert-sorted tokens."""
         return self._routes[0]
 
     @property
@@ -105,6 +105,7 @@ class Plan:
 
     def routes_from(self, src: int) -> IntArray:
         """int64 [3, n]: (expert, dst, count) of every entry with this source, in route order."""
+        self._check_gpu(src)
         if self.node_of[0] >= 0:  # node-aware routes have a second phase: read the whole list
             rows = self.route_src == src
             return np.stack([self.route_expert[rows], self.route_dst[rows], self.route_count[rows]])
@@ -121,14 +122,11 @@ class Plan:
         )
 
     def routes_to(self, dst: int) -> IntArray:
-        """int64 [3, n]: (src, expert, count) of every entry into `dst`, sorted by (src, expert)."""
+        """int64 [3, n]: (src, expert, count) of every entry into `dst`, in route order."""
+        self._check_gpu(dst)
         if self.node_of[0] >= 0:
             rows = self.route_dst == dst
-            key = self.route_src[rows] * self.placement.num_experts + self.route_expert[rows]
-            order = np.argsort(key, kind="stable")
-            return np.stack(
-                [self.route_src[rows][order], self.route_expert[rows][order], self.route_count[rows][order]]
-            )
+            return np.stack([self.route_src[rows], self.route_expert[rows], self.route_count[rows]])
         p = self.placement
         return routes_to_gpu(
             self.counts,
@@ -140,6 +138,10 @@ class Plan:
             p.gpu_replica,
             p.replica_expert,
         )
+
+    def _check_gpu(self, gpu: int) -> None:
+        if not 0 <= gpu < self.placement.num_gpus:
+            raise ValueError(f"GPU {gpu} is outside the group's range [0, {self.placement.num_gpus})")
 
     def send_counts(self) -> IntArray:
         """int64 [G, G]: tokens GPU src sends to GPU dst (the all-to-all split sizes)."""

@@ -35,7 +35,7 @@ from micromoe.runtime.permute import (
     permute_rows,
     scatter_rows,
 )
-from micromoe.runtime.routing import Route, RowLayout, plain_ep_route, range_shift, row_layout
+from micromoe.runtime.routing import RankRoute, RowLayout, plain_ep_route, range_shift, row_layout
 
 ERR_NONFINITE, ERR_CALLER, ERR_EXPERT_ID = 1, 2, 4
 _REASONS = {
@@ -103,8 +103,8 @@ class LocalDispatcher:
         """int64 [S]: expert in each local slot of this rank (-1 = empty)."""
         return self.placement.slot_expert[self.rank]
 
-    def _route(self, counts_ge: npt.NDArray[np.int64]) -> tuple[Route, Plan | None]:
-        return plain_ep_route(counts_ge, self.placement), None
+    def _route(self, counts_ge: npt.NDArray[np.int64]) -> tuple[RankRoute, Plan | None]:
+        return plain_ep_route(counts_ge, self.placement, self.rank), None
 
     def _all_to_all(self, x: torch.Tensor, send: tuple[int, ...], recv: tuple[int, ...]) -> torch.Tensor:
         return x
@@ -145,7 +145,7 @@ class LocalDispatcher:
         t0 = time.perf_counter()
         route, plan = self._route(counts[:, : self.num_experts])
         align = 8 if x.is_cuda else 1  # CUDA grouped GEMM: 16-byte-aligned row groups
-        layout = row_layout(route, self.rank, counts.shape[0], self.slot_expert, self.num_experts, align)
+        layout = row_layout(route, counts.shape[0], self.slot_expert, self.num_experts, align)
         route_s = time.perf_counter() - t0
         send_pos, send_inv, group_pos, rows = _index_to_device(layout, x.device)
         x_send = x_sorted if send_pos is None else permute_rows(x_sorted, send_pos, send_inv)

@@ -1,10 +1,10 @@
 """Host-side row layout of one dispatch: who sends which rows where, and where received rows go.
 
 Pure NumPy (no torch). Legend: G GPUs of the dispatch group, E experts, S local slots, N rows.
-A *route* is the planner's COO list (src, expert, dst, count), expert-major; for one (src, expert)
-its entries come in the order the source cuts its contiguous block of that expert's rows. Every rank
-holds the same route, so each can derive both its send layout and its receive layout without any
-further communication.
+A rank needs only its share of the group's route (`RankRoute`): the entries it sends, ordered by
+expert and, inside one expert, in the order it cuts its contiguous block of that expert's rows; and
+the entries it receives, ordered by (source, expert). Every rank derives its share from the same
+gathered counts (`Plan.routes_from` / `Plan.routes_to` for MicroEP), so no layout is communicated.
 
 Row orders (all on one rank):
 - *sorted*: this rank's (token, choice) rows sorted by expert (stable): one block per expert.
@@ -22,19 +22,24 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
-from micromoe.plan import Placement
+from micromoe.plan import Placement, Plan
 
 IntArray = npt.NDArray[np.int64]
 
 
 @dataclass(frozen=True)
-class Route:
-    """COO route of one dispatch (planner order); int64 arrays of equal length."""
+class RankRoute:
+    """One rank's share of the route.
 
-    src: IntArray
-    expert: IntArray
-    dst: IntArray
-    count: IntArray
+    Attributes:
+        sent: int64 [3, P_send]; (expert, dst, count) of every piece this rank sends, by expert
+            then cut order (the pieces tile its expert-sorted rows).
+        received: int64 [3, P_recv]; (src, expert, count) of every piece it receives, by
+            (src, expert): the order each source sends them in.
+    """
+
+    sent: IntArray
+    received: IntArray
 
 
 @dataclass(frozen=True)
@@ -83,32 +88,39 @@ class RowLayout:
         return expand_ranges(self.group_start, self.group_count)
 
 
-def plain_ep_route(counts_ge: IntArray, placement: Placement) -> Route:
-    """The route of plain EP: all rows of expert e go to its single host (no planner needed)."""
+def plain_ep_route(counts_ge: IntArray, placement: Placement, rank: int) -> RankRoute:
+    """Plain EP: all rows of expert e go to its single host (no planner needed)."""
     if np.any(placement.replica_counts != 1):
         raise ValueError("plain EP needs exactly one replica per expert in the group")
     host = placement.host_gpu[placement.host_ptr[:-1]]
-    cnt_eg = counts_ge.T
-    e_idx, s_idx = np.nonzero(cnt_eg)  # expert-major, then source ascending (planner order)
-    return Route(s_idx.astype(np.int64), e_idx.astype(np.int64), host[e_idx], cnt_eg[e_idx, s_idx])
+    (sent_e,) = np.nonzero(counts_ge[rank])
+    sent = np.stack([sent_e, host[sent_e], counts_ge[rank, sent_e]]).astype(np.int64)
+    mine = np.sort(placement.experts_on(rank))
+    src, k = np.nonzero(counts_ge[:, mine])  # by source, then expert ascending
+    received = np.stack([src, mine[k], counts_ge[src, mine[k]]]).astype(np.int64)
+    return RankRoute(sent, received)
+
+
+def planned_route(plan: Plan, rank: int) -> RankRoute:
+    """MicroEP: this rank's share of the plan's route."""
+    return RankRoute(plan.routes_from(rank), plan.routes_to(rank))
 
 
 def row_layout(
-    route: Route, rank: int, num_gpus: int, slot_expert: IntArray, num_experts: int, align: int
+    route: RankRoute, num_gpus: int, slot_expert: IntArray, num_experts: int, align: int
 ) -> RowLayout:
-    """Send and receive layout of `rank` for `route`.
+    """Send and receive layout of one rank.
 
     Args:
-        route: the group's route (identical on every rank).
-        rank: this rank's index in the group.
+        route: this rank's share of the group's route.
         num_gpus: G, the group size.
         slot_expert: int64 [S]; expert in each local slot of this rank (-1 = empty).
         num_experts: E.
         align: pad each slot's row block to a multiple of this (>= 1).
     """
-    send_start, send_count, inv_start, inv_count, send_splits = _send_layout(route, rank, num_gpus)
+    send_start, send_count, inv_start, inv_count, send_splits = _send_layout(route.sent, num_gpus)
     recv_splits, group_start, group_count, slot_load, slot_rows = _recv_layout(
-        route, rank, num_gpus, slot_expert, num_experts, align
+        route.received, num_gpus, slot_expert, num_experts, align
     )
     return RowLayout(
         send_start=send_start,
@@ -124,9 +136,8 @@ def row_layout(
     )
 
 
-def _send_layout(route: Route, rank: int, num_gpus: int):
-    mine = route.src == rank
-    cnt, dst = route.count[mine], route.dst[mine]
+def _send_layout(sent: IntArray, num_gpus: int):
+    dst, cnt = sent[1], sent[2]
     send_splits = np.bincount(dst, weights=cnt, minlength=num_gpus).astype(np.int64)
     if np.all(dst[1:] >= dst[:-1]):
         return None, None, None, None, send_splits
@@ -138,15 +149,12 @@ def _send_layout(route: Route, rank: int, num_gpus: int):
     return send_start, send_count, inv_start, cnt, send_splits
 
 
-def _recv_layout(route: Route, rank: int, num_gpus: int, slot_expert: IntArray, num_experts: int, align: int):
+def _recv_layout(received: IntArray, num_gpus: int, slot_expert: IntArray, num_experts: int, align: int):
     num_slots = slot_expert.size
     slot_of = np.full(num_experts, -1, dtype=np.int64)
     held = slot_expert >= 0
     slot_of[slot_expert[held]] = np.flatnonzero(held)
-    mine = route.dst == rank
-    src = route.src[mine]
-    order = np.argsort(src, kind="stable")  # a source sends its pieces for us in COO order
-    src, exp, cnt = src[order], route.expert[mine][order], route.count[mine][order]
+    src, exp, cnt = received
     recv_splits = np.bincount(src, weights=cnt, minlength=num_gpus).astype(np.int64)
     slot = slot_of[exp]
     assert np.all(slot >= 0), "route sends an expert to a rank that holds no replica of it"
