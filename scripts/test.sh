@@ -4,8 +4,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 VPY=.venv/bin/python
-"$VPY" -m ruff check micromoe tests benchmarks
-"$VPY" -m ruff format --check micromoe tests benchmarks
+"$VPY" -m ruff check micromoe tests benchmarks examples
+"$VPY" -m ruff format --check micromoe tests benchmarks examples
 set +e
 "$VPY" -m pytest "$@"
 rc=$?
