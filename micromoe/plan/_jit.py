@@ -3,6 +3,11 @@
 `cache=True` keeps the compile cost off every process start after the first; no `fastmath` and no
 `parallel`: the planner is integer arithmetic with fixed tie-breaks so that every rank computes the
 bit-identical plan.
+
+Developers: numba validates a cached function against its own file only, not the files of the
+functions it calls, so after editing `flow.py` the cached `kernel.plan_kernel` can still run the
+old solver. Delete the caches (`find micromoe -name '*.nb[ic]' -delete`) after editing a kernel.
+An installed release is not affected (installing rewrites every file).
 """
 
 from __future__ import annotations
