@@ -5,12 +5,7 @@ Entry points: `Placement` (replica layouts), `schedule` (the per-micro-batch opt
 """
 
 from micromoe.plan.allocator import allocator_settings, tune_allocator
-from micromoe.plan.density import (
-    balance_ratio,
-    lp_optimum,
-    lp_optimum_brute_force,
-    lp_optimum_fraction,
-)
+from micromoe.plan.density import balance_ratio, lp_optimum, lp_optimum_brute_force, lp_optimum_fraction
 from micromoe.plan.forecast import LoadTracker, Replacement, decide_replacement, placement_score
 from micromoe.plan.placement import Placement
 from micromoe.plan.schedule import Plan, certificate_bound, schedule

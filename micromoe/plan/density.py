@@ -33,17 +33,7 @@ def lp_optimum_fraction(
     t = _start_ratio(load, base, p)
     while True:
         num, den = t.numerator, t.denominator
-        ok, hall = feasible_scaled(
-            load * den,
-            num - den * base,
-            den * base,
-            num,
-            p.host_ptr,
-            p.host_gpu,
-            p.gpu_ptr,
-            p.gpu_replica,
-            p.replica_expert,
-        )
+        ok, hall = feasible_scaled(load * den, num - den * base, den * base, num, p.graph)
         if ok:
             return t
         t_next = _set_ratio(load, base, p, hall)
@@ -104,10 +94,4 @@ def ceil_fraction(t: Fraction) -> int:
     return -((-t.numerator) // t.denominator) if t.denominator != 1 else t.numerator
 
 
-__all__ = [
-    "balance_ratio",
-    "ceil_fraction",
-    "lp_optimum",
-    "lp_optimum_brute_force",
-    "lp_optimum_fraction",
-]
+__all__ = ["balance_ratio", "ceil_fraction", "lp_optimum", "lp_optimum_brute_force", "lp_optimum_fraction"]

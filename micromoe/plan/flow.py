@@ -73,27 +73,13 @@ def _movable(x, keep, use_keep, r):
 
 
 @njit
-def _bfs_levels(
-    rem,
-    assigned,
-    cap,
-    x,
-    keep,
-    use_keep,
-    host_ptr,
-    host_gpu,
-    gpu_ptr,
-    gpu_replica,
-    replica_expert,
-    dist_e,
-    dist_g,
-    queue,
-):
+def _bfs_levels(rem, assigned, cap, x, keep, use_keep, graph, dist_e, dist_g, queue):
     """BFS levels of the residual graph from all unsaturated experts (level 0).
 
     GPUs with spare capacity end paths and are not expanded. Returns how many were reached;
     dist_g >= 0 marks every GPU reached (the Hall set when that count is 0).
     """
+    host_ptr, host_gpu, gpu_ptr, gpu_replica, replica_expert = graph
     num_e = rem.size
     dist_e[:] = -1
     dist_g[:] = -1
@@ -134,27 +120,11 @@ def _bfs_levels(
 
 @njit
 def _blocking_flow(
-    e0,
-    rem,
-    assigned,
-    cap,
-    x,
-    keep,
-    use_keep,
-    host_ptr,
-    host_gpu,
-    gpu_ptr,
-    gpu_replica,
-    replica_expert,
-    dist_e,
-    dist_g,
-    arc_e,
-    arc_g,
-    stack,
-    stack_arc,
+    e0, rem, assigned, cap, x, keep, use_keep, graph, dist_e, dist_g, arc_e, arc_g, stack, stack_arc
 ):
     """Dinic's phase for one source expert: push its load along level-graph paths (depth-first,
     with current-arc pointers) until it is placed or no level path remains."""
+    host_ptr, host_gpu, gpu_ptr, gpu_replica, replica_expert = graph
     num_e = rem.size
     while rem[e0] > 0:
         top = 0
@@ -210,13 +180,14 @@ def _blocking_flow(
 
 
 @njit
-def _augment(rem, assigned, cap, x, keep, host_ptr, host_gpu, gpu_ptr, gpu_replica, replica_expert, vis_g):
+def _augment(rem, assigned, cap, x, keep, graph, vis_g):
     """Augment until every expert is placed (True) or no path exists (False; vis_g = Hall set).
 
     Phases of Dinic's algorithm: BFS levels, then blocking flow from every unsaturated expert.
     Paths first try to move only flow above `keep` (tokens that would leave their source GPU), so
     local tokens are displaced only when the max load needs it.
     """
+    host_ptr, host_gpu, gpu_ptr, gpu_replica, replica_expert = graph
     num_e = rem.size
     num_g = cap.size
     dist_e = np.empty(num_e, dtype=np.int64)
@@ -233,22 +204,7 @@ def _augment(rem, assigned, cap, x, keep, host_ptr, host_gpu, gpu_ptr, gpu_repli
         found = False
         for tier in range(first_tier, 2):
             use_keep = tier == 0
-            n = _bfs_levels(
-                rem,
-                assigned,
-                cap,
-                x,
-                keep,
-                use_keep,
-                host_ptr,
-                host_gpu,
-                gpu_ptr,
-                gpu_replica,
-                replica_expert,
-                dist_e,
-                dist_g,
-                queue,
-            )
+            n = _bfs_levels(rem, assigned, cap, x, keep, use_keep, graph, dist_e, dist_g, queue)
             if n > 0:
                 arc_e[:] = host_ptr[:-1]
                 arc_g[:] = gpu_ptr[:-1]
@@ -262,11 +218,7 @@ def _augment(rem, assigned, cap, x, keep, host_ptr, host_gpu, gpu_ptr, gpu_repli
                             x,
                             keep,
                             use_keep,
-                            host_ptr,
-                            host_gpu,
-                            gpu_ptr,
-                            gpu_replica,
-                            replica_expert,
+                            graph,
                             dist_e,
                             dist_g,
                             arc_e,
@@ -345,7 +297,7 @@ def lower_bound(load, base, host_ptr, host_gpu):
 
 
 @njit
-def solve_min_max(load, base, local, host_ptr, host_gpu, gpu_ptr, gpu_replica, replica_expert):
+def solve_min_max(load, base, local, graph):
     """Integer min-max assignment.
 
     Args: load int64 [E]; base int64 [G] (tokens a GPU already has); local int64 [R] (tokens of the
@@ -353,6 +305,7 @@ def solve_min_max(load, base, local, host_ptr, host_gpu, gpu_ptr, gpu_replica, r
     Returns (x [R], max_load, cert bool [G]) with every GPU at <= max_load, max_load optimal, and
     ceil((L_inside(cert) + base(cert)) / |cert|) == max_load.
     """
+    host_ptr, host_gpu, gpu_ptr, gpu_replica, replica_expert = graph
     num_g = base.size
     t, cert = lower_bound(load, base, host_ptr, host_gpu)
     cap = t - base
@@ -369,31 +322,17 @@ def solve_min_max(load, base, local, host_ptr, host_gpu, gpu_ptr, gpu_replica, r
             rem[e] -= take
     for e in range(load.size):
         _water_fill(e, rem, assigned, base, t, host_ptr, host_gpu, x)
-    return _raise_until_feasible(
-        x,
-        assigned,
-        rem,
-        cap,
-        t,
-        cert,
-        load,
-        base,
-        local,
-        host_ptr,
-        host_gpu,
-        gpu_ptr,
-        gpu_replica,
-        replica_expert,
-    )
+    return _raise_until_feasible(x, assigned, rem, cap, t, cert, load, base, local, graph)
 
 
 @njit
-def solve_from(x0, t0, load, base, local, host_ptr, host_gpu, gpu_ptr, gpu_replica, replica_expert):
+def solve_from(x0, t0, load, base, local, graph):
     """Like `solve_min_max`, but start from flow `x0` (x0 <= final quota) at max load >= t0.
 
     Used to round an LP solution: x0 = floor(LP x), t0 = ceil(LP T*). The returned certificate is
     only meaningful when the bound was raised here; callers recompute it otherwise.
     """
+    host_ptr, host_gpu, gpu_ptr, gpu_replica, replica_expert = graph
     num_g = base.size
     t, cert = lower_bound(load, base, host_ptr, host_gpu)
     t = max(t, t0)
@@ -404,56 +343,15 @@ def solve_from(x0, t0, load, base, local, host_ptr, host_gpu, gpu_ptr, gpu_repli
     for r in range(host_gpu.size):
         assigned[host_gpu[r]] += x[r]
         rem[replica_expert[r]] -= x[r]
-    return _raise_until_feasible(
-        x,
-        assigned,
-        rem,
-        cap,
-        t,
-        cert,
-        load,
-        base,
-        local,
-        host_ptr,
-        host_gpu,
-        gpu_ptr,
-        gpu_replica,
-        replica_expert,
-    )
+    return _raise_until_feasible(x, assigned, rem, cap, t, cert, load, base, local, graph)
 
 
 @njit
-def _raise_until_feasible(
-    x,
-    assigned,
-    rem,
-    cap,
-    t,
-    cert,
-    load,
-    base,
-    local,
-    host_ptr,
-    host_gpu,
-    gpu_ptr,
-    gpu_replica,
-    replica_expert,
-):
+def _raise_until_feasible(x, assigned, rem, cap, t, cert, load, base, local, graph):
     """Augment; on a Hall set raise T to its ratio and keep going (discrete Newton)."""
+    host_ptr, host_gpu, gpu_ptr, gpu_replica, replica_expert = graph
     vis_g = np.empty(base.size, dtype=np.bool_)
-    while not _augment(
-        rem,
-        assigned,
-        cap,
-        x,
-        local,
-        host_ptr,
-        host_gpu,
-        gpu_ptr,
-        gpu_replica,
-        replica_expert,
-        vis_g,
-    ):
+    while not _augment(rem, assigned, cap, x, local, graph, vis_g):
         n_s = vis_g.sum()
         t_new = _ceil_div(_inside_load(load, host_ptr, host_gpu, vis_g) + base[vis_g].sum(), n_s)
         assert t_new > t
@@ -464,8 +362,9 @@ def _raise_until_feasible(
 
 
 @njit
-def feasible_scaled(supply, cap, offset, limit, host_ptr, host_gpu, gpu_ptr, gpu_replica, replica_expert):
+def feasible_scaled(supply, cap, offset, limit, graph):
     """Can `supply` be placed with GPU g taking at most cap[g]? Returns (ok, Hall set if not ok)."""
+    host_ptr, host_gpu, gpu_ptr, gpu_replica, replica_expert = graph
     num_g = cap.size
     x = np.zeros(host_gpu.size, dtype=np.int64)
     assigned = np.zeros(num_g, dtype=np.int64)
@@ -474,9 +373,7 @@ def feasible_scaled(supply, cap, offset, limit, host_ptr, host_gpu, gpu_ptr, gpu
         _water_fill(e, rem, assigned, offset, limit, host_ptr, host_gpu, x)
     keep = np.zeros(host_gpu.size, dtype=np.int64)
     vis_g = np.zeros(num_g, dtype=np.bool_)
-    ok = _augment(
-        rem, assigned, cap, x, keep, host_ptr, host_gpu, gpu_ptr, gpu_replica, replica_expert, vis_g
-    )
+    ok = _augment(rem, assigned, cap, x, keep, graph, vis_g)
     return ok, vis_g
 
 

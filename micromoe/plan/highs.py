@@ -115,18 +115,7 @@ def highs_quota(
     # a start below ceil(T*) is safe (the flow raises it); one above would not be optimal
     t0 = math.ceil(t_lp - 1e-6 * max(1.0, abs(t_lp)))
     t0 = max(t0, int((base + np.bincount(p.host_gpu, weights=x0, minlength=p.num_gpus)).max()))
-    x, t, _ = solve_from(
-        x0,
-        t0,
-        load,
-        base,
-        local,
-        p.host_ptr,
-        p.host_gpu,
-        p.gpu_ptr,
-        p.gpu_replica,
-        p.replica_expert,
-    )
+    x, t, _ = solve_from(x0, t0, load, base, local, p.graph)
     if t == 0:
         return x, 0, np.ones(p.num_gpus, dtype=np.bool_)
     return x, int(t), _certificate_at(t, load, base, p)
@@ -138,17 +127,7 @@ def _certificate_at(t: int, load: IntArray, base: IntArray, p: Placement) -> np.
         cert = np.zeros(p.num_gpus, dtype=np.bool_)
         cert[int(np.argmax(base))] = True
         return cert
-    ok, hall = feasible_scaled(
-        load,
-        (t - 1) - base,
-        base,
-        t - 1,
-        p.host_ptr,
-        p.host_gpu,
-        p.gpu_ptr,
-        p.gpu_replica,
-        p.replica_expert,
-    )
+    ok, hall = feasible_scaled(load, (t - 1) - base, base, t - 1, p.graph)
     if ok:
         raise AssertionError("HiGHS rounding produced a non-optimal max load")
     return hall

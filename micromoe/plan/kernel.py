@@ -38,9 +38,10 @@ def check_copy_sum(counts):
 
 
 @njit
-def preferred_with_nodes(counts, local, host_ptr, host_gpu, gpu_ptr, gpu_replica, replica_expert, node_of):
+def preferred_with_nodes(counts, local, graph, node_of):
     """Tokens each replica should take first: its own GPU's, plus an even share of the tokens of
     same-node GPUs that hold no replica of the expert (so quotas lean towards on-node traffic)."""
+    host_ptr, host_gpu, gpu_ptr, gpu_replica, replica_expert = graph
     num_g, num_e = counts.shape
     num_nodes = node_of[num_g - 1] + 1
     node_supply = np.zeros((num_e, num_nodes), dtype=np.int64)
@@ -69,11 +70,12 @@ def preferred_with_nodes(counts, local, host_ptr, host_gpu, gpu_ptr, gpu_replica
 
 
 @njit
-def plan_kernel(counts, base, node_of, host_ptr, host_gpu, gpu_ptr, gpu_replica, replica_expert):
+def plan_kernel(counts, base, node_of, graph):
     """Returns (ok, counts copy [G, E], replica quota [R], max_load, certificate [G], gpu_load [G]).
 
     Routes follow from (counts, quota) by the fixed rule in `route.py`, built when asked for.
     """
+    host_ptr, host_gpu, gpu_ptr, gpu_replica, replica_expert = graph
     counts, load, ok = check_copy_sum(counts)
     if not ok:
         z = np.zeros(0, dtype=np.int64)
@@ -82,10 +84,8 @@ def plan_kernel(counts, base, node_of, host_ptr, host_gpu, gpu_ptr, gpu_replica,
     for r in range(host_gpu.size):
         local[r] = counts[host_gpu[r], replica_expert[r]]
     if node_of[0] >= 0:
-        local = preferred_with_nodes(
-            counts, local, host_ptr, host_gpu, gpu_ptr, gpu_replica, replica_expert, node_of
-        )
-    x, t, cert = solve_min_max(load, base, local, host_ptr, host_gpu, gpu_ptr, gpu_replica, replica_expert)
+        local = preferred_with_nodes(counts, local, graph, node_of)
+    x, t, cert = solve_min_max(load, base, local, graph)
     gpu_load = base.copy()
     for r in range(host_gpu.size):
         gpu_load[host_gpu[r]] += x[r]

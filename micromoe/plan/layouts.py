@@ -90,10 +90,7 @@ def _paper_cayley_matchings(num_gpus: int, num_experts: int) -> list[list[tuple[
         return [[(i, i + 1) for i in range(0, 8, 2)], [(i, (i + 1) % 8) for i in range(1, 8, 2)]]
     if (num_gpus, num_experts) == (8, 16):  # K_{4,4}, parts {0..3} and {4..7}
         return [[(i, 4 + (i + k) % 4) for i in range(4)] for k in range(4)]
-    if (num_gpus, num_experts) == (
-        16,
-        32,
-    ):  # 4x4 torus: rows and columns, each 4-cycle split in two
+    if (num_gpus, num_experts) == (16, 32):  # 4x4 torus: rows and columns, each 4-cycle split in two
         out = []
         for step in (1, 4):
             for parity in (0, 1):
@@ -175,12 +172,7 @@ def replica_counts_for(expected_loads: npt.ArrayLike, total_slots: int, max_repl
 
 
 def asymmetric_slots(
-    expected_loads: npt.ArrayLike,
-    num_gpus: int,
-    slots_per_gpu: int,
-    *,
-    seed: int = 0,
-    num_samples: int = 64,
+    expected_loads: npt.ArrayLike, num_gpus: int, slots_per_gpu: int, *, seed: int = 0, num_samples: int = 64
 ) -> IntArray:
     """Load-aware layout: replica counts by load per replica, packed into slot indices, the GPUs of
     each replica group sampled `num_samples` times; keeps the sample with the lowest T* under the

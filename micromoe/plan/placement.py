@@ -143,6 +143,12 @@ class Placement:
         return int(self.host_gpu.size)
 
     @cached_property
+    def graph(self) -> tuple[IntArray, IntArray, IntArray, IntArray, IntArray]:
+        """The replica graph as the compiled kernels take it:
+        (host_ptr, host_gpu, gpu_ptr, gpu_replica, replica_expert)."""
+        return (self.host_ptr, self.host_gpu, self.gpu_ptr, self.gpu_replica, self.replica_expert)
+
+    @cached_property
     def replica_counts(self) -> IntArray:
         """int64 [E]: number of replicas of each expert."""
         return np.diff(self.host_ptr)

@@ -39,11 +39,12 @@ def _nonzeros(counts):
 
 
 @njit
-def fill_routes(counts, quota, host_ptr, host_gpu, gpu_ptr, gpu_replica, replica_expert, node_of):
+def fill_routes(counts, quota, graph, node_of):
     """counts int64 [G, E], quota int64 [R] (per replica), node_of int64 [G] (all -1 = no nodes).
 
     Returns int64 [4, N]: rows (src, expert, dst, count), zero counts omitted.
     """
+    host_ptr, host_gpu, gpu_ptr, gpu_replica, replica_expert = graph
     num_r = host_gpu.size
     kept = np.empty(num_r, dtype=np.int64)  # (1) tokens a replica takes from its own GPU
     dem = np.empty(num_r, dtype=np.int64)  # quota still open after step (1)
@@ -51,7 +52,7 @@ def fill_routes(counts, quota, host_ptr, host_gpu, gpu_ptr, gpu_replica, replica
         kept[r] = min(counts[host_gpu[r], replica_expert[r]], quota[r])
         dem[r] = quota[r] - kept[r]
     if node_of[0] < 0:
-        return _fill_source_major(counts, kept, dem, host_ptr, host_gpu, gpu_ptr, gpu_replica, replica_expert)
+        return _fill_source_major(counts, kept, dem, graph)
     return _fill_by_node(counts, kept, dem, host_ptr, host_gpu, replica_expert, node_of)
 
 
@@ -71,7 +72,8 @@ def _fill_rest(buf, n, s, e, a, nxt, dem, host_gpu):
 
 
 @njit
-def _fill_source_major(counts, kept, dem, host_ptr, host_gpu, gpu_ptr, gpu_replica, replica_expert):
+def _fill_source_major(counts, kept, dem, graph):
+    host_ptr, host_gpu, gpu_ptr, gpu_replica, replica_expert = graph
     num_g, num_e = counts.shape
     buf = np.empty((4, _nonzeros(counts) + host_gpu.size), dtype=np.int64)
     nxt = host_ptr[:-1].copy()  # first replica of each expert that may still have open quota
@@ -141,8 +143,9 @@ def _fill_by_node(counts, kept, dem, host_ptr, host_gpu, replica_expert, node_of
 
 
 @njit
-def routes_from_source(counts, quota, src, host_ptr, host_gpu, gpu_ptr, gpu_replica, replica_expert):
+def routes_from_source(counts, quota, src, graph):
     """The route entries of source `src`, in `fill_routes` order: int64 [3, n] (expert, dst, count)."""
+    host_ptr, host_gpu, gpu_ptr, gpu_replica, replica_expert = graph
     num_g, num_e = counts.shape
     offset = np.zeros(num_e, dtype=np.int64)  # P: remote tokens of earlier sources, per expert
     for s in range(src):
@@ -189,9 +192,10 @@ def routes_from_source(counts, quota, src, host_ptr, host_gpu, gpu_ptr, gpu_repl
 
 
 @njit
-def routes_to_gpu(counts, quota, dst, host_ptr, host_gpu, gpu_ptr, gpu_replica, replica_expert):
+def routes_to_gpu(counts, quota, dst, graph):
     """The route entries into GPU `dst`, sorted by (src, expert) as in `fill_routes`:
     int64 [3, n] (src, expert, count)."""
+    host_ptr, host_gpu, gpu_ptr, gpu_replica, replica_expert = graph
     num_g, num_e = counts.shape
     lo_k, hi_k = gpu_ptr[dst], gpu_ptr[dst + 1]
     num_local = hi_k - lo_k

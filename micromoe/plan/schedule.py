@@ -63,16 +63,7 @@ class Plan:
     @cached_property
     def _routes(self) -> IntArray:
         p = self.placement
-        out = fill_routes(
-            self.counts,
-            self.replica_quota,
-            p.host_ptr,
-            p.host_gpu,
-            p.gpu_ptr,
-            p.gpu_replica,
-            p.replica_expert,
-            self.node_of,
-        )
+        out = fill_routes(self.counts, self.replica_quota, p.graph, self.node_of)
         out.setflags(write=False)
         return out
 
@@ -110,16 +101,7 @@ class Plan:
             rows = self.route_src == src
             return np.stack([self.route_expert[rows], self.route_dst[rows], self.route_count[rows]])
         p = self.placement
-        return routes_from_source(
-            self.counts,
-            self.replica_quota,
-            src,
-            p.host_ptr,
-            p.host_gpu,
-            p.gpu_ptr,
-            p.gpu_replica,
-            p.replica_expert,
-        )
+        return routes_from_source(self.counts, self.replica_quota, src, p.graph)
 
     def routes_to(self, dst: int) -> IntArray:
         """int64 [3, n]: (src, expert, count) of every entry into `dst`, in route order."""
@@ -128,16 +110,7 @@ class Plan:
             rows = self.route_dst == dst
             return np.stack([self.route_src[rows], self.route_expert[rows], self.route_count[rows]])
         p = self.placement
-        return routes_to_gpu(
-            self.counts,
-            self.replica_quota,
-            dst,
-            p.host_ptr,
-            p.host_gpu,
-            p.gpu_ptr,
-            p.gpu_replica,
-            p.replica_expert,
-        )
+        return routes_to_gpu(self.counts, self.replica_quota, dst, p.graph)
 
     def _check_gpu(self, gpu: int) -> None:
         if not 0 <= gpu < self.placement.num_gpus:
@@ -177,9 +150,7 @@ def schedule(
     p = placement
     node_of = _node_map(p.num_gpus, gpus_per_node)
     if solver == "flow":
-        ok, counts_copy, x, max_load, cert, gpu_load = plan_kernel(
-            counts_ge, base, node_of, p.host_ptr, p.host_gpu, p.gpu_ptr, p.gpu_replica, p.replica_expert
-        )
+        ok, counts_copy, x, max_load, cert, gpu_load = plan_kernel(counts_ge, base, node_of, p.graph)
     elif solver == "highs":
         ok, counts_copy, x, max_load, cert, gpu_load = _highs_plan(counts_ge, base, p)
     else:
