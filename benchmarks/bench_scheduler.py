@@ -136,7 +136,20 @@ def environment() -> dict:
         "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""),
         "allocator": allocator_settings() or "glibc defaults",
         "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "commit": _commit(),
     }
+
+
+def _commit() -> str:
+    import subprocess
+
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10
+        )
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return out.stdout.strip() or "unknown"
 
 
 def _cpu_name() -> str:
