@@ -135,6 +135,7 @@ def environment() -> dict:
         "highspy": _version("highspy"),
         "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""),
         "allocator": allocator_settings() or "glibc defaults",
+        "cpu_affinity": sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
         "date": time.strftime("%Y-%m-%d %H:%M:%S"),
         "commit": _commit(),
     }
@@ -186,9 +187,12 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="keep glibc's allocator defaults (by default tune_allocator() runs, as in the runtime)",
     )
+    ap.add_argument("--no-pin", action="store_true", help="do not pin the process to one CPU")
     args = ap.parse_args(argv)
     if not args.default_malloc:
         tune_allocator()
+    if not args.no_pin and hasattr(os, "sched_setaffinity"):  # one thread: keep it on one core
+        os.sched_setaffinity(0, {max(os.sched_getaffinity(0))})
     if args.quick:
         args.batches, args.repeats, args.traffic_checks = 10, 1, 1
     rows = []
