@@ -152,6 +152,41 @@ def test_property_optimal_and_conserving(inst):
     assert abs(plan.max_load - t_lp) < 1 + 1e-6 * max(1.0, t_lp)
 
 
+@st.composite
+def _any_layout(draw):
+    """Arbitrary layouts that obey the slot rule: uneven replica counts, empty slots."""
+    g = draw(st.integers(1, 8))
+    num_slots = draw(st.integers(1, 4))
+    rng = np.random.default_rng(draw(st.integers(0, 2**16)))
+    slots = np.full((g, num_slots), -1, dtype=np.int64)
+    e = 0
+    for j in range(num_slots):
+        perm = rng.permutation(g)
+        cuts = np.sort(rng.choice(np.arange(1, g), size=rng.integers(0, g), replace=False)) if g > 1 else []
+        for group in np.split(perm, cuts):
+            if rng.random() < 0.8:
+                slots[group, j] = e
+                e += 1
+    if e == 0:
+        slots[0, 0], e = 0, 1
+    p = Placement.from_slots(slots, e)
+    hi = draw(st.sampled_from([1, 50, 10**6]))
+    counts = rng.integers(0, hi + 1, size=(g, e)) * (rng.random((g, e)) < draw(st.floats(0.0, 1.0)))
+    base = rng.integers(0, hi + 1, size=g) * draw(st.booleans())
+    return p, counts.astype(np.int64), base.astype(np.int64)
+
+
+@settings(max_examples=300, deadline=None)
+@given(_any_layout(), st.sampled_from([None, 1, 2]))
+def test_property_any_layout(inst, gpus_per_node):
+    p, counts, base = inst
+    if gpus_per_node and p.num_gpus % gpus_per_node:
+        gpus_per_node = None
+    plan = schedule(counts, p, base_load=base, gpus_per_node=gpus_per_node)
+    _check_plan(plan, counts, p, base)
+    assert plan.max_load == math.ceil(lp_optimum_fraction(counts.sum(axis=0), p, base))
+
+
 @settings(max_examples=100, deadline=None)
 @given(_instances(), st.sampled_from([1, 2]))
 def test_property_node_aware_routes(inst, gpus_per_node):
