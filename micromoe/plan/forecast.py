@@ -14,7 +14,7 @@ import numpy as np
 import numpy.typing as npt
 
 from micromoe.plan.density import balance_ratio
-from micromoe.plan.layouts import _integer_loads
+from micromoe.plan.layouts import integer_loads
 from micromoe.plan.placement import Placement
 
 
@@ -58,7 +58,7 @@ class LoadTracker:
 
 def placement_score(forecast: npt.ArrayLike, placement: Placement) -> float:
     """T* / mean GPU load of `placement` under forecast loads (1.0 = balanceable)."""
-    return balance_ratio(_integer_loads(np.asarray(forecast, dtype=np.float64)), placement)
+    return balance_ratio(integer_loads(np.asarray(forecast, dtype=np.float64)), placement)
 
 
 @dataclass(frozen=True)

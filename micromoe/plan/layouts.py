@@ -182,7 +182,7 @@ def asymmetric_slots(
         raise ValueError(f"need num_gpus >= 1 and slots_per_gpu >= 1, got {num_gpus}, {slots_per_gpu}")
     if num_samples < 1:
         raise ValueError(f"num_samples must be >= 1, got {num_samples}")
-    int_loads = _integer_loads(loads)
+    int_loads = integer_loads(loads)
     rng = np.random.default_rng(seed)
     best, best_t = None, None
     from micromoe.plan.density import lp_optimum_fraction
@@ -236,7 +236,8 @@ def _pack_columns(loads, reps, num_gpus: int, num_slots: int) -> list[list[tuple
     return [[(e, r) for e, r in col] for col in columns]
 
 
-def _integer_loads(loads: npt.NDArray[np.float64]) -> IntArray:
+def integer_loads(loads: npt.NDArray[np.float64]) -> IntArray:
+    """Expected (float) loads scaled to about 10^7 integer tokens, for the exact density oracle."""
     total = loads.sum()
     if total <= 0:
         return np.ones(loads.size, dtype=np.int64)
