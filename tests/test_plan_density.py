@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from _layouts import any_slot_layout
 from _lp import lp_min_max
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -14,22 +15,9 @@ from micromoe.plan import Placement, balance_ratio, lp_optimum, lp_optimum_brute
 @st.composite
 def _small(draw):
     g = draw(st.integers(1, 8))
-    num_slots = draw(st.integers(1, 3))
-    # arbitrary layouts that obey the slot rule: each slot index split into random groups
     rng = np.random.default_rng(draw(st.integers(0, 2**16)))
-    slots = np.full((g, num_slots), -1, dtype=np.int64)
-    e = 0
-    for j in range(num_slots):
-        perm = rng.permutation(g)
-        cuts = np.sort(rng.choice(np.arange(1, g), size=rng.integers(0, g), replace=False)) if g > 1 else []
-        for group in np.split(perm, cuts):
-            if rng.random() < 0.85:
-                slots[group, j] = e
-                e += 1
-    if e == 0:
-        slots[0, 0] = 0
-        e = 1
-    p = Placement.from_slots(slots, e)
+    p = any_slot_layout(rng, g, draw(st.integers(1, 3)), fill=0.85)
+    e = p.num_experts
     loads = np.array(draw(st.lists(st.integers(0, 500), min_size=e, max_size=e)), dtype=np.int64)
     base = np.array(draw(st.lists(st.integers(0, 300), min_size=g, max_size=g)), dtype=np.int64)
     return p, loads, base if draw(st.booleans()) else None

@@ -10,6 +10,7 @@ import sys
 
 import numpy as np
 import pytest
+from _layouts import any_slot_layout
 from _lp import lp_min_max
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -156,20 +157,9 @@ def test_property_optimal_and_conserving(inst):
 def _any_layout(draw):
     """Arbitrary layouts that obey the slot rule: uneven replica counts, empty slots."""
     g = draw(st.integers(1, 8))
-    num_slots = draw(st.integers(1, 4))
     rng = np.random.default_rng(draw(st.integers(0, 2**16)))
-    slots = np.full((g, num_slots), -1, dtype=np.int64)
-    e = 0
-    for j in range(num_slots):
-        perm = rng.permutation(g)
-        cuts = np.sort(rng.choice(np.arange(1, g), size=rng.integers(0, g), replace=False)) if g > 1 else []
-        for group in np.split(perm, cuts):
-            if rng.random() < 0.8:
-                slots[group, j] = e
-                e += 1
-    if e == 0:
-        slots[0, 0], e = 0, 1
-    p = Placement.from_slots(slots, e)
+    p = any_slot_layout(rng, g, draw(st.integers(1, 4)), fill=0.8)
+    e = p.num_experts
     hi = draw(st.sampled_from([1, 50, 10**6]))
     counts = rng.integers(0, hi + 1, size=(g, e)) * (rng.random((g, e)) < draw(st.floats(0.0, 1.0)))
     base = rng.integers(0, hi + 1, size=g) * draw(st.booleans())
