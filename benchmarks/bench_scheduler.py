@@ -25,7 +25,8 @@ from pathlib import Path
 import numba
 import numpy as np
 
-from micromoe.plan import Placement, allocator_settings, lp_optimum_fraction, schedule, tune_allocator
+from micromoe.allocator import allocator_settings, tune_allocator
+from micromoe.plan import Placement, lp_optimum_fraction, schedule
 from micromoe.plan.highs import min_traffic_lp, traffic_cost
 
 SIZES = [(16, 8, 2), (32, 8, 2), (64, 8, 2), (64, 32, 2), (128, 32, 3), (256, 64, 4)]

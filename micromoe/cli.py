@@ -11,7 +11,7 @@ import importlib
 import logging
 import sys
 
-from micromoe.plan import tune_allocator
+from micromoe.allocator import tune_allocator
 
 # name -> (module, one-line help); modules are imported only when their subcommand runs
 SUBCOMMANDS: dict[str, tuple[str, str]] = {

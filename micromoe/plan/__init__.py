@@ -4,7 +4,6 @@ Entry points: `Placement` (replica layouts), `schedule` (the per-micro-batch opt
 `lp_optimum` (the density lemma), and the adaptive-replacement helpers in `forecast`.
 """
 
-from micromoe.plan.allocator import allocator_settings, tune_allocator
 from micromoe.plan.density import balance_ratio, lp_optimum, lp_optimum_brute_force, lp_optimum_fraction
 from micromoe.plan.forecast import LoadTracker, Replacement, decide_replacement, placement_score
 from micromoe.plan.placement import Placement
@@ -15,7 +14,6 @@ __all__ = [
     "Placement",
     "Plan",
     "Replacement",
-    "allocator_settings",
     "balance_ratio",
     "certificate_bound",
     "decide_replacement",
@@ -24,5 +22,4 @@ __all__ = [
     "lp_optimum_fraction",
     "placement_score",
     "schedule",
-    "tune_allocator",
 ]

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from micromoe.plan._jit import njit
 from micromoe.plan.flow import solve_min_max
+from micromoe.plan.jit import njit
 
 MAX_TOTAL = 2**53  # token totals beyond this cannot be exact as floats (LP backend, ratios)
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from micromoe.plan._jit import njit, njit_inline
+from micromoe.plan.jit import njit, njit_inline
 
 
 @njit_inline

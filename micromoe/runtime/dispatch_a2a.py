@@ -7,7 +7,7 @@ import numpy.typing as npt
 import torch
 import torch.distributed as dist
 
-from micromoe.plan import Placement, Plan, schedule, tune_allocator
+from micromoe.plan import Placement, Plan, schedule
 from micromoe.runtime.comm import all_to_all_rows
 from micromoe.runtime.dispatch import LocalDispatcher
 from micromoe.runtime.routing import RankRoute, planned_route
@@ -63,7 +63,6 @@ class MicroEPDispatcher(EPDispatcher):
         self.rank = rank
         self.group = group
         self.gpus_per_node = gpus_per_node
-        tune_allocator()  # the planner allocates per micro-batch: keep that off fresh pages
 
     def _route(self, counts_ge: npt.NDArray[np.int64]) -> tuple[RankRoute, Plan | None]:
         plan = schedule(counts_ge, self.placement, gpus_per_node=self.gpus_per_node)

@@ -23,7 +23,7 @@ import numpy as np
 import numpy.typing as npt
 
 from micromoe.plan import Placement, Plan
-from micromoe.plan._jit import njit
+from micromoe.plan.jit import njit
 
 IntArray = npt.NDArray[np.int64]
 

@@ -1,4 +1,4 @@
-"""Keep the planner's per-micro-batch arrays off fresh pages.
+"""Process-wide: keep the planner's per-micro-batch arrays off fresh pages.
 
 glibc serves every allocation of 128 KiB or more with its own mmap and returns it on free, so a
 process that allocates and frees such arrays every micro-batch (a 256-expert x 64-GPU plan's route

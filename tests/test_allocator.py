@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from micromoe.plan import allocator_settings, tune_allocator
+from micromoe.allocator import allocator_settings, tune_allocator
 
 
 def test_tune_allocator_is_idempotent():
