@@ -1,0 +1,252 @@
+"""Expert-GEMM cost model: predicted forward+backward expert time of one GPU from its slots' rows.
+
+Legend: G GPUs, S local slots per GPU, N timing samples. Times are microseconds.
+
+Grouped-GEMM time is not linear in rows: each non-empty slot costs whole row tiles of the kernel
+and a group's setup, and the weight-gradient GEMMs (long K = rows) of the largest slot form a tail.
+The model is
+
+    t(rows[0..S)) = fixed_us + sum_s f(rows[s]) + max_row_us * max_s rows[s]
+    f(n) = c_row * n + c_tile * ceil(n / tile) + c_active * [n > 0]
+
+with every coefficient >= 0, so f(0) == 0 and f is non-decreasing: the planner may treat a GPU's
+time as separable over slots plus one max term. Fitted by non-negative least squares on relative
+error (`fit_cost_model`); measured by `micromoe.runtime.calibrate`; stored as JSON (`save`, `load`);
+H200 models for common shapes ship in `micromoe/data/cost_models/<name>.json`.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+FloatArray = npt.NDArray[np.float64]
+
+FORMAT = "micromoe-cost-model"
+VERSION = 1
+BUNDLED_DIR = Path(__file__).resolve().parent.parent / "data" / "cost_models"
+# coefficient fields of the JSON, all floats >= 0 (tile is an int >= 1)
+_COEF_KEYS = ("fixed_us", "max_row_us", "c_row", "c_tile", "c_active")
+
+
+@dataclass(frozen=True)
+class CostModel:
+    """Predicted expert time (us, forward+backward) of one GPU from the rows of its local slots.
+
+    Attributes:
+        fixed_us: per-GPU constant (kernel launches, the non-grouped ops).
+        max_row_us: coefficient on max_s rows[s] (the long-K weight-gradient tail); >= 0.
+        tile: row tile of the GEMM kernel (e.g. 128); >= 1.
+        c_row, c_tile, c_active: coefficients of the per-slot cost f(n) (module docstring); >= 0.
+        meta: free-form provenance: gpu, versions, hidden, ffn, dtype, fit error, samples.
+    """
+
+    fixed_us: float
+    max_row_us: float
+    tile: int
+    c_row: float = 0.0
+    c_tile: float = 0.0
+    c_active: float = 0.0
+    meta: dict[str, Any] = field(default_factory=dict, compare=False)
+
+    def __post_init__(self) -> None:
+        _check_fields(self.to_json(), where="CostModel")
+
+    # ----------------------------------------------------------------------------------------
+    # prediction
+    def slot_cost(self, rows: npt.ArrayLike) -> FloatArray:
+        """f(n) elementwise: float64 of rows' shape; rows are non-negative integers."""
+        n = np.asarray(rows)
+        if n.size and (not np.issubdtype(n.dtype, np.integer) or n.min() < 0):
+            raise ValueError(f"rows must be non-negative integers, got dtype {n.dtype} min {n.min()}")
+        n = n.astype(np.int64)
+        tiles = (n + (self.tile - 1)) // self.tile
+        return self.c_row * n + self.c_tile * tiles + self.c_active * (n > 0)
+
+    def predict(self, rows_GS: npt.ArrayLike) -> FloatArray:
+        """rows_GS int [G, S] (rows of each local slot of each GPU) -> predicted time float64 [G]."""
+        rows = np.asarray(rows_GS)
+        if rows.ndim != 2:
+            raise ValueError(f"rows_GS must be 2-D [gpus, slots], got shape {rows.shape}")
+        per_slot = self.slot_cost(rows).sum(axis=1)
+        top = rows.max(axis=1) if rows.shape[1] else np.zeros(rows.shape[0])
+        return self.fixed_us + per_slot + self.max_row_us * top.astype(np.float64)
+
+    def slot_cost_table(self, max_rows: int) -> FloatArray:
+        """f(0..max_rows) as float64 [max_rows + 1], for compiled planners."""
+        if max_rows < 0:
+            raise ValueError(f"max_rows must be >= 0, got {max_rows}")
+        return self.slot_cost(np.arange(max_rows + 1, dtype=np.int64))
+
+    # ----------------------------------------------------------------------------------------
+    # files
+    def to_json(self) -> dict[str, Any]:
+        """The JSON object `from_json` reads (format tag, version, coefficients, meta)."""
+        out: dict[str, Any] = {"format": FORMAT, "version": VERSION, "tile": self.tile}
+        out.update({k: getattr(self, k) for k in _COEF_KEYS})
+        out["meta"] = self.meta
+        return out
+
+    @classmethod
+    def from_json(cls, obj: Any, *, where: str = "cost model") -> CostModel:
+        """Validate and build from a parsed JSON object; ValueError names `where` and the problem."""
+        _check_fields(obj, where=where)
+        coefs = {k: float(obj[k]) for k in _COEF_KEYS}
+        return cls(tile=int(obj["tile"]), meta=dict(obj.get("meta", {})), **coefs)
+
+    def save(self, path: str | Path) -> None:
+        """Write the model as indented JSON (parent folders must exist)."""
+        Path(path).write_text(json.dumps(self.to_json(), indent=2, sort_keys=False) + "\n")
+
+
+def _check_fields(obj: Any, *, where: str) -> None:
+    """Raise ValueError naming `where` and the first problem of a cost-model JSON object."""
+    if not isinstance(obj, dict):
+        raise ValueError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+    if obj.get("format") != FORMAT:
+        raise ValueError(f"{where}: 'format' must be {FORMAT!r}, got {obj.get('format')!r}")
+    if obj.get("version") != VERSION:
+        raise ValueError(
+            f"{where}: unsupported version {obj.get('version')!r} (this micromoe reads version {VERSION}); "
+            "re-run `micromoe calibrate` to write a current file"
+        )
+    missing = [k for k in (*_COEF_KEYS, "tile") if k not in obj]
+    if missing:
+        raise ValueError(f"{where}: missing key(s) {missing}")
+    for key in _COEF_KEYS:
+        v = obj[key]
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            raise ValueError(f"{where}: {key!r} must be a number, got {type(v).__name__} {v!r}")
+        if not math.isfinite(v) or v < 0:
+            raise ValueError(f"{where}: {key!r} must be finite and >= 0, got {v!r}")
+    tile = obj["tile"]
+    if isinstance(tile, bool) or not isinstance(tile, int) or tile < 1:
+        raise ValueError(f"{where}: 'tile' must be an integer >= 1, got {tile!r}")
+    if not isinstance(obj.get("meta", {}), dict):
+        raise ValueError(f"{where}: 'meta' must be an object, got {type(obj['meta']).__name__}")
+
+
+# --------------------------------------------------------------------------------------------
+# loading by name or path
+def bundled_models() -> list[str]:
+    """Names of the cost models shipped with micromoe (e.g. 'h200-4096x1536')."""
+    return sorted(p.stem for p in BUNDLED_DIR.glob("*.json"))
+
+
+def bundled_name(gpu_name: str, hidden: int, ffn: int) -> str:
+    """The bundled-model name for a GPU and shape: ('NVIDIA H200', 4096, 1536) -> 'h200-4096x1536'."""
+    words = gpu_name.lower().replace("nvidia", "").split()
+    return f"{words[0] if words else 'gpu'}-{hidden}x{ffn}"
+
+
+def load(name_or_path: str | Path) -> CostModel:
+    """A bundled model by name ('h200-4096x1536') or a JSON file by path; ValueError if bad."""
+    path = Path(name_or_path)
+    if not path.is_file():
+        bundled = BUNDLED_DIR / f"{name_or_path}.json"
+        if str(name_or_path).endswith(".json") or not bundled.is_file():
+            raise ValueError(
+                f"cost model {str(name_or_path)!r} is neither a file nor a bundled name; "
+                f"bundled: {', '.join(bundled_models()) or '(none)'}"
+            )
+        path = bundled
+    try:
+        obj = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"cost model file {path}: not readable JSON ({exc})") from exc
+    return CostModel.from_json(obj, where=f"cost model file {path}")
+
+
+# --------------------------------------------------------------------------------------------
+# fitting
+def design_matrix(rows_NS: npt.ArrayLike, tile: int) -> FloatArray:
+    """Feature columns (in `_COEF_KEYS` order) of each sample: float64 [N, 5]."""
+    rows = np.asarray(rows_NS, dtype=np.int64)
+    if rows.ndim != 2 or rows.shape[1] < 1:
+        raise ValueError(f"rows_NS must be 2-D [samples, slots] with >= 1 slot, got shape {rows.shape}")
+    if rows.size and rows.min() < 0:
+        raise ValueError("rows_NS must be >= 0 (pad samples with fewer slots with zeros)")
+    tiles = (rows + (tile - 1)) // tile
+    return np.stack(
+        [
+            np.ones(rows.shape[0]),
+            rows.max(axis=1),
+            rows.sum(axis=1),
+            tiles.sum(axis=1),
+            (rows > 0).sum(axis=1),
+        ],
+        axis=1,
+    ).astype(np.float64)
+
+
+def nnls(a: FloatArray, b: FloatArray) -> FloatArray:
+    """min ||a x - b||, x >= 0, exactly, by least squares on every support (few columns only).
+
+    The optimum's support P satisfies the KKT conditions, so the unconstrained least squares on P
+    is non-negative and attains it; every other non-negative support solution is feasible and no
+    better. 2^k solves for k columns: fine for the 5 of the cost model.
+    """
+    k = a.shape[1]
+    assert k <= 10, "exhaustive NNLS is for a handful of columns"
+    best, best_res = np.zeros(k), float(b @ b)
+    for size in range(1, k + 1):
+        for support in itertools.combinations(range(k), size):
+            cols = list(support)
+            sol, *_ = np.linalg.lstsq(a[:, cols], b, rcond=None)
+            if np.any(sol < 0):
+                continue
+            res = float(np.sum((a[:, cols] @ sol - b) ** 2))
+            if res < best_res - 1e-12 * max(best_res, 1.0):
+                best = np.zeros(k)
+                best[cols] = sol
+                best_res = res
+    return best
+
+
+def fit_cost_model(
+    rows_NS: npt.ArrayLike, times_us_N: npt.ArrayLike, *, tile: int, meta: dict[str, Any] | None = None
+) -> CostModel:
+    """Fit the coefficients by non-negative least squares on relative error.
+
+    Args:
+        rows_NS: int [N, S]: each sample's rows per local slot (zeros for unused slots).
+        times_us_N: float [N]: measured time of each sample (us), > 0.
+        tile: the GEMM row tile used by the slot term ceil(n / tile).
+        meta: provenance stored in the model; the fit's in-sample relative errors are added as
+            meta['fit'] = {'samples', 'median_rel_err', 'p90_rel_err'}.
+    """
+    if tile < 1:
+        raise ValueError(f"tile must be >= 1, got {tile}")
+    a = design_matrix(rows_NS, tile)
+    t = np.asarray(times_us_N, dtype=np.float64)
+    if t.shape != (a.shape[0],) or a.shape[0] < len(_COEF_KEYS):
+        raise ValueError(
+            f"need >= {len(_COEF_KEYS)} samples and one time per sample; got {t.shape} for {a.shape[0]}"
+        )
+    if not np.all(np.isfinite(t)) or t.min() <= 0:
+        raise ValueError("times_us_N must be finite and > 0")
+    w = a / t[:, None]  # relative error: each sample's equation divided by its time
+    scale = np.linalg.norm(w, axis=0)
+    scale[scale == 0] = 1.0
+    x = nnls(w / scale, np.ones_like(t)) / scale
+    coefs = {k: float(v) for k, v in zip(_COEF_KEYS, x, strict=True)}
+    rel = np.abs(a @ x - t) / t
+    fit = {
+        "samples": int(t.size),
+        "median_rel_err": float(np.median(rel)),
+        "p90_rel_err": float(np.quantile(rel, 0.9)),
+    }
+    return CostModel(tile=int(tile), meta={**(meta or {}), "fit": fit}, **coefs)
+
+
+def relative_errors(model: CostModel, rows_NS: npt.ArrayLike, times_us_N: npt.ArrayLike) -> FloatArray:
+    """|predicted - measured| / measured per sample: float64 [N]."""
+    t = np.asarray(times_us_N, dtype=np.float64)
+    return np.abs(model.predict(np.asarray(rows_NS, dtype=np.int64)) - t) / t

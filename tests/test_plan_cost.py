@@ -1,0 +1,191 @@
+"""Cost model: the form, exact NNLS, fitting recovers known coefficients, files and their errors."""
+
+from __future__ import annotations
+
+import itertools
+import json
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from micromoe.plan.cost import CostModel, bundled_name, fit_cost_model, load, nnls, relative_errors
+
+TRUE = CostModel(fixed_us=40.0, max_row_us=0.004, tile=128, c_row=0.02, c_tile=1.5, c_active=6.0)
+
+
+def _brute_f(m: CostModel, n: int) -> float:
+    """f(n) written out by hand, independent of the vectorized code."""
+    if n == 0:
+        return 0.0
+    return m.c_row * n + m.c_tile * -(-n // m.tile) + m.c_active
+
+
+def _samples(rng: np.random.Generator, num: int, slots: int) -> np.ndarray:
+    rows = np.zeros((num, slots), dtype=np.int64)
+    for i in range(num):
+        k = int(rng.integers(1, slots + 1))
+        total = int(rng.integers(64, 20_000))
+        share = rng.dirichlet(np.full(k, rng.choice([0.3, 1.0, 10.0])))
+        rows[i, :k] = np.floor(share * total).astype(np.int64)
+    return rows
+
+
+def test_slot_cost_and_predict_match_hand_formula():
+    rows = np.array([[0, 1, 127, 128], [129, 0, 0, 5000]])
+    want_f = np.array([[_brute_f(TRUE, int(n)) for n in r] for r in rows])
+    np.testing.assert_allclose(TRUE.slot_cost(rows), want_f)
+    want = TRUE.fixed_us + want_f.sum(axis=1) + TRUE.max_row_us * rows.max(axis=1)
+    np.testing.assert_allclose(TRUE.predict(rows), want)
+    table = TRUE.slot_cost_table(300)
+    assert table.shape == (301,) and table[0] == 0.0
+    np.testing.assert_allclose(table, [_brute_f(TRUE, n) for n in range(301)])
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    coefs=st.tuples(*[st.floats(0, 10, allow_nan=False)] * 5),
+    tile=st.sampled_from([1, 8, 64, 128]),
+    n=st.integers(0, 10_000),
+)
+def test_slot_cost_is_zero_at_zero_and_non_decreasing(coefs, tile, n):
+    m = CostModel(coefs[0], coefs[1], tile, coefs[2], coefs[3], coefs[4])
+    f = m.slot_cost(np.array([0, n, n + 1]))
+    assert f[0] == 0.0 and f[0] <= f[1] <= f[2]
+
+
+def test_nnls_no_worse_than_projected_gradient():
+    """Against projected gradient descent (an independent solver) on random small problems."""
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        a = rng.normal(size=(30, 4))
+        b = rng.normal(size=30)
+        x = nnls(a, b)
+        assert np.all(x >= 0)
+        y = np.zeros(4)
+        step = 1.0 / np.linalg.norm(a, 2) ** 2
+        for _ in range(20_000):
+            y = np.maximum(y - step * a.T @ (a @ y - b), 0.0)
+        assert np.sum((a @ x - b) ** 2) <= np.sum((a @ y - b) ** 2) + 1e-8
+
+
+def test_fit_recovers_known_coefficients_from_exact_timings():
+    rows = _samples(np.random.default_rng(1), 200, 16)
+    times = TRUE.predict(rows)
+    m = fit_cost_model(rows, times, tile=128, meta={"gpu": "synthetic"})
+    for key in ("fixed_us", "max_row_us", "c_row", "c_tile", "c_active"):
+        assert getattr(m, key) == pytest.approx(getattr(TRUE, key), rel=1e-6), key
+    assert m.meta["gpu"] == "synthetic"
+    assert m.meta["fit"]["samples"] == 200 and m.meta["fit"]["median_rel_err"] < 1e-9
+
+
+def test_fit_with_noise_predicts_within_noise_and_keeps_coefficients_non_negative():
+    rng = np.random.default_rng(2)
+    rows = _samples(rng, 300, 32)
+    # a true model with a zero coefficient: the unconstrained fit could go negative, NNLS must not
+    true = CostModel(fixed_us=30.0, max_row_us=0.0, tile=128, c_row=0.03, c_tile=2.0, c_active=0.0)
+    times = true.predict(rows) * rng.lognormal(0.0, 0.02, size=len(rows))
+    m = fit_cost_model(rows, times, tile=128)
+    assert min(m.fixed_us, m.max_row_us, m.c_row, m.c_tile, m.c_active) >= 0
+    held = _samples(rng, 100, 32)
+    assert np.median(relative_errors(m, held, true.predict(held))) < 0.02
+    assert m.meta["fit"]["median_rel_err"] < 0.03
+
+
+@pytest.mark.parametrize(
+    "rows, times, match",
+    [
+        (np.ones((3, 2), dtype=int), np.ones(3), "need >= 5 samples"),
+        (np.ones((6, 2), dtype=int), np.zeros(6), "> 0"),
+        (-np.ones((6, 2), dtype=int), np.ones(6), ">= 0"),
+        (np.ones(6, dtype=int), np.ones(6), "2-D"),
+    ],
+)
+def test_fit_rejects_bad_input(rows, times, match):
+    with pytest.raises(ValueError, match=match):
+        fit_cost_model(rows, times, tile=128)
+
+
+def test_json_round_trip(tmp_path):
+    m = CostModel(10.0, 0.001, 64, 0.01, 0.5, 3.0, meta={"gpu": "x", "fit": {"median_rel_err": 0.01}})
+    path = tmp_path / "m.json"
+    m.save(path)
+    back = load(path)
+    assert back == m and back.meta == m.meta
+    assert load(str(path)) == m
+    assert CostModel.from_json(json.loads(json.dumps(m.to_json()))) == m
+
+
+def _write(tmp_path, obj) -> str:
+    path = tmp_path / "bad.json"
+    path.write_text(obj if isinstance(obj, str) else json.dumps(obj))
+    return str(path)
+
+
+def _edit(**changes):
+    obj = TRUE.to_json()
+    for k, v in changes.items():
+        if v is None:
+            del obj[k]
+        else:
+            obj[k] = v
+    return obj
+
+
+@pytest.mark.parametrize(
+    "obj, match",
+    [
+        ("{not json", "not readable JSON"),
+        ([1, 2], "expected a JSON object"),
+        (_edit(format=None), "'format' must be"),
+        (_edit(version=99), "unsupported version 99"),
+        (_edit(c_tile=None), r"missing key\(s\) \['c_tile'\]"),
+        (_edit(c_row=-0.1), "'c_row' must be finite and >= 0"),
+        (_edit(fixed_us="12"), "'fixed_us' must be a number, got str"),
+        (_edit(max_row_us=True), "'max_row_us' must be a number, got bool"),
+        (_edit(tile=0), "'tile' must be an integer >= 1"),
+        (_edit(tile=12.5), "'tile' must be an integer >= 1"),
+        (_edit(meta=[1]), "'meta' must be an object"),
+    ],
+)
+def test_bad_files_get_clear_errors(tmp_path, obj, match):
+    path = _write(tmp_path, obj)
+    with pytest.raises(ValueError, match=match) as info:
+        load(path)
+    assert "bad.json" in str(info.value)
+
+
+def test_unknown_name_lists_bundled_models():
+    with pytest.raises(ValueError, match="neither a file nor a bundled name"):
+        load("h100-1x1")
+    with pytest.raises(ValueError, match="neither a file nor a bundled name"):
+        load("/no/such/file.json")
+
+
+def test_constructor_validates():
+    with pytest.raises(ValueError, match="'c_active' must be finite and >= 0"):
+        CostModel(1.0, 0.0, 128, c_active=float("nan"))
+    with pytest.raises(ValueError, match="rows must be non-negative integers"):
+        TRUE.slot_cost(np.array([1.5]))
+
+
+@pytest.mark.parametrize(
+    "gpu, want",
+    [
+        ("NVIDIA H200", "h200-4096x1536"),
+        ("NVIDIA H100 80GB HBM3", "h100-4096x1536"),
+        ("cpu", "cpu-4096x1536"),
+    ],
+)
+def test_bundled_name(gpu, want):
+    assert bundled_name(gpu, 4096, 1536) == want
+
+
+def test_predict_is_monotone_in_each_slot():
+    rows = np.array(list(itertools.product([0, 7, 128, 300], repeat=3)))
+    base = TRUE.predict(rows)
+    for s in range(3):
+        more = rows.copy()
+        more[:, s] += 1
+        assert np.all(TRUE.predict(more) >= base)
