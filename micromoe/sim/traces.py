@@ -33,15 +33,16 @@ import json
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 
+# the writer lives below sim and train (both use the format); re-exported here
+from micromoe.routing_log import ROUTING_FORMAT, write_routing_record  # noqa: F401
+
 FloatArray = npt.NDArray[np.float64]
 IntArray = npt.NDArray[np.int64]
-
-ROUTING_FORMAT = "micromoe-routing-v1"
 
 
 @dataclass(frozen=True)
@@ -154,17 +155,6 @@ def parse_routing_lines(lines: Iterable[str], *, name: str = "<routing>") -> Rou
             )
     counts = np.stack([np.stack([records[k][layer] for layer in layers]) for k in keys])
     return RoutingTrace(name=name, counts=counts, keys=keys, layers=layers)
-
-
-def write_routing_record(
-    fp: IO[str], *, step: int, layer: int, counts: npt.ArrayLike, micro_batch: int = 0
-) -> None:
-    """Append one routing-log line. counts: int [G, E] token selections per source GPU and expert."""
-    arr = np.asarray(counts)
-    if arr.ndim != 2 or not np.issubdtype(arr.dtype, np.integer):
-        raise ValueError(f"counts must be an integer [G, E] array, got shape {arr.shape} dtype {arr.dtype}")
-    rec = {"step": int(step), "micro_batch": int(micro_batch), "layer": int(layer), "counts": arr.tolist()}
-    fp.write(json.dumps(rec, separators=(",", ":")) + "\n")
 
 
 # ------------------------------------------------------------------------------------------------
