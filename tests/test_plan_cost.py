@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from micromoe.plan.cost import CostModel, bundled_name, fit_cost_model, load, nnls, relative_errors
 
-TRUE = CostModel(fixed_us=40.0, max_row_us=0.004, tile=128, c_row=0.02, c_tile=1.5, c_active=6.0)
+TRUE = CostModel(fixed_us=40.0, max_row_us=0.004, tile=128, c_slot=0.7, c_row=0.02, c_tile=1.5, c_active=6.0)
 
 
 def _brute_f(m: CostModel, n: int) -> float:
@@ -36,7 +36,7 @@ def test_slot_cost_and_predict_match_hand_formula():
     rows = np.array([[0, 1, 127, 128], [129, 0, 0, 5000]])
     want_f = np.array([[_brute_f(TRUE, int(n)) for n in r] for r in rows])
     np.testing.assert_allclose(TRUE.slot_cost(rows), want_f)
-    want = TRUE.fixed_us + want_f.sum(axis=1) + TRUE.max_row_us * rows.max(axis=1)
+    want = TRUE.fixed_us + 4 * TRUE.c_slot + want_f.sum(axis=1) + TRUE.max_row_us * rows.max(axis=1)
     np.testing.assert_allclose(TRUE.predict(rows), want)
     table = TRUE.slot_cost_table(300)
     assert table.shape == (301,) and table[0] == 0.0
@@ -45,12 +45,12 @@ def test_slot_cost_and_predict_match_hand_formula():
 
 @settings(max_examples=40, deadline=None)
 @given(
-    coefs=st.tuples(*[st.floats(0, 10, allow_nan=False)] * 5),
+    coefs=st.tuples(*[st.floats(0, 10, allow_nan=False)] * 6),
     tile=st.sampled_from([1, 8, 64, 128]),
     n=st.integers(0, 10_000),
 )
 def test_slot_cost_is_zero_at_zero_and_non_decreasing(coefs, tile, n):
-    m = CostModel(coefs[0], coefs[1], tile, coefs[2], coefs[3], coefs[4])
+    m = CostModel(coefs[0], coefs[1], tile, *coefs[2:])
     f = m.slot_cost(np.array([0, n, n + 1]))
     assert f[0] == 0.0 and f[0] <= f[1] <= f[2]
 
@@ -71,13 +71,20 @@ def test_nnls_no_worse_than_projected_gradient():
 
 
 def test_fit_recovers_known_coefficients_from_exact_timings():
-    rows = _samples(np.random.default_rng(1), 200, 16)
-    times = TRUE.predict(rows)
-    m = fit_cost_model(rows, times, tile=128, meta={"gpu": "synthetic"})
-    for key in ("fixed_us", "max_row_us", "c_row", "c_tile", "c_active"):
+    rng = np.random.default_rng(1)
+    # GPUs of 8, 16 and 32 slots: each sample's time from a predict() on its own slot count
+    parts = [(_samples(rng, 70, s), s) for s in (8, 16, 32)]
+    rows = np.zeros((210, 32), dtype=np.int64)
+    for i, (r, s) in enumerate(parts):
+        rows[70 * i : 70 * (i + 1), :s] = r
+    times = np.concatenate([TRUE.predict(r) for r, _ in parts])
+    slots = np.repeat([8, 16, 32], 70)
+    m = fit_cost_model(rows, times, tile=128, meta={"gpu": "synthetic"}, num_slots_N=slots)
+    for key in ("fixed_us", "max_row_us", "c_slot", "c_row", "c_tile", "c_active"):
         assert getattr(m, key) == pytest.approx(getattr(TRUE, key), rel=1e-6), key
     assert m.meta["gpu"] == "synthetic"
-    assert m.meta["fit"]["samples"] == 200 and m.meta["fit"]["median_rel_err"] < 1e-9
+    assert m.meta["fit"]["samples"] == 210 and m.meta["fit"]["median_rel_err"] < 1e-9
+    assert np.max(relative_errors(m, rows, times, slots)) < 1e-9
 
 
 def test_fit_with_noise_predicts_within_noise_and_keeps_coefficients_non_negative():
@@ -87,7 +94,7 @@ def test_fit_with_noise_predicts_within_noise_and_keeps_coefficients_non_negativ
     true = CostModel(fixed_us=30.0, max_row_us=0.0, tile=128, c_row=0.03, c_tile=2.0, c_active=0.0)
     times = true.predict(rows) * rng.lognormal(0.0, 0.02, size=len(rows))
     m = fit_cost_model(rows, times, tile=128)
-    assert min(m.fixed_us, m.max_row_us, m.c_row, m.c_tile, m.c_active) >= 0
+    assert np.all(m.coefficients() >= 0)
     held = _samples(rng, 100, 32)
     assert np.median(relative_errors(m, held, true.predict(held))) < 0.02
     assert m.meta["fit"]["median_rel_err"] < 0.03
@@ -96,7 +103,7 @@ def test_fit_with_noise_predicts_within_noise_and_keeps_coefficients_non_negativ
 @pytest.mark.parametrize(
     "rows, times, match",
     [
-        (np.ones((3, 2), dtype=int), np.ones(3), "need >= 5 samples"),
+        (np.ones((3, 2), dtype=int), np.ones(3), "need >= 6 samples"),
         (np.ones((6, 2), dtype=int), np.zeros(6), "> 0"),
         (-np.ones((6, 2), dtype=int), np.ones(6), ">= 0"),
         (np.ones(6, dtype=int), np.ones(6), "2-D"),
@@ -108,7 +115,7 @@ def test_fit_rejects_bad_input(rows, times, match):
 
 
 def test_json_round_trip(tmp_path):
-    m = CostModel(10.0, 0.001, 64, 0.01, 0.5, 3.0, meta={"gpu": "x", "fit": {"median_rel_err": 0.01}})
+    m = CostModel(10.0, 0.001, 64, 0.2, 0.01, 0.5, 3.0, meta={"gpu": "x", "fit": {"median_rel_err": 0.01}})
     path = tmp_path / "m.json"
     m.save(path)
     back = load(path)

@@ -6,11 +6,12 @@ Grouped-GEMM time is not linear in rows: each non-empty slot costs whole row til
 and a group's setup, and the weight-gradient GEMMs (long K = rows) of the largest slot form a tail.
 The model is
 
-    t(rows[0..S)) = fixed_us + sum_s f(rows[s]) + max_row_us * max_s rows[s]
+    t(rows[0..S)) = fixed_us + c_slot * S + sum_s f(rows[s]) + max_row_us * max_s rows[s]
     f(n) = c_row * n + c_tile * ceil(n / tile) + c_active * [n > 0]
 
 with every coefficient >= 0, so f(0) == 0 and f is non-decreasing: the planner may treat a GPU's
-time as separable over slots plus one max term. Fitted by non-negative least squares on relative
+time as separable over slots plus one max term. `c_slot * S` is a per-GPU constant for a given
+placement (S local slots, used or not: an empty slot still gets its weight gradient written). Fitted by non-negative least squares on relative
 error (`fit_cost_model`); measured by `micromoe.runtime.calibrate`; stored as JSON (`save`, `load`);
 H200 models for common shapes ship in `micromoe/data/cost_models/<name>.json`.
 """
@@ -33,7 +34,7 @@ FORMAT = "micromoe-cost-model"
 VERSION = 1
 BUNDLED_DIR = Path(__file__).resolve().parent.parent / "data" / "cost_models"
 # coefficient fields of the JSON, all floats >= 0 (tile is an int >= 1)
-_COEF_KEYS = ("fixed_us", "max_row_us", "c_row", "c_tile", "c_active")
+_COEF_KEYS = ("fixed_us", "max_row_us", "c_slot", "c_row", "c_tile", "c_active")
 
 
 @dataclass(frozen=True)
@@ -44,6 +45,7 @@ class CostModel:
         fixed_us: per-GPU constant (kernel launches, the non-grouped ops).
         max_row_us: coefficient on max_s rows[s] (the long-K weight-gradient tail); >= 0.
         tile: row tile of the GEMM kernel (e.g. 128); >= 1.
+        c_slot: per local slot of the GPU, used or not (a per-GPU constant for a placement); >= 0.
         c_row, c_tile, c_active: coefficients of the per-slot cost f(n) (module docstring); >= 0.
         meta: free-form provenance: gpu, versions, hidden, ffn, dtype, fit error, samples.
     """
@@ -51,6 +53,7 @@ class CostModel:
     fixed_us: float
     max_row_us: float
     tile: int
+    c_slot: float = 0.0
     c_row: float = 0.0
     c_tile: float = 0.0
     c_active: float = 0.0
@@ -71,19 +74,27 @@ class CostModel:
         return self.c_row * n + self.c_tile * tiles + self.c_active * (n > 0)
 
     def predict(self, rows_GS: npt.ArrayLike) -> FloatArray:
-        """rows_GS int [G, S] (rows of each local slot of each GPU) -> predicted time float64 [G]."""
+        """rows_GS int [G, S] (rows of each local slot of each GPU) -> predicted time float64 [G].
+
+        = fixed_us + c_slot * S + sum_s f(rows[g, s]) + max_row_us * max_s rows[g, s].
+        """
         rows = np.asarray(rows_GS)
         if rows.ndim != 2:
             raise ValueError(f"rows_GS must be 2-D [gpus, slots], got shape {rows.shape}")
         per_slot = self.slot_cost(rows).sum(axis=1)
         top = rows.max(axis=1) if rows.shape[1] else np.zeros(rows.shape[0])
-        return self.fixed_us + per_slot + self.max_row_us * top.astype(np.float64)
+        const = self.fixed_us + self.c_slot * rows.shape[1]
+        return const + per_slot + self.max_row_us * top.astype(np.float64)
 
     def slot_cost_table(self, max_rows: int) -> FloatArray:
         """f(0..max_rows) as float64 [max_rows + 1], for compiled planners."""
         if max_rows < 0:
             raise ValueError(f"max_rows must be >= 0, got {max_rows}")
         return self.slot_cost(np.arange(max_rows + 1, dtype=np.int64))
+
+    def coefficients(self) -> FloatArray:
+        """float64 [6] in the column order of `design_matrix`."""
+        return np.array([getattr(self, k) for k in _COEF_KEYS], dtype=np.float64)
 
     # ----------------------------------------------------------------------------------------
     # files
@@ -166,24 +177,32 @@ def load(name_or_path: str | Path) -> CostModel:
 
 # --------------------------------------------------------------------------------------------
 # fitting
-def design_matrix(rows_NS: npt.ArrayLike, tile: int) -> FloatArray:
-    """Feature columns (in `_COEF_KEYS` order) of each sample: float64 [N, 5]."""
+def design_matrix(rows_NS: npt.ArrayLike, tile: int, num_slots_N: npt.ArrayLike | None = None) -> FloatArray:
+    """Feature columns (in `_COEF_KEYS` order) of each sample: float64 [N, 6].
+
+    Args:
+        rows_NS: int [N, S]: rows per local slot of each sample, zero-padded on the right.
+        tile: the GEMM row tile.
+        num_slots_N: int [N]: each timed GPU's slot count (used or not); default S for all.
+    """
     rows = np.asarray(rows_NS, dtype=np.int64)
     if rows.ndim != 2 or rows.shape[1] < 1:
         raise ValueError(f"rows_NS must be 2-D [samples, slots] with >= 1 slot, got shape {rows.shape}")
     if rows.size and rows.min() < 0:
         raise ValueError("rows_NS must be >= 0 (pad samples with fewer slots with zeros)")
+    slots = np.full(rows.shape[0], rows.shape[1]) if num_slots_N is None else np.asarray(num_slots_N)
+    if slots.shape != (rows.shape[0],):
+        raise ValueError(f"num_slots_N must have one entry per sample, got shape {slots.shape}")
     tiles = (rows + (tile - 1)) // tile
-    return np.stack(
-        [
-            np.ones(rows.shape[0]),
-            rows.max(axis=1),
-            rows.sum(axis=1),
-            tiles.sum(axis=1),
-            (rows > 0).sum(axis=1),
-        ],
-        axis=1,
-    ).astype(np.float64)
+    columns = [
+        np.ones(rows.shape[0]),
+        rows.max(axis=1),
+        slots,
+        rows.sum(axis=1),
+        tiles.sum(axis=1),
+        (rows > 0).sum(axis=1),
+    ]
+    return np.stack(columns, axis=1).astype(np.float64)
 
 
 def nnls(a: FloatArray, b: FloatArray) -> FloatArray:
@@ -191,7 +210,7 @@ def nnls(a: FloatArray, b: FloatArray) -> FloatArray:
 
     The optimum's support P satisfies the KKT conditions, so the unconstrained least squares on P
     is non-negative and attains it; every other non-negative support solution is feasible and no
-    better. 2^k solves for k columns: fine for the 5 of the cost model.
+    better. 2^k solves for k columns: fine for the 6 of the cost model.
     """
     k = a.shape[1]
     assert k <= 10, "exhaustive NNLS is for a handful of columns"
@@ -211,7 +230,12 @@ def nnls(a: FloatArray, b: FloatArray) -> FloatArray:
 
 
 def fit_cost_model(
-    rows_NS: npt.ArrayLike, times_us_N: npt.ArrayLike, *, tile: int, meta: dict[str, Any] | None = None
+    rows_NS: npt.ArrayLike,
+    times_us_N: npt.ArrayLike,
+    *,
+    tile: int,
+    meta: dict[str, Any] | None = None,
+    num_slots_N: npt.ArrayLike | None = None,
 ) -> CostModel:
     """Fit the coefficients by non-negative least squares on relative error.
 
@@ -221,10 +245,11 @@ def fit_cost_model(
         tile: the GEMM row tile used by the slot term ceil(n / tile).
         meta: provenance stored in the model; the fit's in-sample relative errors are added as
             meta['fit'] = {'samples', 'median_rel_err', 'p90_rel_err'}.
+        num_slots_N: int [N]: each timed GPU's slot count when samples differ (default S).
     """
     if tile < 1:
         raise ValueError(f"tile must be >= 1, got {tile}")
-    a = design_matrix(rows_NS, tile)
+    a = design_matrix(rows_NS, tile, num_slots_N)
     t = np.asarray(times_us_N, dtype=np.float64)
     if t.shape != (a.shape[0],) or a.shape[0] < len(_COEF_KEYS):
         raise ValueError(
@@ -246,7 +271,13 @@ def fit_cost_model(
     return CostModel(tile=int(tile), meta={**(meta or {}), "fit": fit}, **coefs)
 
 
-def relative_errors(model: CostModel, rows_NS: npt.ArrayLike, times_us_N: npt.ArrayLike) -> FloatArray:
-    """|predicted - measured| / measured per sample: float64 [N]."""
+def relative_errors(
+    model: CostModel,
+    rows_NS: npt.ArrayLike,
+    times_us_N: npt.ArrayLike,
+    num_slots_N: npt.ArrayLike | None = None,
+) -> FloatArray:
+    """|predicted - measured| / measured per sample: float64 [N] (arguments as `fit_cost_model`)."""
     t = np.asarray(times_us_N, dtype=np.float64)
-    return np.abs(model.predict(np.asarray(rows_NS, dtype=np.int64)) - t) / t
+    pred = design_matrix(rows_NS, model.tile, num_slots_N) @ model.coefficients()
+    return np.abs(pred - t) / t
