@@ -85,7 +85,7 @@ def test_replays_a_routing_log(tmp_path: Path, capsys: pytest.CaptureFixture[str
         (["--gpus", "6"], "experts divisible by GPUs"),
         (["--gpus-per-node", "3"], "--gpus-per-node 3"),
         (["--micro-batches", "0"], "--micro-batches must be >= 1"),
-        (["--zipf", "1", "--lplb-topology", "cube", "--gpus", "6", "--experts", "12"], "power-of-two"),
+        (["--zipf", "1", "--lplb-topology", "cube", "--gpus", "6", "--experts", "12"], "multiple of 8 GPUs"),
     ],
 )
 def test_user_errors_are_one_line(argv: list[str], message: str, capsys: pytest.CaptureFixture[str]) -> None:

@@ -1,13 +1,27 @@
-"""An LPLB-style balancer (after DeepSeek's LPLB): one redundant copy per expert along a fixed
-GPU topology graph, and a per-micro-batch LP over how much of each expert's load its copy takes.
+"""An LPLB-style balancer (after DeepSeek's LPLB): one redundant copy per expert along a fixed,
+directed GPU topology graph, and a per-micro-batch LP over how much of each expert's load its copy
+takes.
 
-Legend: E experts, G GPUs, k = E / G original experts per GPU.
+Legend: E experts, G GPUs, k = E / G original experts per GPU, R copy edges out of every GPU.
 
 Layout (built once from the history, as LPLB reorders experts with EPLB):
 - originals: EPLB's balanced packing of the E experts onto G GPUs, k per GPU, by history load;
-- copies: GPU g's originals, hottest first, get their copy on g's topology neighbours in turn.
-  `ring`: neighbours g+1, g-1; `cube` (G a power of two): neighbours g xor 2^b.
-So every expert has at most 2 copies (original + redundant) and load moves only along graph edges.
+- copies: each GPU g has R directed out-edges `copy_edges[g, 0..R-1]`; g's i-th hottest original
+  gets its copy on `copy_edges[g, i mod R]` (LPLB: the i-th redundant slot of a GPU copies the
+  i-th hottest expert of one fixed other GPU). Every column of `copy_edges` is a permutation of the
+  GPUs, so every GPU receives as many copies as it sends, and the hottest experts of different
+  GPUs are copied to different GPUs (no two GPUs swap their hottest experts' copies, except where
+  the topology forces it: a 2-GPU ring or a torus side of 2).
+Topologies (LPLB's published ones; G must fit):
+- `cube` (G a multiple of 8, one cube per 8 GPUs): GPUs 4q..4q+3 form a directed 4-cycle (edge 0,
+  the hottest expert), and edge 1 links the two 4-cycles: l -> l + 4 for l < 4, l -> (l + 2) mod 4
+  for l >= 4 (a cube with diagonal edges);
+- `hypercube` (G a multiple of 16, one per 16 GPUs): a 4 x 4 torus: edge 0 the 4-cycle inside each
+  group of 4, edge 1 l -> (l + 4) mod 16;
+- `torus` (G = nodes x gpus_per_node, both >= 2): GPU (i, j) sends its hottest expert's copy to
+  (i - 1, j) on the neighbouring node and its second hottest to (i, j - 1) on its own node;
+- `ring` (any G >= 2): one edge, g -> g - 1.
+So every expert has exactly 2 replicas (original + copy) and load moves only along graph edges.
 
 Per micro-batch: minimize T subject to, for every GPU g,
   sum_{e original on g} (L_e - f_e) + sum_{e copied onto g} f_e <= T,  0 <= f_e <= L_e,
@@ -18,7 +32,7 @@ version gets the exact optimum, so it shows what LPLB's topology allows, not its
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, get_args
 
 import numpy as np
 import numpy.typing as npt
@@ -27,54 +41,108 @@ from micromoe.plan.highs import new_highs
 from micromoe.sim.eplb import balanced_packing
 from micromoe.sim.traces import IntArray
 
-Topology = Literal["ring", "cube"]
+Topology = Literal["cube", "hypercube", "torus", "ring"]
+TOPOLOGIES: tuple[str, ...] = get_args(Topology)
 
 
-def topology_neighbours(num_gpus: int, topology: Topology) -> list[list[int]]:
-    """Neighbour lists of the GPU graph (ring: g+1, g-1; cube: g xor 1, 2, 4, ...)."""
+def copy_edges(num_gpus: int, topology: Topology, gpus_per_node: int | None = None) -> IntArray:
+    """edges int64 [G, R]: edges[g, i] receives the copy of GPU g's i-th hottest expert (mod R).
+
+    `gpus_per_node` sets the torus shape (nodes x gpus_per_node); without it the torus uses 8 GPUs
+    per node when G is a multiple of 8 above 8, else the most square factorisation.
+    """
+    g = np.arange(num_gpus, dtype=np.int64)
     if topology == "ring":
         if num_gpus < 2:
-            raise ValueError("the LPLB ring needs at least 2 GPUs")
-        return [sorted({(g + 1) % num_gpus, (g - 1) % num_gpus}) for g in range(num_gpus)]
+            raise ValueError(f"the LPLB ring needs at least 2 GPUs, got {num_gpus}")
+        return ((g - 1) % num_gpus)[:, None]
     if topology == "cube":
-        if num_gpus < 2 or num_gpus & (num_gpus - 1):
-            raise ValueError(f"the LPLB cube needs a power-of-two GPU count, got {num_gpus}; use ring")
-        bits = num_gpus.bit_length() - 1
-        return [[g ^ (1 << b) for b in range(bits)] for g in range(num_gpus)]
-    raise ValueError(f"unknown LPLB topology {topology!r}; use 'ring' or 'cube'")
+        _check_blocks(num_gpus, 8, "cube")
+        base, local = g - g % 8, g % 8
+        ring4 = local - local % 4 + (local + 1) % 4
+        across = np.where(local < 4, local + 4, (local + 2) % 4)
+        return np.stack([base + ring4, base + across], axis=1)
+    if topology == "hypercube":
+        _check_blocks(num_gpus, 16, "hypercube")
+        base, local = g - g % 16, g % 16
+        ring4 = local - local % 4 + (local + 1) % 4
+        return np.stack([base + ring4, base + (local + 4) % 16], axis=1)
+    if topology == "torus":
+        nodes, per_node = torus_shape(num_gpus, gpus_per_node)
+        i, j = g // per_node, g % per_node
+        return np.stack([(i - 1) % nodes * per_node + j, i * per_node + (j - 1) % per_node], axis=1)
+    raise ValueError(f"unknown LPLB topology {topology!r}; use one of {', '.join(TOPOLOGIES)}")
 
 
-def default_topology(num_gpus: int) -> Topology:
-    """cube for power-of-two groups of >= 4 GPUs (LPLB's usual choice), else ring."""
-    return "cube" if num_gpus >= 4 and not num_gpus & (num_gpus - 1) else "ring"
+def topology_neighbours(
+    num_gpus: int, topology: Topology, gpus_per_node: int | None = None
+) -> list[list[int]]:
+    """Out-neighbour lists of the directed copy graph (`copy_edges` as lists)."""
+    return copy_edges(num_gpus, topology, gpus_per_node).tolist()
 
 
-def lplb_layout(history: npt.ArrayLike, num_gpus: int, topology: Topology) -> tuple[IntArray, IntArray]:
+def torus_shape(num_gpus: int, gpus_per_node: int | None = None) -> tuple[int, int]:
+    """(nodes, gpus_per_node) of LPLB's 2-D torus over `num_gpus` GPUs; both sides >= 2."""
+    if gpus_per_node is None:
+        if num_gpus > 8 and num_gpus % 8 == 0:
+            gpus_per_node = 8
+        else:
+            sides = [n for n in range(2, num_gpus) if num_gpus % n == 0 and n * n >= num_gpus]
+            gpus_per_node = sides[0] if sides else num_gpus
+    if gpus_per_node < 2 or num_gpus % gpus_per_node or num_gpus // gpus_per_node < 2:
+        raise ValueError(
+            f"the LPLB torus needs {num_gpus} GPUs = nodes x GPUs per node with both >= 2, "
+            f"got {gpus_per_node} GPUs per node; use ring"
+        )
+    return num_gpus // gpus_per_node, gpus_per_node
+
+
+def default_topology(num_gpus: int, gpus_per_node: int | None = None) -> Topology:
+    """LPLB's suggestions: cube for 8 GPUs, hypercube for 16, a torus when G factorises, else ring."""
+    if num_gpus == 8:
+        return "cube"
+    if num_gpus == 16:
+        return "hypercube"
+    try:
+        torus_shape(num_gpus, gpus_per_node)
+    except ValueError:
+        return "ring"
+    return "torus"
+
+
+def lplb_layout(
+    history: npt.ArrayLike, num_gpus: int, topology: Topology, gpus_per_node: int | None = None
+) -> tuple[IntArray, IntArray]:
     """(orig_gpu int64 [E], copy_gpu int64 [E]) for expected per-expert loads history [E]."""
     w = np.asarray(history, dtype=np.float64)
     if w.size % num_gpus:
         raise ValueError(f"LPLB needs experts divisible by GPUs: {w.size} experts on {num_gpus} GPUs")
+    edges = copy_edges(num_gpus, topology, gpus_per_node)
     orig = balanced_packing(w, num_gpus)
-    nbrs = topology_neighbours(num_gpus, topology)
     copy = np.empty_like(orig)
     for g in range(num_gpus):
         mine = np.flatnonzero(orig == g)
         mine = mine[np.argsort(-w[mine], kind="stable")]
-        for i, e in enumerate(mine):
-            copy[e] = nbrs[g][i % len(nbrs[g])]
+        copy[mine] = edges[g, np.arange(mine.size) % edges.shape[1]]
     return orig, copy
+
+
+def _check_blocks(num_gpus: int, block: int, name: str) -> None:
+    if num_gpus < block or num_gpus % block:
+        raise ValueError(
+            f"the LPLB {name} needs a multiple of {block} GPUs (one {name} per {block}), got {num_gpus}; "
+            "use torus or ring"
+        )
 
 
 class LplbSolver:
     """Warm-started HiGHS model of the per-micro-batch LP for one layout."""
 
     def __init__(self, orig_gpu: IntArray, copy_gpu: IntArray, num_gpus: int) -> None:
-        import highspy
-
         self.orig_gpu, self.copy_gpu, self.num_gpus = orig_gpu, copy_gpu, num_gpus
         num_e = orig_gpu.size
         h = new_highs()
-        inf = highspy.kHighsInf
+        inf = np.inf  # HiGHS reads any bound >= 1e20 as infinite
         h.addVars(num_e + 1, np.zeros(num_e + 1), np.full(num_e + 1, inf))
         h.changeColsCost(1, np.array([num_e], dtype=np.int32), np.array([1.0]))
         for g in range(num_gpus):
