@@ -1,0 +1,131 @@
+"""The fused token-path ops (kernels.py) and the device-side row layout (dispatch_fast.py).
+
+On CPU the ops run their pure-torch bodies: these tests pin those bodies to independent reference
+ops (values and float64 gradcheck). The Triton bodies are checked against the same references on
+the GPU by benchmarks/check_layer_path_gpu.py.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from _dist import dense_moe, forced_routing, rel_err
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from micromoe.runtime.dispatch_fast import device_rows, fast_combine, fast_dispatch
+from micromoe.runtime.experts import grouped_mm
+from micromoe.runtime.kernels import combine_tokens, permute_tokens, swiglu
+
+
+def _random_pos(t: int, k: int, num_rows: int, g: torch.Generator) -> torch.Tensor:
+    return torch.randperm(num_rows, generator=g)[: t * k].to(torch.int32)
+
+
+@pytest.mark.parametrize("pad", [0, 5])
+def test_permute_tokens_matches_index_copy(pad):
+    g = torch.Generator().manual_seed(0)
+    t, k, h = 6, 3, 5
+    x = torch.randn(t, h, generator=g)
+    pos = _random_pos(t, k, t * k + pad, g)
+    out = permute_tokens(x, pos, k, t * k + pad)
+    ref = torch.zeros(t * k + pad, h)
+    for tk in range(t * k):
+        ref[pos[tk]] = x[tk // k]
+    assert torch.equal(out, ref)
+
+
+def test_combine_tokens_matches_loop():
+    g = torch.Generator().manual_seed(1)
+    t, k, h, n = 5, 2, 4, 13
+    rows = torch.randn(n, h, generator=g)
+    w = torch.rand(t, k, generator=g)
+    pos = _random_pos(t, k, n, g)
+    ref = torch.stack([sum(w[i, j] * rows[pos[i * k + j]] for j in range(k)) for i in range(t)])
+    torch.testing.assert_close(combine_tokens(rows, pos, w), ref)
+
+
+def test_swiglu_matches_silu_times_up():
+    h = torch.randn(7, 10)
+    torch.testing.assert_close(swiglu(h), F.silu(h[:, :5]) * h[:, 5:])
+    with pytest.raises(ValueError, match="swiglu needs"):
+        swiglu(torch.randn(3, 5))
+
+
+@pytest.mark.parametrize("pad", [0, 3])
+def test_gradcheck_float64(pad):
+    g = torch.Generator().manual_seed(2)
+    t, k, h = 4, 2, 3
+    pos = _random_pos(t, k, t * k + pad, g)
+    x = torch.randn(t, h, generator=g, dtype=torch.float64, requires_grad=True)
+    rows = torch.randn(t * k + pad, h, generator=g, dtype=torch.float64, requires_grad=True)
+    w = torch.rand(t, k, generator=g, dtype=torch.float64, requires_grad=True)
+    hh = torch.randn(5, 6, generator=g, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda a: permute_tokens(a, pos, k, t * k + pad), (x,))
+    assert torch.autograd.gradcheck(lambda r, ww: combine_tokens(r, pos, ww), (rows, w))
+    assert torch.autograd.gradcheck(swiglu, (hh,))
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    t=st.integers(0, 12),
+    e=st.integers(1, 6),
+    k=st.integers(1, 3),
+    align=st.sampled_from([1, 4, 8]),
+    seed=st.integers(0, 2**16),
+)
+def test_device_rows_layout(t, e, k, align, seed):
+    k = min(k, e)
+    g = torch.Generator().manual_seed(seed)
+    expert = torch.stack([torch.randperm(e, generator=g)[:k] for _ in range(t)]) if t else torch.zeros(0, k)
+    expert = expert.long()
+    pos, rows, n = device_rows(expert, e, align)
+    counts = torch.bincount(expert.reshape(-1), minlength=e)
+    assert rows.tolist() == [(-(-c // align)) * align for c in counts.tolist()]
+    assert n >= int(rows.sum()) and n == t * k + e * (align - 1)
+    assert len(set(pos.tolist())) == t * k  # injective
+    start = torch.cumsum(rows, 0) - rows
+    flat = expert.reshape(-1)
+    for ex in range(e):
+        mine = pos[flat == ex].tolist()  # flat order = (token, choice) order
+        assert mine == list(range(int(start[ex]), int(start[ex]) + int(counts[ex])))  # stable
+
+
+@pytest.mark.parametrize("align", [1, 8])
+def test_fast_path_pipeline_matches_dense(align):
+    """fast_dispatch -> grouped SwiGLU (fused swiglu) -> fast_combine, on CPU, against the dense
+    reference: values and all gradients."""
+    g = torch.Generator().manual_seed(3)
+    t, h, f, e, k = 19, 8, 6, 5, 2
+    x = torch.randn(t, h, generator=g, requires_grad=True)
+    router_w = torch.randn(e, h, generator=g, requires_grad=True)
+    w_gu = torch.randn(e, h, 2 * f, generator=g, requires_grad=True)
+    w_down = torch.randn(e, f, h, generator=g, requires_grad=True)
+    expert = forced_routing(t, e, k, 1.0, g)
+    gate = torch.softmax(x @ router_w.t(), -1).gather(1, expert)
+    gate = gate / gate.sum(-1, keepdim=True)
+    tokens, rows, meta = fast_dispatch(x, expert, gate, e, align)
+    n_real = int(rows.sum())
+    hidden = grouped_mm(tokens[:n_real], w_gu, rows.long())
+    out = grouped_mm(swiglu(hidden), w_down, rows.long())
+    out = torch.cat([out, out.new_zeros(tokens.shape[0] - n_real, h)])
+    y = fast_combine(out, meta)
+    coef = torch.randn(t, h, generator=g)
+    (y * coef).sum().backward()
+    leaves = [a.detach().clone().requires_grad_(True) for a in (x, router_w, w_gu, w_down)]
+    y_ref = dense_moe(*leaves, expert)
+    (y_ref * coef).sum().backward()
+    assert rel_err(y, y_ref) <= 1e-5
+    for got, ref in zip((x, router_w, w_gu, w_down), leaves, strict=True):
+        assert rel_err(got.grad, ref.grad) <= 1e-5
+    assert meta.counts.slot_load.tolist() == torch.bincount(expert.reshape(-1), minlength=e).tolist()
+
+
+def test_lazy_counts_flag_bad_expert_ids():
+    x = torch.randn(3, 4)
+    expert = torch.tensor([[0, 1], [1, 7], [2, 0]])  # 7 is out of range for 3 experts
+    _, _, meta = fast_dispatch(x, expert, torch.ones(3, 2), 3, 1)
+    assert meta.counts.ready()
+    with pytest.raises(ValueError, match="out of range"):
+        meta.counts.slot_load
