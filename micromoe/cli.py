@@ -11,6 +11,7 @@ import importlib
 import logging
 import sys
 
+from micromoe import __version__
 from micromoe.allocator import tune_allocator
 
 # name -> (module, one-line help); modules are imported only when their subcommand runs
@@ -25,6 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="MicroMoE: Mixture-of-Experts with fine-grained, per-micro-batch load balancing.",
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("--version", action="version", version=f"micromoe {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (module, help_text) in SUBCOMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
