@@ -17,6 +17,7 @@ from micromoe.allocator import tune_allocator
 # name -> (module, one-line help); modules are imported only when their subcommand runs
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "simulate": ("micromoe.sim.command", "compare load balancers on routing traces or Zipf skews"),
+    "calibrate": ("micromoe.runtime.calibrate_command", "measure this GPU's expert-GEMM cost model"),
 }
 
 

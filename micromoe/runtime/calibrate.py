@@ -1,0 +1,322 @@
+"""Measure a `CostModel` by timing the layer's own expert code on this device.
+
+Legend: S local slots of a GPU, N rows. A *sample* is one GPU's rows per local slot; its time is
+the forward+backward of `GroupedSwiGLU` (bf16 on CUDA via `torch._grouped_mm`, fp32 on CPU) at
+those rows, the median of a few repetitions after a warm-up (CUDA events on the GPU).
+
+The designed samples span slot counts, row totals and shapes of the split: even, Dirichlet(0.3 /
+1 / 3), big slots plus tiny fragments, half or a quarter of the slots used, one hot slot, one slot,
+and off-tile sizes. Every fourth sample (by design order) is held out: the model is fitted on the
+rest and its relative error on the held-out ones goes into `meta['heldout']`. Samples are taken in
+an order that covers the space early, until a time budget runs out.
+"""
+
+from __future__ import annotations
+
+import platform
+import statistics
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+import micromoe
+from micromoe.plan.cost import CostModel, fit_cost_model, relative_errors
+from micromoe.runtime.experts import GroupedSwiGLU
+
+ALIGN = 8  # rows per slot are padded to this by the dispatchers (CUDA grouped GEMM alignment)
+TILES = (64, 128, 256)  # candidate row tiles of the slot term; the best in-sample fit is kept
+KINDS = ("even", "dir0.3", "dir1", "fragments", "half", "hot", "dir3", "quarter", "single", "offtile")
+MIN_SAMPLES = 12
+
+
+@dataclass(frozen=True)
+class Samples:
+    """Timed samples: rows int64 [N, S_max] (zero-padded), slots int64 [N], times_us float64 [N],
+    kinds list[str] [N], heldout bool [N]."""
+
+    rows: np.ndarray
+    slots: np.ndarray
+    times_us: np.ndarray
+    kinds: list[str]
+    heldout: np.ndarray
+
+    def to_json(self) -> dict:
+        return {
+            "rows": [r[:s].tolist() for r, s in zip(self.rows, self.slots, strict=True)],
+            "times_us": self.times_us.tolist(),
+            "kinds": self.kinds,
+            "heldout": self.heldout.tolist(),
+        }
+
+
+# --------------------------------------------------------------------------------------------
+# the designed row distributions
+def split_rows(num_slots: int, total: int, kind: str, rng: np.random.Generator) -> np.ndarray:
+    """Rows per slot, int64 [num_slots], multiples of ALIGN, summing to about `total` (> 0)."""
+    s = num_slots
+    if kind == "even":
+        share = np.ones(s)
+    elif kind.startswith("dir"):
+        share = rng.dirichlet(np.full(s, float(kind[3:])))
+    elif kind == "fragments":  # a third of the slots get 8..120 rows, the rest share the remainder
+        num_frag = max(1, s // 3) if s > 1 else 0
+        frag = rng.integers(1, 16, size=num_frag) * ALIGN
+        big = np.full(
+            s - num_frag, max(total - int(frag.sum()), ALIGN * (s - num_frag)) / max(s - num_frag, 1)
+        )
+        return _aligned(np.concatenate([big, frag]), rng)
+    elif kind in ("half", "quarter"):
+        used = max(1, s // (2 if kind == "half" else 4))
+        share = np.zeros(s)
+        share[rng.choice(s, used, replace=False)] = 1.0
+    elif kind == "hot":  # one slot holds a quarter of the rows (half with few slots)
+        frac = max(0.25, min(0.6, 2 / s))
+        share = np.ones(s)
+        share[rng.integers(s)] = frac * (s - 1) / (1 - frac) if s > 1 else 1.0
+    elif kind == "single":
+        share = np.zeros(s)
+        share[rng.integers(s)] = 1.0
+    elif kind == "offtile":  # even, each slot one ALIGN chunk past a 128-row tile
+        per = 128 * int(total / s // 128) + ALIGN
+        return np.full(s, per, dtype=np.int64)
+    else:
+        raise ValueError(f"unknown sample kind {kind!r}; known: {KINDS}")
+    return _aligned(share / share.sum() * total, rng)
+
+
+def _aligned(rows: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Round real rows to multiples of ALIGN (stochastically, so the total is kept on average)."""
+    chunks = rows / ALIGN
+    low = np.floor(chunks)
+    up = rng.random(len(rows)) < (chunks - low)
+    out = (low + up).astype(np.int64) * ALIGN
+    if out.sum() == 0:
+        out[int(np.argmax(rows))] = ALIGN
+    return out
+
+
+def design(
+    slot_counts: Sequence[int], totals: Sequence[int], *, seed: int = 0, repeats: int = 2
+) -> Iterator[tuple[np.ndarray, str]]:
+    """Samples in coverage order: every (kind, S, total) once, then again with fresh draws.
+
+    Within a round the order cycles kinds fastest, then slot counts, then totals, so a budget cut
+    still sees every kind at several sizes.
+    """
+    rng = np.random.default_rng(seed)
+    grid = [(t, s) for t in _interleave(totals) for s in _interleave(slot_counts)]
+    for _ in range(repeats):
+        for i, (total, s) in enumerate(grid):
+            for j in range(len(KINDS)):
+                kind = KINDS[(i + j) % len(KINDS)]
+                yield split_rows(s, total, kind, rng), kind
+
+
+def _interleave(values: Sequence[int]) -> list[int]:
+    """Middle first, then the ends, then the rest: [a, b, c, d, e] -> [c, a, e, b, d]."""
+    vals = sorted(values)
+    order = [vals[len(vals) // 2], vals[0], vals[-1]]
+    return list(dict.fromkeys(order + vals))
+
+
+# --------------------------------------------------------------------------------------------
+# timing
+class ExpertTimer:
+    """Times forward+backward of `GroupedSwiGLU` at given rows per slot, one module per slot count."""
+
+    def __init__(self, hidden: int, ffn: int, device: torch.device, *, max_rows: int, seed: int = 0):
+        self.hidden, self.ffn, self.device = hidden, ffn, device
+        self.dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+        gen = torch.Generator(device=device).manual_seed(seed)
+        self.x = torch.randn(max_rows, hidden, device=device, dtype=self.dtype, generator=gen)
+        self.grad = torch.randn(max_rows, hidden, device=device, dtype=self.dtype, generator=gen)
+        self.modules: dict[int, GroupedSwiGLU] = {}
+
+    def module(self, num_slots: int) -> GroupedSwiGLU:
+        if num_slots not in self.modules:
+            self.modules.clear()  # one at a time: large shapes hold GBs of weights and gradients
+            self.modules[num_slots] = GroupedSwiGLU(
+                num_slots, self.hidden, self.ffn, device=self.device, dtype=self.dtype
+            )
+        return self.modules[num_slots]
+
+    def time_us(self, rows: np.ndarray, *, reps: int, warmup: int = 1) -> float:
+        """Median forward+backward time (us) over `reps` runs at rows int64 [S]."""
+        layer = self.module(len(rows))
+        n = int(rows.sum())
+        if n > self.x.shape[0]:
+            raise ValueError(f"sample of {n} rows exceeds the timer's max_rows {self.x.shape[0]}")
+        rows_t = torch.as_tensor(rows, dtype=torch.int64, device=self.device)
+        x, gy = self.x[:n].detach().requires_grad_(True), self.grad[:n]
+        spans = [self._run(layer, x, gy, rows_t) for _ in range(warmup + reps)][warmup:]
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)  # host sync: read every rep's events at once
+            return statistics.median(a.elapsed_time(b) * 1e3 for a, b in spans)
+        return statistics.median(b - a for a, b in spans) * 1e6
+
+    def _run(self, layer: GroupedSwiGLU, x: torch.Tensor, gy: torch.Tensor, rows: torch.Tensor):
+        layer.zero_grad(set_to_none=True)
+        x.grad = None
+        if self.device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            layer(x, rows).backward(gy)
+            end.record()
+            return start, end
+        # CPU time of this process, not wall time: a shared CPU's other jobs would dominate
+        t0 = time.process_time()
+        layer(x, rows).backward(gy)
+        return t0, time.process_time()
+
+
+# --------------------------------------------------------------------------------------------
+# calibration
+def measure(
+    hidden: int,
+    ffn: int,
+    device: torch.device,
+    *,
+    slot_counts: Sequence[int],
+    totals: Sequence[int],
+    budget_s: float,
+    reps: int = 5,
+    seed: int = 0,
+) -> Samples:
+    """Time designed samples until `budget_s` seconds have passed (at least MIN_SAMPLES)."""
+    t_start = time.perf_counter()
+    timer = ExpertTimer(hidden, ffn, device, max_rows=_max_rows(slot_counts, totals), seed=seed)
+    rows_list, kinds, times = [], [], []
+    for rows, kind in design(slot_counts, totals, seed=seed):
+        if len(times) >= MIN_SAMPLES and time.perf_counter() - t_start > budget_s:
+            break
+        times.append(timer.time_us(rows, reps=reps, warmup=2 if not times else 1))
+        rows_list.append(rows)
+        kinds.append(kind)
+    slots = np.array([len(r) for r in rows_list], dtype=np.int64)
+    padded = np.zeros((len(rows_list), int(slots.max())), dtype=np.int64)
+    for i, r in enumerate(rows_list):
+        padded[i, : len(r)] = r
+    heldout = np.arange(len(times)) % 4 == 3
+    return Samples(padded, slots, np.array(times), kinds, heldout)
+
+
+def _max_rows(slot_counts: Sequence[int], totals: Sequence[int]) -> int:
+    # off-tile samples may exceed the total by up to 136 rows a slot; alignment by ALIGN a slot
+    return max(totals) + (136 + ALIGN) * max(slot_counts)
+
+
+def fit_samples(samples: Samples, *, meta: dict) -> CostModel:
+    """Fit on the non-held-out samples (best of TILES in-sample), record held-out errors in meta."""
+    train, test = ~samples.heldout, samples.heldout
+    fits = [
+        fit_cost_model(
+            samples.rows[train], samples.times_us[train], tile=t, meta=meta, num_slots_N=samples.slots[train]
+        )
+        for t in TILES
+    ]
+    model = min(fits, key=lambda m: m.meta["fit"]["median_rel_err"])
+    err = relative_errors(model, samples.rows[test], samples.times_us[test], samples.slots[test])
+    heldout = {
+        "samples": int(test.sum()),
+        "median_rel_err": float(np.median(err)),
+        "p90_rel_err": float(np.quantile(err, 0.9)),
+        "max_rel_err": float(err.max()),
+    }
+    return CostModel(**{**model.__dict__, "meta": {**model.meta, "heldout": heldout}})
+
+
+def environment(device: torch.device) -> dict:
+    """GPU (or CPU) name and software versions, for a model's meta."""
+    env = {
+        "device": device.type,
+        "torch": torch.__version__,
+        "micromoe": micromoe.__version__,
+        "python": platform.python_version(),
+        "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    if device.type == "cuda":
+        env["gpu"] = torch.cuda.get_device_name(device)
+        env["cuda"] = torch.version.cuda
+    else:
+        env["gpu"] = "cpu"
+        env["cpu"] = platform.processor() or platform.machine()
+    return env
+
+
+def calibrate(
+    hidden: int,
+    ffn: int,
+    device: torch.device | str,
+    *,
+    slot_counts: Sequence[int] = (8, 16, 32),
+    totals: Sequence[int] = (2048, 8192, 16384, 32768, 65536),
+    budget_s: float = 30.0,
+    reps: int = 5,
+    seed: int = 0,
+) -> tuple[CostModel, Samples]:
+    """Measure and fit a cost model of `GroupedSwiGLU(S, hidden, ffn)` on `device`.
+
+    Returns the model (meta: environment, shape, dtype, design, in-sample 'fit' and 'heldout'
+    errors, seconds taken) and the raw samples.
+    """
+    device = torch.device(device)
+    if min(hidden, ffn) < 1 or min(slot_counts) < 1 or min(totals) < ALIGN:
+        raise ValueError(
+            f"need hidden, ffn, slot counts >= 1 and totals >= {ALIGN}; got hidden={hidden} ffn={ffn} "
+            f"slot_counts={list(slot_counts)} totals={list(totals)}"
+        )
+    t0 = time.perf_counter()
+    threads = torch.get_num_threads()
+    if device.type == "cpu":
+        torch.set_num_threads(1)  # a shared CPU makes spinning worker threads time each other
+    try:
+        samples = measure(
+            hidden,
+            ffn,
+            device,
+            slot_counts=slot_counts,
+            totals=totals,
+            budget_s=budget_s,
+            reps=reps,
+            seed=seed,
+        )
+    finally:
+        torch.set_num_threads(threads)
+    meta = {
+        **environment(device),
+        "seconds": round(time.perf_counter() - t0, 2),
+        "hidden": hidden,
+        "ffn": ffn,
+        "dtype": "bfloat16" if device.type == "cuda" else "float32",
+        "pass": "forward+backward",
+        "slot_counts": list(slot_counts),
+        "totals": list(totals),
+        "reps": reps,
+    }
+    return fit_samples(samples, meta=meta), samples
+
+
+def calibrate_cost_model(
+    hidden: int,
+    ffn: int,
+    device: torch.device | str,
+    *,
+    budget_s: float = 2.0,
+    num_slots: int | None = None,
+    rows_per_gpu: int | None = None,
+) -> CostModel:
+    """Fast start-up calibration: a model for this GPU and shape within about `budget_s` seconds.
+
+    `num_slots` and `rows_per_gpu` (the dispatcher's local slots and expected rows) centre the
+    design on the regime the planner will see; by default 8-32 slots and 4k-32k rows.
+    """
+    slots = (8, 16, 32) if num_slots is None else sorted({max(1, num_slots // 2), num_slots, 2 * num_slots})
+    rows = 16384 if rows_per_gpu is None else max(rows_per_gpu, 64)
+    totals = sorted({max(rows // 4, ALIGN), max(rows // 2, ALIGN), rows, 2 * rows})
+    model, _ = calibrate(
+        hidden, ffn, device, slot_counts=slots, totals=totals, budget_s=0.8 * budget_s, reps=3
+    )
+    return model
