@@ -30,6 +30,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from micromoe.allocator import tune_allocator
 from micromoe.plan import Placement
 from micromoe.runtime import MoEConfig, MoELayer, ParallelLayout, apply_expert_parallel, build_process_groups
 
@@ -55,12 +56,22 @@ def make_variants(world: int) -> tuple[Variant, ...]:
 
 
 class CudaPhaseTimer:
-    """Records a CUDA event at every `mark`; phase = time between consecutive marks."""
+    """Records a CUDA event at every `mark` between `start()` and `stop()` (a no-op otherwise);
+    phase = time between consecutive marks. Handed to the dispatcher when the layer is built."""
 
     def __init__(self) -> None:
         self.events: list[tuple[str, torch.cuda.Event, float]] = []
+        self.recording = False
+
+    def start(self) -> None:
+        self.events, self.recording = [], True
+
+    def stop(self) -> None:
+        self.recording = False
 
     def mark(self, name: str) -> None:
+        if not self.recording:
+            return
         ev = torch.cuda.Event(enable_timing=True)
         ev.record()
         self.events.append((name, ev, time.perf_counter()))
@@ -141,7 +152,9 @@ def check_correctness(cfg: MoEConfig, rank: int, world: int, device) -> dict:
 # timing
 
 
-def build_layer(cfg: MoEConfig, v: Variant, rank: int, world: int, device):
+def build_layer(
+    cfg: MoEConfig, v: Variant, rank: int, world: int, device, timer: CudaPhaseTimer | None = None
+):
     layout = ParallelLayout(world, world, v.ep, v.merge)
     if v.dispatcher == "ep":
         placement = Placement.expert_parallel(layout.microep_size, cfg.num_experts, 1)
@@ -150,7 +163,7 @@ def build_layer(cfg: MoEConfig, v: Variant, rank: int, world: int, device):
     groups = build_process_groups(layout, placement, rank)
     torch.manual_seed(0)
     layer = MoELayer(cfg, device=device, dtype=torch.bfloat16)
-    return apply_expert_parallel(layer, groups, v.dispatcher), groups
+    return apply_expert_parallel(layer, groups, v.dispatcher, timer=timer), groups
 
 
 def fwd_bwd(layer, x, expert, coef) -> None:
@@ -160,8 +173,10 @@ def fwd_bwd(layer, x, expert, coef) -> None:
     y.backward(coef)
 
 
-def time_variant(layer, x, expert, coef, iters: int, warmup: int) -> dict:
-    """Median over iterations of the slowest rank's fwd+bwd ms, forward split, loads."""
+def time_variant(layer, timer: CudaPhaseTimer, x, expert, coef, iters: int, warmup: int) -> dict:
+    """Median over iterations of the slowest rank's fwd+bwd ms, forward split, loads.
+
+    `timer` is the one the layer's dispatcher was built with; it records only for the split runs."""
     for _ in range(warmup):
         fwd_bwd(layer, x, expert, coef)
     torch.cuda.synchronize()
@@ -178,11 +193,10 @@ def time_variant(layer, x, expert, coef, iters: int, warmup: int) -> dict:
     dist.all_reduce(t, op=dist.ReduceOp.MAX)  # collective (world): the slowest rank per iteration
     phases, route_s = [], []
     for _ in range(max(5, iters // 3)):
-        timer = CudaPhaseTimer()
-        layer.dispatcher.timer = timer
         dist.barrier()  # collective (world)
+        timer.start()
         fwd_bwd(layer, x, expert, coef)
-        layer.dispatcher.timer = None
+        timer.stop()
         torch.cuda.synchronize()
         phases.append(timer.phases_ms())
         route_s.append(layer.last_stats.route_s)
@@ -232,8 +246,8 @@ def measure_peak(device) -> float:
 def measure_grouped_gemm(layer, x, expert, cfg: MoEConfig, iters: int = 20) -> float:
     """Grouped-GEMM TFLOP/s of the local experts, fwd+bwd, on this rank's dispatched rows."""
     with torch.no_grad():
-        routing = layer.router(x, expert)
-        tokens, rows, _ = layer.dispatcher.dispatch(x, routing.expert, routing.weight)
+        sel = layer.router(x, expert)
+        tokens, rows, _ = layer.dispatcher.dispatch(x, sel.expert, sel.weight)
     tokens.requires_grad_(True)
     grad = torch.randn_like(tokens)
     for _ in range(3):
@@ -312,6 +326,7 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=8192, help="tokens per GPU")
     args = ap.parse_args()
     os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
+    tune_allocator()  # MicroEP schedules every micro-batch: keep the planner's arrays off fresh pages
     local_rank = int(os.environ["LOCAL_RANK"])  # set by torchrun
     torch.cuda.set_device(local_rank)
     device = torch.device("cuda", local_rank)
@@ -327,17 +342,18 @@ def main() -> None:
     rows, gemm = [], float("nan")
     base = make_variants(world)[1].name  # plain EP with MicroEP's expert memory per GPU
     for v in make_variants(world):
-        layer, _ = build_layer(cfg, v, rank, world, device)
+        timer = CudaPhaseTimer()
+        layer, _ = build_layer(cfg, v, rank, world, device, timer)
         for s in SKEWS:
             expert = zipf_routing(
                 args.tokens, cfg.num_experts, cfg.top_k, s, torch.Generator().manual_seed(7 + rank), device
             )
-            res = time_variant(layer, x, expert, coef, args.iters, args.warmup)
+            res = time_variant(layer, timer, x, expert, coef, args.iters, args.warmup)
             gather_split(res, cfg, layer)
             rows.append({"variant": v.name, "skew": s, **res})
         if v.name == base:
             expert = balanced_routing(args.tokens, cfg.num_experts, cfg.top_k, rank, device)
-            res = time_variant(layer, x, expert, coef, args.iters, args.warmup)
+            res = time_variant(layer, timer, x, expert, coef, args.iters, args.warmup)
             gather_split(res, cfg, layer)
             rows.append({"variant": "uniform", "skew": 0.0, **res})
             g = torch.tensor([measure_grouped_gemm(layer, x, expert, cfg)], device=device)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from micromoe.allocator import tune_allocator
 from micromoe.plan import Placement
 from micromoe.runtime import (
     MoEConfig,
@@ -24,6 +25,7 @@ from micromoe.runtime import (
 
 
 def main() -> None:
+    tune_allocator()  # MicroEP schedules every micro-batch: keep the planner's arrays off fresh pages
     cuda = torch.cuda.is_available()
     dist.init_process_group("nccl" if cuda else "gloo")
     rank, world = dist.get_rank(), dist.get_world_size()

@@ -159,7 +159,7 @@ def _check_token_identity(layer: MoELayer, groups, expert: torch.Tensor, world: 
     seen = []
     start = 0
     for j, e in enumerate(groups.local_slots):
-        n_real, n_rows = int(meta.layout.slot_load[j]), int(rows[j])
+        n_real, n_rows = int(meta.row_map.slot_load[j]), int(rows[j])
         block = tokens[start : start + n_real].long()
         assert torch.all(tokens[start + n_real : start + n_rows] == 0), "padding rows must be zero"
         for src, tok in block.tolist():

@@ -8,7 +8,14 @@ import torch
 from _dist import dense_moe, forced_routing, rel_err, run_workers
 
 from micromoe.plan import Placement
-from micromoe.runtime import MoEConfig, MoELayer, ParallelLayout, apply_expert_parallel, build_process_groups
+from micromoe.runtime import (
+    MicroEPDispatcher,
+    MoEConfig,
+    MoELayer,
+    ParallelLayout,
+    apply_expert_parallel,
+    build_process_groups,
+)
 
 CFG = MoEConfig(hidden=8, ffn_hidden=8, num_experts=8, top_k=2)
 
@@ -17,6 +24,14 @@ def _expect_error(fn, match: str) -> str:
     with pytest.raises(ValueError, match=match) as info:
         fn()
     return str(info.value)
+
+
+class _Recorder:
+    def __init__(self) -> None:
+        self.names: list[str] = []
+
+    def mark(self, name: str) -> None:
+        self.names.append(name)
 
 
 def _worker(rank: int, world: int) -> dict[str, str]:
@@ -33,7 +48,12 @@ def _worker(rank: int, world: int) -> dict[str, str]:
     torch.manual_seed(0)
     full = MoELayer(CFG)
     ref = [t.detach().clone() for t in (full.router.weight, full.experts.w_gate_up, full.experts.w_down)]
-    layer = apply_expert_parallel(full, groups, "microep")
+    msgs["gpus_per_node"] = _expect_error(
+        lambda: MicroEPDispatcher(groups.microep, groups.microep_rank, groups.placement, gpus_per_node=3),
+        "gpus_per_node=3 does not divide",
+    )
+    timer = _Recorder()
+    layer = apply_expert_parallel(full, groups, "microep", timer=timer)
     g = torch.Generator().manual_seed(rank)
     x = torch.randn(6, CFG.hidden, generator=g)
     expert = forced_routing(6, CFG.num_experts, 2, 1.0, g)
@@ -48,8 +68,20 @@ def _worker(rank: int, world: int) -> dict[str, str]:
     msgs["nonfinite"] = _expect_error(lambda: layer(bad_x, forced_expert=expert), "rank 2 .*non-finite")
     wide = torch.randn(6, CFG.hidden + 1) if rank == 0 else x
     msgs["hidden"] = _expect_error(lambda: layer(wide, forced_expert=expert), "rank 0 of the dispatch group")
+    timer.names.clear()
     y = layer(x, forced_expert=expert)  # the group is still in step: a good call works
     assert rel_err(y, dense_moe(x, *ref, expert)) <= 1e-5
+    phases = [
+        "start",
+        "count_exchange",
+        "permute",
+        "route",
+        "dispatch_a2a",
+        "slot_sort",
+        "experts",
+        "combine",
+    ]
+    assert timer.names == phases
     return msgs
 
 

@@ -6,7 +6,15 @@ import pytest
 import torch
 from _dist import dense_moe, forced_routing, rel_err
 
-from micromoe.runtime import MoEConfig, MoELayer, grouped_mm
+from micromoe.runtime import (
+    AllToAllDispatcher,
+    EPDispatcher,
+    LocalDispatcher,
+    MicroEPDispatcher,
+    MoEConfig,
+    MoELayer,
+    grouped_mm,
+)
 
 
 def _layer(**kw) -> MoELayer:
@@ -81,3 +89,32 @@ def test_grouped_mm_fallback_with_empty_groups():
     rows = torch.tensor([4, 0, 5])
     out = grouped_mm(x, w, rows)
     torch.testing.assert_close(out, torch.cat([x[:4] @ w[0], x[4:] @ w[2]]))
+
+
+class _Recorder:
+    def __init__(self) -> None:
+        self.names: list[str] = []
+
+    def mark(self, name: str) -> None:
+        self.names.append(name)
+
+
+def test_timer_is_a_constructor_argument_and_calls_keep_no_state():
+    layer = _layer()
+    rec = _Recorder()
+    layer.dispatcher = LocalDispatcher(6, timer=rec)
+    before = dict(vars(layer.dispatcher))
+    layer(torch.randn(10, 8))
+    assert rec.names == ["start", "permute", "route", "slot_sort", "experts", "combine"]
+    assert vars(layer.dispatcher) == before  # per-call state travels in the meta record only
+
+
+def test_dispatchers_grow_by_capability():
+    """Local reference -> abstract all-to-all base -> plain EP and MicroEP as siblings."""
+    assert issubclass(AllToAllDispatcher, LocalDispatcher)
+    for cls in (EPDispatcher, MicroEPDispatcher):
+        assert cls.__bases__ == (AllToAllDispatcher,)
+    with pytest.raises(TypeError, match="abstract"):
+        AllToAllDispatcher(None, 0, None)
+    with pytest.raises(ValueError, match="num_experts must be a positive integer"):
+        LocalDispatcher(0)

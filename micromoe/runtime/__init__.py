@@ -1,20 +1,29 @@
 """micromoe.runtime: torch.distributed execution of MoE layers (plain EP and MicroEP).
 
+Owns everything between the planner (`micromoe.plan`, pure NumPy) and a model: the validated
+parallel layout and its process groups, the single-device MoE layer (router, grouped SwiGLU
+experts), the token dispatchers (local reference -> all-to-all base -> plain EP and MicroEP), the
+function that applies expert parallelism to a layer, and gradient sync over replicas.
+It imports only `micromoe.plan`; `model` and `train` build on it.
+
 Build a `ParallelLayout`, then `build_process_groups` once; build a single-device `MoELayer` and
 `apply_expert_parallel` to it; call `sync_gradients` after backward.
 """
 
-from micromoe.runtime.dispatch import DispatchMeta, LocalDispatcher
-from micromoe.runtime.dispatch_a2a import EPDispatcher, MicroEPDispatcher
+from micromoe.runtime.dispatch_a2a import AllToAllDispatcher
+from micromoe.runtime.dispatch_ep import EPDispatcher
+from micromoe.runtime.dispatch_local import DispatchMeta, LocalDispatcher, PhaseTimer
+from micromoe.runtime.dispatch_microep import MicroEPDispatcher
 from micromoe.runtime.experts import GroupedSwiGLU, grouped_mm
 from micromoe.runtime.grad_sync import sync_dense_gradients, sync_expert_gradients, sync_gradients
 from micromoe.runtime.groups import ProcessGroups, ReplicaGroup, build_process_groups
 from micromoe.runtime.layer import MoEConfig, MoELayer, MoEStats
 from micromoe.runtime.layout import ParallelLayout
 from micromoe.runtime.parallelize import apply_expert_parallel
-from micromoe.runtime.router import Routing, TopKRouter
+from micromoe.runtime.router import RouterOutput, TopKRouter
 
 __all__ = [
+    "AllToAllDispatcher",
     "DispatchMeta",
     "EPDispatcher",
     "GroupedSwiGLU",
@@ -24,9 +33,10 @@ __all__ = [
     "MoELayer",
     "MoEStats",
     "ParallelLayout",
+    "PhaseTimer",
     "ProcessGroups",
     "ReplicaGroup",
-    "Routing",
+    "RouterOutput",
     "TopKRouter",
     "apply_expert_parallel",
     "build_process_groups",

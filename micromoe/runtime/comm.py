@@ -1,7 +1,10 @@
-"""Collectives of the token dispatchers: the count exchange and an autograd-aware all-to-all.
+"""Collectives of the token dispatchers: the count all-gather and an autograd-aware all-to-all.
 
 Works on NCCL (CUDA tensors) and gloo (CPU tensors). Every collective is commented at its call
 site; every host-device sync is marked "host sync".
+
+Legend: G ranks of the dispatch group, V entries of one rank's count vector (E experts + 2 error
+entries), N rows.
 """
 
 from __future__ import annotations
@@ -56,7 +59,7 @@ def all_to_all_rows(
 
 @dataclass(frozen=True)
 class PendingCounts:
-    """A started count exchange; `wait()` returns the gathered matrix on the host."""
+    """Count vectors on their way to the host; `wait()` returns them as a NumPy matrix."""
 
     host: torch.Tensor
     event: torch.cuda.Event | None
@@ -65,33 +68,29 @@ class PendingCounts:
     def wait(self) -> npt.NDArray[np.int64]:
         """int64 [G, V]: row src = the vector rank src contributed."""
         if self.event is not None:
-            self.event.synchronize()  # host sync: waits for the gather and its copy only
+            self.event.synchronize()  # host sync: waits for the counts and their copy only
         return self.host.numpy().reshape(self.num_ranks, -1).astype(np.int64, copy=True)
 
 
-def start_count_exchange(vec: torch.Tensor, group: dist.ProcessGroup | None) -> PendingCounts:
-    """All-gather the int64 vector `vec` [V] over `group` and start its copy to the host.
+def copy_counts_to_host(counts_GV: torch.Tensor) -> PendingCounts:
+    """Start copying the int64 matrix `counts_GV` [G, V] to the host (no collective).
 
     On CUDA the copy goes to pinned memory behind an event, so the caller can queue more GPU work
     (the token permutation) before waiting: the host sync then waits for the counts only.
-    `group=None` means a single-rank dispatch (no collective).
     """
-    n = 1 if group is None else dist.get_world_size(group)
-    if group is None:
-        gathered = vec.reshape(1, -1)
-    else:
-        gathered = vec.new_empty((n, vec.numel()))
-        # collective (dispatch group): the one count exchange per layer and micro-batch
-        _all_gather_into(gathered, vec, group)
-    if not vec.is_cuda:
-        return PendingCounts(gathered.reshape(-1), None, n)
-    host = torch.empty(gathered.numel(), dtype=gathered.dtype, pin_memory=True)
-    host.copy_(gathered.reshape(-1), non_blocking=True)
+    if not counts_GV.is_cuda:
+        return PendingCounts(counts_GV.reshape(-1), None, counts_GV.shape[0])
+    host = torch.empty(counts_GV.numel(), dtype=counts_GV.dtype, pin_memory=True)
+    host.copy_(counts_GV.reshape(-1), non_blocking=True)
     event = torch.cuda.Event()
     event.record()
-    return PendingCounts(host, event, n)
+    return PendingCounts(host, event, counts_GV.shape[0])
 
 
-def _all_gather_into(out: torch.Tensor, vec: torch.Tensor, group: dist.ProcessGroup) -> None:
+def all_gather_counts(vec_V: torch.Tensor, group: dist.ProcessGroup) -> PendingCounts:
+    """All-gather the int64 vector `vec_V` [V] over `group`, then start its copy to the host."""
+    counts_GV = vec_V.new_empty((dist.get_world_size(group), vec_V.numel()))
     gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-    gather(out.reshape(-1), vec, group=group)
+    # collective (dispatch group): the one count exchange per layer and micro-batch
+    gather(counts_GV.reshape(-1), vec_V, group=group)
+    return copy_counts_to_host(counts_GV)

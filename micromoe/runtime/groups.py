@@ -41,7 +41,6 @@ class ProcessGroups:
         placement: the replica layout of one MicroEP group (the same in every MicroEP group).
         rank: this process's global rank.
         dp: the group for dense-parameter gradients (all ranks).
-        ep: this rank's plain EP group (EP ranks).
         microep: this rank's MicroEP group (d*EP ranks); the dispatcher's all-to-all runs here.
         replicas: one `ReplicaGroup` per expert in collective order (slot, then expert id).
     """
@@ -50,7 +49,6 @@ class ProcessGroups:
     placement: Placement
     rank: int
     dp: dist.ProcessGroup
-    ep: dist.ProcessGroup
     microep: dist.ProcessGroup
     replicas: tuple[ReplicaGroup, ...]
 
@@ -90,8 +88,9 @@ def build_process_groups(layout: ParallelLayout, placement: Placement, rank: int
             cache[key] = dist.new_group(list(key))
         return cache[key] if rank in key else None
 
+    # the same groups in the same order on every rank: DP, MicroEP groups, replica groups (plain EP
+    # needs no group of its own: with merge factor 1 the MicroEP group is the EP group)
     dp = group_of(layout.dp_ranks())
-    ep = [group_of(r) for r in layout.ep_group_ranks()]
     microep = [group_of(r) for r in layout.microep_group_ranks()]
     replicas = []
     for expert, _ in placement.replica_groups():  # collective order: (slot, expert)
@@ -103,7 +102,6 @@ def build_process_groups(layout: ParallelLayout, placement: Placement, rank: int
         placement=placement,
         rank=rank,
         dp=dp,
-        ep=next(g for g in ep if g is not None),
         microep=next(g for g in microep if g is not None),
         replicas=tuple(replicas),
     )

@@ -3,7 +3,8 @@
 Written for one device: built with all E experts in E local slots and the `LocalDispatcher`.
 `parallelize.apply_expert_parallel` turns it into a plain-EP or MicroEP layer (keeps the local
 slots' weights, swaps the dispatcher); nothing else changes.
-Legend: T tokens, H hidden, E experts, K top-k, S local slots.
+Legend: T tokens, H hidden, E experts, K top-k, S local slots, N dispatched rows, G ranks of the
+dispatch group.
 """
 
 from __future__ import annotations
@@ -16,8 +17,9 @@ import torch
 from torch import nn
 
 from micromoe.plan import Plan
-from micromoe.runtime.dispatch import LocalDispatcher
+from micromoe.runtime.dispatch_local import LocalDispatcher
 from micromoe.runtime.experts import GroupedSwiGLU
+from micromoe.runtime.layout import check_positive_int
 from micromoe.runtime.router import TopKRouter
 
 
@@ -44,10 +46,8 @@ class MoEConfig:
     normalize_gates: bool = True
 
     def __post_init__(self) -> None:
-        for name in ("hidden", "ffn_hidden", "num_experts", "top_k"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"MoEConfig.{name} must be a positive integer, got {v!r}")
+        for name in ("hidden", "ffn_hidden", "num_experts", "top_k"):  # stored as plain ints
+            object.__setattr__(self, name, check_positive_int(f"MoEConfig.{name}", getattr(self, name)))
         if self.top_k > self.num_experts:
             raise ValueError(f"top_k={self.top_k} exceeds num_experts={self.num_experts}")
 
@@ -107,19 +107,19 @@ class MoELayer(nn.Module):
             self.dispatcher.fail(
                 f"input hidden size {x.shape[-1]} != MoEConfig.hidden={self.cfg.hidden}", x.device
             )
-        x_th = x.reshape(-1, self.cfg.hidden)
-        if forced_expert is not None and forced_expert.shape != (x_th.shape[0], self.cfg.top_k):
+        x_TH = x.reshape(-1, self.cfg.hidden)
+        if forced_expert is not None and forced_expert.shape != (x_TH.shape[0], self.cfg.top_k):
             self.dispatcher.fail(
-                f"forced_expert must be [T={x_th.shape[0]}, K={self.cfg.top_k}], got "
+                f"forced_expert must be [T={x_TH.shape[0]}, K={self.cfg.top_k}], got "
                 f"{tuple(forced_expert.shape)}",
                 x.device,
             )
-        routing = self.router(x_th, forced_expert)
-        tokens, rows, meta = self.dispatcher.dispatch(x_th, routing.expert, routing.weight)
-        out = self.experts(tokens, rows)
+        sel = self.router(x_TH, forced_expert)
+        tokens_NH, rows_S, meta = self.dispatcher.dispatch(x_TH, sel.expert, sel.weight)
+        out_NH = self.experts(tokens_NH, rows_S)
         self.dispatcher.mark("experts")
-        y = self.dispatcher.combine(out, meta)
+        y_TH = self.dispatcher.combine(out_NH, meta)
         self.last_stats = MoEStats(
-            routing.aux_loss, meta.layout.slot_load, meta.counts_ge, meta.plan, meta.route_s
+            sel.aux_loss, meta.row_map.slot_load, meta.counts_ge, meta.plan, meta.route_s
         )
-        return y.reshape(x.shape)
+        return y_TH.reshape(x.shape)

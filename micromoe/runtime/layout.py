@@ -14,7 +14,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
+
 from micromoe.plan import Placement
+
+
+def check_positive_int(name: str, value: object) -> int:
+    """`value` as a Python int if it is a positive integer (int or NumPy integer, not bool), else
+    ValueError naming `name`. The one positive-integer check of the runtime."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    return int(value)
 
 
 @dataclass(frozen=True)
@@ -31,10 +41,8 @@ class ParallelLayout:
     merge: int = 1
 
     def __post_init__(self) -> None:
-        for name in ("world_size", "dp", "ep", "merge"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"{name} must be a positive integer, got {v!r}")
+        for name in ("world_size", "dp", "ep", "merge"):  # stored as plain ints
+            object.__setattr__(self, name, check_positive_int(name, getattr(self, name)))
         w, dp, ep, d = self.world_size, self.dp, self.ep, self.merge
         if dp != w:
             raise ValueError(

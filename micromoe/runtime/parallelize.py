@@ -7,7 +7,9 @@ from typing import Literal
 import torch
 from torch import nn
 
-from micromoe.runtime.dispatch_a2a import EPDispatcher, MicroEPDispatcher
+from micromoe.runtime.dispatch_ep import EPDispatcher
+from micromoe.runtime.dispatch_local import PhaseTimer
+from micromoe.runtime.dispatch_microep import MicroEPDispatcher
 from micromoe.runtime.groups import ProcessGroups
 from micromoe.runtime.layer import MoELayer
 
@@ -15,7 +17,12 @@ DispatcherName = Literal["ep", "microep"]
 
 
 def apply_expert_parallel(
-    layer: MoELayer, groups: ProcessGroups, dispatcher: DispatcherName, *, gpus_per_node: int | None = None
+    layer: MoELayer,
+    groups: ProcessGroups,
+    dispatcher: DispatcherName,
+    *,
+    gpus_per_node: int | None = None,
+    timer: PhaseTimer | None = None,
 ) -> MoELayer:
     """Shard `layer`'s experts to this rank's local slots and swap in a distributed dispatcher.
 
@@ -29,6 +36,8 @@ def apply_expert_parallel(
         dispatcher: "ep" (plain EP; needs merge factor 1 and one replica per expert) or
             "microep" (tokens scheduled over replicas in the MicroEP group).
         gpus_per_node: for MicroEP's same-node routing preference.
+        timer: optional phase timer handed to the dispatcher (benchmarks): `timer.mark(name)` at
+            each phase boundary of dispatch and combine.
     """
     p, cfg = groups.placement, layer.cfg
     if p.num_experts != cfg.num_experts:
@@ -38,9 +47,11 @@ def apply_expert_parallel(
     if dispatcher == "ep":
         if groups.layout.merge != 1:
             raise ValueError(f"the 'ep' dispatcher needs merge factor d=1, got d={groups.layout.merge}")
-        new = EPDispatcher(groups.microep, groups.microep_rank, p)
+        new = EPDispatcher(groups.microep, groups.microep_rank, p, timer=timer)
     elif dispatcher == "microep":
-        new = MicroEPDispatcher(groups.microep, groups.microep_rank, p, gpus_per_node=gpus_per_node)
+        new = MicroEPDispatcher(
+            groups.microep, groups.microep_rank, p, gpus_per_node=gpus_per_node, timer=timer
+        )
     else:
         raise ValueError(f"unknown dispatcher {dispatcher!r}; use 'ep' or 'microep'")
     _shard_experts(layer, groups.local_slots)

@@ -84,10 +84,3 @@ class _GatherInjective(torch.autograd.Function):
 def gather_rows(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     """x[idx] for an injective idx (rows not picked get zero gradient): the adjoint of scatter_rows."""
     return _GatherInjective.apply(x, idx)
-
-
-def inverse_permutation(idx: torch.Tensor) -> torch.Tensor:
-    """inv with inv[idx] = arange(N) (on idx's device, no host sync)."""
-    inv = torch.empty_like(idx)
-    inv[idx] = torch.arange(idx.numel(), device=idx.device)
-    return inv

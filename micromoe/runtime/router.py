@@ -12,8 +12,8 @@ from torch import nn
 
 
 @dataclass(frozen=True)
-class Routing:
-    """Router output for T tokens.
+class RouterOutput:
+    """What the router selected for T tokens.
 
     Attributes:
         expert: int64 [T, K]; chosen experts (distinct per token).
@@ -65,8 +65,8 @@ class TopKRouter(nn.Module):
         bias = torch.zeros(num_experts, device=device, dtype=torch.float32) if expert_bias else None
         self.register_buffer("expert_bias", bias)
 
-    def forward(self, x: torch.Tensor, forced_expert: torch.Tensor | None = None) -> Routing:
-        """x [T, H] -> Routing. `forced_expert` int64 [T, K] overrides the selection (benchmarks
+    def forward(self, x: torch.Tensor, forced_expert: torch.Tensor | None = None) -> RouterOutput:
+        """x [T, H] -> RouterOutput. `forced_expert` int64 [T, K] overrides the selection (benchmarks
         and tests); the gates still come from the router's probabilities, so gradients flow."""
         probs = torch.softmax((x @ self.weight.t()).float(), dim=-1)
         if forced_expert is not None:
@@ -81,7 +81,7 @@ class TopKRouter(nn.Module):
         weight = probs.gather(1, expert.clamp(0, self.num_experts - 1))
         if self.normalize:
             weight = weight / weight.sum(dim=-1, keepdim=True)
-        return Routing(expert, weight.to(x.dtype), probs, self._aux_loss(probs, expert))
+        return RouterOutput(expert, weight.to(x.dtype), probs, self._aux_loss(probs, expert))
 
     def _aux_loss(self, probs: torch.Tensor, expert: torch.Tensor) -> torch.Tensor:
         if self.aux_loss_coef == 0 or probs.shape[0] == 0:

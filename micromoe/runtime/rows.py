@@ -1,10 +1,16 @@
-"""Host-side row layout of one dispatch: who sends which rows where, and where received rows go.
+"""Row maps: where each of one rank's rows goes in one dispatch, as small host-side tables.
 
-Pure NumPy (no torch). Legend: G GPUs of the dispatch group, E experts, S local slots, N rows.
+Pure NumPy (no torch). A rank's share of the route (`RankRoute`: which pieces of rows it sends to
+whom and receives from whom) becomes a `RowMap`: the splits of the all-to-all and the per-piece
+tables that place rows in the send buffer and in the grouped buffer.
+
+Legend: G ranks of the dispatch group, E experts, S local slots, N rows, P pieces (a piece is one
+route entry's rows: consecutive in the buffer it leaves and in the buffer it lands in).
+
 A rank needs only its share of the group's route (`RankRoute`): the entries it sends, ordered by
 expert and, inside one expert, in the order it cuts its contiguous block of that expert's rows; and
 the entries it receives, ordered by (source, expert). Every rank derives its share from the same
-gathered counts (`Plan.routes_from` / `Plan.routes_to` for MicroEP), so no layout is communicated.
+gathered counts (`Plan.routes_from` / `Plan.routes_to` for MicroEP), so no row map is communicated.
 
 Row orders (all on one rank):
 - *sorted*: this rank's (token, choice) rows sorted by expert (stable): one block per expert.
@@ -44,7 +50,7 @@ class RankRoute:
 
 
 @dataclass(frozen=True)
-class RowLayout:
+class RowMap:
     """Where this rank's rows go, as small per-piece tables (a piece = one route entry's rows).
 
     Attributes:
@@ -89,16 +95,16 @@ class RowLayout:
         return expand_ranges(self.group_start, self.group_count)
 
 
-def plain_ep_route(counts_ge: IntArray, placement: Placement, rank: int) -> RankRoute:
+def plain_ep_route(counts_GE: IntArray, placement: Placement, rank: int) -> RankRoute:
     """Plain EP: all rows of expert e go to its single host (no planner needed)."""
     if np.any(placement.replica_counts != 1):
         raise ValueError("plain EP needs exactly one replica per expert in the group")
     host = placement.host_gpu[placement.host_ptr[:-1]]
-    (sent_e,) = np.nonzero(counts_ge[rank])
-    sent = np.stack([sent_e, host[sent_e], counts_ge[rank, sent_e]]).astype(np.int64)
+    (sent_e,) = np.nonzero(counts_GE[rank])
+    sent = np.stack([sent_e, host[sent_e], counts_GE[rank, sent_e]]).astype(np.int64)
     mine = np.sort(placement.experts_on(rank))
-    src, k = np.nonzero(counts_ge[:, mine])  # by source, then expert ascending
-    received = np.stack([src, mine[k], counts_ge[src, mine[k]]]).astype(np.int64)
+    src, k = np.nonzero(counts_GE[:, mine])  # by source, then expert ascending
+    received = np.stack([src, mine[k], counts_GE[src, mine[k]]]).astype(np.int64)
     return RankRoute(sent, received)
 
 
@@ -107,10 +113,10 @@ def planned_route(plan: Plan, rank: int) -> RankRoute:
     return RankRoute(plan.routes_from(rank), plan.routes_to(rank))
 
 
-def row_layout(
+def rank_row_map(
     route: RankRoute, num_gpus: int, slot_expert: IntArray, num_experts: int, align: int
-) -> RowLayout:
-    """Send and receive layout of one rank.
+) -> RowMap:
+    """The row map of one rank (send side and receive side).
 
     Args:
         route: this rank's share of the group's route.
@@ -119,11 +125,11 @@ def row_layout(
         num_experts: E.
         align: pad each slot's row block to a multiple of this (>= 1).
     """
-    send_start, send_count, inv_start, inv_count, send_splits = _send_layout(route.sent, num_gpus)
-    recv_splits, group_start, group_count, slot_load, slot_rows = _recv_layout(
+    send_start, send_count, inv_start, inv_count, send_splits = _send_side(route.sent, num_gpus)
+    recv_splits, group_start, group_count, slot_load, slot_rows = _recv_side(
         route.received, num_gpus, slot_expert, num_experts, align
     )
-    return RowLayout(
+    return RowMap(
         send_start=send_start,
         send_count=send_count,
         inv_start=inv_start,
@@ -137,14 +143,38 @@ def row_layout(
     )
 
 
-def _send_layout(sent: IntArray, num_gpus: int):
+def local_row_map(counts_E: IntArray, align: int) -> RowMap:
+    """The row map of a single device holding expert e in slot e (no communication).
+
+    Args:
+        counts_E: int64 [E]; rows per expert (the sorted buffer's blocks).
+        align: pad each slot's row block to a multiple of this (>= 1).
+    """
+    counts_E = np.asarray(counts_E, dtype=np.int64)
+    slot_rows = -(-counts_E // align) * align
+    total = (int(counts_E.sum()),)
+    return RowMap(
+        send_start=None,
+        send_count=None,
+        inv_start=None,
+        inv_count=None,
+        send_splits=total,
+        recv_splits=total,
+        group_start=_exclusive_cumsum(slot_rows),
+        group_count=counts_E,
+        slot_load=counts_E,
+        slot_rows=slot_rows,
+    )
+
+
+def _send_side(sent: IntArray, num_gpus: int):
     send_start, send_count, inv_start, send_splits, identity = _send_kernel(sent, num_gpus)
     if identity:
         return None, None, None, None, send_splits
     return send_start, send_count, inv_start, sent[2], send_splits
 
 
-def _recv_layout(received: IntArray, num_gpus: int, slot_expert: IntArray, num_experts: int, align: int):
+def _recv_side(received: IntArray, num_gpus: int, slot_expert: IntArray, num_experts: int, align: int):
     slot_of = np.full(num_experts, -1, dtype=np.int64)
     held = slot_expert >= 0
     slot_of[slot_expert[held]] = np.flatnonzero(held)
@@ -155,7 +185,7 @@ def _recv_layout(received: IntArray, num_gpus: int, slot_expert: IntArray, num_e
     return recv_splits, group_start, received[2], slot_load, slot_rows
 
 
-# The two layouts run once per layer and micro-batch on the critical path between the count
+# The two maps run once per layer and micro-batch on the critical path between the count
 # exchange and the all-to-all: compiled, they are single passes instead of a dozen NumPy calls.
 
 

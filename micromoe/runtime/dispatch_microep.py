@@ -1,0 +1,54 @@
+"""MicroEP: each expert's rows split over its replicas in the dispatch group by the optimal plan.
+
+Every rank computes the same plan from the same gathered counts (the planner is deterministic),
+so no plan is ever broadcast; local rows stay local first. Legend: G ranks of the dispatch group
+(G = d*EP), E experts.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import numpy.typing as npt
+import torch.distributed as dist
+
+from micromoe.plan import Placement, Plan, schedule
+from micromoe.runtime.dispatch_a2a import AllToAllDispatcher
+from micromoe.runtime.dispatch_local import PhaseTimer
+from micromoe.runtime.layout import check_positive_int
+from micromoe.runtime.rows import RankRoute, planned_route
+
+
+class MicroEPDispatcher(AllToAllDispatcher):
+    """MicroEP over `group`: the planner splits each expert's rows over its replicas.
+
+    Args:
+        group: the MicroEP process group (G = d*EP ranks).
+        rank: this rank's index in `group`.
+        placement: the replica layout over the group's G GPUs.
+        gpus_per_node: GPUs per node, for the planner's same-node preference (optional; must
+            divide G).
+        timer: optional phase timer (benchmarks).
+    """
+
+    def __init__(
+        self,
+        group: dist.ProcessGroup,
+        rank: int,
+        placement: Placement,
+        *,
+        gpus_per_node: int | None = None,
+        timer: PhaseTimer | None = None,
+    ) -> None:
+        super().__init__(group, rank, placement, timer=timer)
+        if gpus_per_node is not None:
+            gpus_per_node = check_positive_int("gpus_per_node", gpus_per_node)
+            if placement.num_gpus % gpus_per_node:
+                raise ValueError(
+                    f"gpus_per_node={gpus_per_node} does not divide the dispatch group's "
+                    f"{placement.num_gpus} GPUs; pass a divisor of {placement.num_gpus} or None"
+                )
+        self.gpus_per_node = gpus_per_node
+
+    def _route(self, counts_GE: npt.NDArray[np.int64]) -> tuple[RankRoute, Plan | None]:
+        plan = schedule(counts_GE, self.placement, gpus_per_node=self.gpus_per_node)
+        return planned_route(plan, self.rank), plan
