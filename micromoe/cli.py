@@ -18,6 +18,7 @@ from micromoe.allocator import tune_allocator
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "simulate": ("micromoe.sim.command", "compare load balancers on routing traces or Zipf skews"),
     "calibrate": ("micromoe.runtime.calibrate_command", "measure this GPU's expert-GEMM cost model"),
+    "train": ("micromoe.train.command", "train a MoE transformer with plain EP or MicroEP (CPU or GPUs)"),
 }
 
 

@@ -1,0 +1,285 @@
+"""A decoder-only MoE transformer, single device, in one file (nanoGPT style).
+
+Architecture: token embedding -> L blocks of [RMSNorm -> causal self-attention with RoPE ->
+residual -> RMSNorm -> FFN -> residual] -> RMSNorm -> LM head. The first `num_dense_layers` blocks
+use a dense SwiGLU FFN, the rest an `MoELayer` (top-k router, grouped SwiGLU experts). The model
+knows nothing about process groups: `micromoe.model.parallel.parallelize_model` shards its MoE
+layers afterwards.
+
+Legend: B batch, T sequence, C hidden (model width), V vocab, nh query heads, nkv key/value
+heads, hd head dim.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from micromoe.runtime import MoEConfig, MoELayer
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Shape and routing options of the model.
+
+    Attributes:
+        vocab_size: V.
+        seq_len: longest sequence (RoPE table size).
+        num_layers: L blocks.
+        hidden: C.
+        num_heads: query heads nh.
+        num_kv_heads: key/value heads (grouped-query attention); None = num_heads.
+        head_dim: hd; None = hidden // num_heads.
+        ffn_hidden: each expert's SwiGLU hidden size.
+        dense_ffn_hidden: the dense layers' SwiGLU hidden size; None = top_k * ffn_hidden.
+        num_experts: E experts per MoE layer.
+        top_k: experts per token.
+        num_dense_layers: the first blocks with a dense FFN instead of MoE.
+        tie_embeddings: share the LM head with the token embedding.
+        aux_loss_coef: Switch-style load-balancing loss weight (0 = off).
+        expert_bias_rate: aux-loss-free balancing (DeepSeek-V3): a per-expert bias added to the
+            router scores for the top-k *selection* only, moved by rate * sign(mean - load) after
+            every optimizer step; 0 = off.
+        rope_theta: RoPE base.
+        norm_eps: RMSNorm epsilon.
+        init_std: std of embeddings and projections (residual outputs get init_std / sqrt(2L)).
+    """
+
+    vocab_size: int = 256
+    seq_len: int = 128
+    num_layers: int = 4
+    hidden: int = 64
+    num_heads: int = 4
+    num_kv_heads: int | None = None
+    head_dim: int | None = None
+    ffn_hidden: int = 128
+    dense_ffn_hidden: int | None = None
+    num_experts: int = 8
+    top_k: int = 2
+    num_dense_layers: int = 0
+    tie_embeddings: bool = True
+    aux_loss_coef: float = 0.0
+    expert_bias_rate: float = 0.0
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    init_std: float = 0.02
+
+    def __post_init__(self) -> None:
+        for name in (
+            "vocab_size",
+            "seq_len",
+            "num_layers",
+            "hidden",
+            "num_heads",
+            "ffn_hidden",
+            "num_experts",
+        ):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"ModelConfig.{name} must be a positive integer, got {v!r}")
+        if self.head_dim is None and self.hidden % self.num_heads:
+            raise ValueError(
+                f"hidden={self.hidden} must be divisible by num_heads={self.num_heads} (or set head_dim)"
+            )
+        if self.num_heads % self.kv_heads:
+            raise ValueError(f"num_heads={self.num_heads} must be a multiple of num_kv_heads={self.kv_heads}")
+        if self.dim_head % 2:
+            raise ValueError(f"head_dim={self.dim_head} must be even for RoPE")
+        if not 0 <= self.num_dense_layers <= self.num_layers:
+            raise ValueError(
+                f"num_dense_layers={self.num_dense_layers} must be in [0, num_layers={self.num_layers}]"
+            )
+        if not 1 <= self.top_k <= self.num_experts:
+            raise ValueError(f"top_k={self.top_k} must be in [1, num_experts={self.num_experts}]")
+        if self.aux_loss_coef < 0 or self.expert_bias_rate < 0:
+            raise ValueError("aux_loss_coef and expert_bias_rate must be >= 0")
+
+    @property
+    def kv_heads(self) -> int:
+        return self.num_kv_heads or self.num_heads
+
+    @property
+    def dim_head(self) -> int:
+        return self.head_dim or self.hidden // self.num_heads
+
+    @property
+    def num_moe_layers(self) -> int:
+        return self.num_layers - self.num_dense_layers
+
+    def moe_config(self) -> MoEConfig:
+        return MoEConfig(
+            self.hidden,
+            self.ffn_hidden,
+            self.num_experts,
+            self.top_k,
+            aux_loss_coef=self.aux_loss_coef,
+            expert_bias=self.expert_bias_rate > 0,
+        )
+
+
+class RMSNorm(nn.Module):
+    """x / rms(x) * weight, computed in float32."""
+
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (y * self.weight.float()).to(x.dtype)
+
+
+def rope_table(seq_len: int, head_dim: int, theta: float) -> torch.Tensor:
+    """float32 [seq_len, head_dim // 2, 2]: (cos, sin) of position * theta^(-2i/hd)."""
+    inv_freq = theta ** (-torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
+    angle = torch.arange(seq_len, dtype=torch.float64)[:, None] * inv_freq[None, :]
+    return torch.stack([angle.cos(), angle.sin()], dim=-1).float()
+
+
+def apply_rope(x: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+    """Rotate pairs (x[..., 2i], x[..., 2i+1]). x [B, nh, T, hd], table [T, hd/2, 2]."""
+    xf = x.float().unflatten(-1, (-1, 2))  # [B, nh, T, hd/2, 2]
+    cos, sin = table[..., 0], table[..., 1]  # [T, hd/2]
+    a, b = xf[..., 0], xf[..., 1]
+    out = torch.stack([a * cos - b * sin, a * sin + b * cos], dim=-1)
+    return out.flatten(-2).to(x.dtype)
+
+
+class Attention(nn.Module):
+    """Causal multi-head (optionally grouped-query) attention with RoPE."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.nh, self.nkv, self.hd = cfg.num_heads, cfg.kv_heads, cfg.dim_head
+        self.qkv = nn.Linear(cfg.hidden, (self.nh + 2 * self.nkv) * self.hd, bias=False)
+        self.proj = nn.Linear(self.nh * self.hd, cfg.hidden, bias=False)
+
+    def forward(self, x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
+        b, t, _ = x.shape  # x [B, T, C]
+        q, k, v = self.qkv(x).split([self.nh * self.hd, self.nkv * self.hd, self.nkv * self.hd], dim=-1)
+        q = q.view(b, t, self.nh, self.hd).transpose(1, 2)  # [B, nh, T, hd]
+        k = k.view(b, t, self.nkv, self.hd).transpose(1, 2)  # [B, nkv, T, hd]
+        v = v.view(b, t, self.nkv, self.hd).transpose(1, 2)
+        q, k = apply_rope(q, rope[:t]), apply_rope(k, rope[:t])
+        if self.nkv != self.nh:  # grouped-query attention: share each K/V head over nh/nkv queries
+            k = k.repeat_interleave(self.nh // self.nkv, dim=1)
+            v = v.repeat_interleave(self.nh // self.nkv, dim=1)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # [B, nh, T, hd]
+        return self.proj(y.transpose(1, 2).reshape(b, t, self.nh * self.hd))
+
+
+class DenseSwiGLU(nn.Module):
+    """(silu(x W_gate) * (x W_up)) W_down."""
+
+    def __init__(self, hidden: int, ffn_hidden: int) -> None:
+        super().__init__()
+        self.gate_up = nn.Linear(hidden, 2 * ffn_hidden, bias=False)
+        self.down = nn.Linear(ffn_hidden, hidden, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up(x).chunk(2, dim=-1)
+        return self.down(F.silu(gate) * up)
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block; `ffn` is a `DenseSwiGLU` or an `MoELayer`."""
+
+    def __init__(self, cfg: ModelConfig, moe: bool) -> None:
+        super().__init__()
+        self.attn_norm = RMSNorm(cfg.hidden, cfg.norm_eps)
+        self.attn = Attention(cfg)
+        self.ffn_norm = RMSNorm(cfg.hidden, cfg.norm_eps)
+        dense_hidden = cfg.dense_ffn_hidden or cfg.top_k * cfg.ffn_hidden
+        self.ffn: nn.Module = MoELayer(cfg.moe_config()) if moe else DenseSwiGLU(cfg.hidden, dense_hidden)
+
+    def forward(self, x: torch.Tensor, rope: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """x [B, T, C] -> ([B, T, C], the MoE layer's aux loss or None)."""
+        x = x + self.attn(self.attn_norm(x), rope)
+        x = x + self.ffn(self.ffn_norm(x))
+        aux = self.ffn.last_stats.aux_loss if isinstance(self.ffn, MoELayer) else None
+        return x, aux
+
+
+class MoETransformer(nn.Module):
+    """Decoder-only language model; `forward(idx, targets)` -> (logits, loss, aux_loss)."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden)
+        self.blocks = nn.ModuleList(Block(cfg, moe=i >= cfg.num_dense_layers) for i in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden, cfg.norm_eps)
+        self.head = nn.Linear(cfg.hidden, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.head.weight = self.embed.weight
+        self.register_buffer("rope", rope_table(cfg.seq_len, cfg.dim_head, cfg.rope_theta), persistent=False)
+        self._init_weights()
+
+    @torch.no_grad()
+    def _init_weights(self) -> None:
+        std = self.cfg.init_std
+        for name, p in self.named_parameters():
+            if ".ffn.router" in name or ".ffn.experts" in name or p.dim() < 2:
+                continue  # the MoE layer and the norms keep their own initialization
+            scale = (
+                1 / math.sqrt(2 * self.cfg.num_layers) if name.endswith(("proj.weight", "down.weight")) else 1
+            )
+            nn.init.normal_(p, std=std * scale)
+
+    def moe_layers(self) -> list[MoELayer]:
+        """The MoE layers in depth order (index i = MoE layer i, as logged and checkpointed)."""
+        return [b.ffn for b in self.blocks if isinstance(b.ffn, MoELayer)]
+
+    def forward(
+        self, idx: torch.Tensor, targets: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        """idx int64 [B, T] -> logits [B, T, V]; loss = mean cross-entropy vs targets [B, T]
+        (float32, None without targets); aux_loss = sum of the MoE layers' aux losses (float32)."""
+        if idx.shape[1] > self.cfg.seq_len:
+            raise ValueError(f"sequence length {idx.shape[1]} exceeds ModelConfig.seq_len={self.cfg.seq_len}")
+        x = self.embed(idx)  # [B, T, C]
+        aux = torch.zeros((), device=idx.device, dtype=torch.float32)
+        for block in self.blocks:
+            x, block_aux = block(x, self.rope)
+            if block_aux is not None:
+                aux = aux + block_aux.float()
+        logits = self.head(self.norm(x))  # [B, T, V]
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
+        return logits, loss, aux
+
+    @torch.no_grad()
+    def update_expert_biases(self, loads_le: torch.Tensor) -> None:
+        """Aux-loss-free balancing step: loads_le [L_moe, E] tokens per expert in the last
+        optimizer step (identical on every rank). No-op when expert_bias_rate is 0."""
+        if self.cfg.expert_bias_rate == 0:
+            return
+        for layer, load in zip(self.moe_layers(), loads_le, strict=True):
+            layer.router.update_expert_bias(load, rate=self.cfg.expert_bias_rate)
+
+    def num_params(self) -> dict[str, int]:
+        """Parameter counts of the unsharded model (also after `parallelize_model`): total,
+        active per token (matmul weights a token passes through), embedding."""
+        cfg = self.cfg
+        expert_ids = {id(p) for m in self.moe_layers() for p in m.experts.parameters()}
+        other = sum(p.numel() for p in self.parameters() if id(p) not in expert_ids)  # tied: once
+        per_expert = 3 * cfg.hidden * cfg.ffn_hidden  # gate, up and down projections
+        embed = self.embed.weight.numel()
+        total = other + cfg.num_moe_layers * cfg.num_experts * per_expert
+        active = other + cfg.num_moe_layers * cfg.top_k * per_expert
+        if not cfg.tie_embeddings:
+            active -= embed  # the input embedding is a lookup, not a matmul
+        return {"total": total, "active": active, "embedding": embed}
+
+    def flops_per_token(self) -> float:
+        """Training FLOPs per token: 6 * active matmul parameters + attention (nanoGPT/PaLM)."""
+        cfg = self.cfg
+        attn = 12 * cfg.num_layers * cfg.num_heads * cfg.dim_head * cfg.seq_len // 2  # causal half
+        return 6.0 * self.num_params()["active"] + attn

@@ -1,0 +1,274 @@
+"""`micromoe train`: train a MoE transformer with plain EP or MicroEP.
+
+Launch modes:
+- under torchrun (RANK/WORLD_SIZE/LOCAL_RANK set): NCCL with one GPU per rank when CUDA is
+  available, gloo otherwise; multi-node through torchrun's rendezvous;
+- `--nproc N` without a launcher: N gloo CPU processes started here (spawn, free local port);
+- otherwise one process, no process group (the model keeps all experts locally).
+Options resolve as defaults < preset < flags; the resolved config is logged by rank 0 and saved
+to OUT/config.json and inside every checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import inspect
+import json
+import logging
+import os
+import socket
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from micromoe.allocator import tune_allocator
+from micromoe.model import PRESETS, ModelConfig, preset
+from micromoe.runtime import apply_expert_parallel
+from micromoe.train import checkpoint as ckpt
+from micromoe.train.config import TrainConfig, resolve
+from micromoe.train.data import TokenData, load_tokens
+from micromoe.train.loop import train
+from micromoe.train.metrics import measure_bf16_peak
+from micromoe.train.parallel import ParallelState, init_distributed, resolve_layout
+from micromoe.train.report import summary_line, write_report
+from micromoe.train.trainer import build_run, run_meta
+
+log = logging.getLogger("micromoe.train")
+
+# flag -> ModelConfig field
+MODEL_FLAGS = {
+    "layers": "num_layers",
+    "seq_len": "seq_len",
+    "hidden": "hidden",
+    "ffn_hidden": "ffn_hidden",
+    "heads": "num_heads",
+    "experts": "num_experts",
+    "top_k": "top_k",
+    "dense_layers": "num_dense_layers",
+    "vocab_size": "vocab_size",
+    "tie_embeddings": "tie_embeddings",
+    "aux_loss": "aux_loss_coef",
+    "expert_bias_rate": "expert_bias_rate",
+}
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """Every option defaults to None so that the preset's value shows through unless given."""
+    m = p.add_argument_group("model")
+    m.add_argument(
+        "--preset", default="tiny", choices=list(PRESETS), help="model shape and training defaults (tiny)"
+    )
+    m.add_argument("--layers", type=int, help="number of transformer blocks (override the preset)")
+    m.add_argument("--seq-len", type=int, help="tokens per training sequence")
+    m.add_argument("--hidden", type=int, help="model width")
+    m.add_argument("--ffn-hidden", type=int, help="each expert's SwiGLU hidden size")
+    m.add_argument("--heads", type=int, help="attention heads")
+    m.add_argument("--experts", type=int, help="experts per MoE layer")
+    m.add_argument("--top-k", type=int, help="experts per token")
+    m.add_argument("--dense-layers", type=int, help="first blocks with a dense FFN instead of MoE")
+    m.add_argument("--vocab-size", type=int, help="vocabulary (default: the preset's, at least the data's)")
+    m.add_argument(
+        "--tie-embeddings",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="share input and output embeddings",
+    )
+    m.add_argument("--aux-loss", type=float, help="load-balancing aux-loss coefficient (0 = off)")
+    m.add_argument("--expert-bias-rate", type=float, help="aux-loss-free expert-bias update rate (0 = off)")
+    d = p.add_argument_group("data")
+    d.add_argument(
+        "--data",
+        help="text file, folder of .txt/.md files, or uint16 .bin (default: bundled tiny-shakespeare)",
+    )
+    d.add_argument("--val-fraction", type=float, help="share of the tokens held out for validation (0.1)")
+    o = p.add_argument_group("optimization")
+    o.add_argument("--micro-batch", type=int, help="sequences per micro-batch per rank")
+    o.add_argument("--grad-accum", type=int, help="micro-batches per rank and optimizer step (1)")
+    o.add_argument("--global-batch", type=int, help="sequences per optimizer step; sets --grad-accum")
+    o.add_argument("--lr", type=float, help="peak AdamW learning rate")
+    o.add_argument("--min-lr", type=float, help="learning rate at the end of the cosine decay")
+    o.add_argument("--warmup-steps", type=int, help="linear warmup steps")
+    o.add_argument("--lr-decay-steps", type=int, help="length of the cosine decay (default: --max-steps)")
+    o.add_argument("--weight-decay", type=float, help="AdamW weight decay on matrices (0.1)")
+    r = p.add_argument_group("run control")
+    r.add_argument("--max-steps", type=int, help="optimizer steps to train")
+    r.add_argument(
+        "--eval-interval", type=int, help="validation loss every N steps and at the end (0 = never)"
+    )
+    r.add_argument("--eval-batches", type=int, help="validation micro-batches per rank (4)")
+    r.add_argument("--seed", type=int, help="model init and data sampling seed (0)")
+    r.add_argument("--out", help="output folder: log.jsonl, config.json, report, checkpoints (runs/train)")
+    r.add_argument(
+        "--bf16",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="bf16 weights on GPU (on by default; CPU runs fp32)",
+    )
+    r.add_argument("--ckpt-interval", type=int, help="checkpoint every N steps (0 = only at the end)")
+    r.add_argument(
+        "--resume", action="store_true", default=None, help="continue from OUT's newest checkpoint"
+    )
+    r.add_argument(
+        "--record-routing",
+        metavar="FILE",
+        help="write per-micro-batch counts[src, e] (simulator's routing-log format)",
+    )
+    r.add_argument(
+        "--log-interval", type=int, help="steps between progress lines when not on a terminal (10)"
+    )
+    r.add_argument("--no-report", action="store_true", help="skip the Markdown/PNG report at the end")
+    q = p.add_argument_group("parallelism")
+    q.add_argument("--nproc", type=int, help="start N gloo CPU processes (without torchrun)")
+    q.add_argument("--dp", type=int, help="data-parallel degree (must equal the world size)")
+    q.add_argument("--ep", type=int, help="expert-parallel degree (default: half the world)")
+    q.add_argument(
+        "--merge", type=int, help="MicroEP merge factor d: EP groups per MicroEP group (2 for microep)"
+    )
+    q.add_argument(
+        "--dispatcher", choices=["ep", "microep"], help="plain EP or MicroEP token dispatch (microep)"
+    )
+    q.add_argument(
+        "--placement",
+        choices=["symmetric", "random", "asymmetric"],
+        help="initial MicroEP placement (symmetric)",
+    )
+    q.add_argument(
+        "--replace-interval", type=int, help="adaptive replacement: steps between checks (0 = off)"
+    )
+    q.add_argument(
+        "--replace-threshold", type=float, help="adaptive replacement: re-place when the score exceeds this"
+    )
+    q.add_argument("--cost-model", help="time-aware scheduling cost model (where the runtime supports it)")
+    q.add_argument("--timeout", type=float, help="seconds before a stuck collective fails (300)")
+
+
+def resolve_configs(args: argparse.Namespace, world: int, vocab_min: int) -> tuple[TrainConfig, ModelConfig]:
+    """TrainConfig and ModelConfig for `world` ranks; ValueError on any inconsistency."""
+    flags = dict(vars(args))
+    if (
+        flags.get("cost_model") is not None
+        and "cost_model" not in inspect.signature(apply_expert_parallel).parameters
+    ):
+        raise ValueError(
+            "--cost-model: this runtime's dispatcher does not take a cost model yet; leave it out"
+        )
+    cfg = resolve(args.preset, flags)
+    overrides = {field: flags.get(flag) for flag, field in MODEL_FLAGS.items()}
+    model_cfg = preset(args.preset, **overrides)
+    if model_cfg.vocab_size < vocab_min:
+        if args.vocab_size is not None:
+            raise ValueError(
+                f"--vocab-size {args.vocab_size} is smaller than the data's {vocab_min} token ids"
+            )
+        model_cfg = dataclasses.replace(model_cfg, vocab_size=vocab_min)
+    if args.global_batch is not None:
+        per_step = cfg.micro_batch * world
+        if args.global_batch % per_step:
+            raise ValueError(
+                f"--global-batch {args.global_batch} is not a multiple of micro-batch x world = {per_step}"
+            )
+        if args.grad_accum is not None and args.grad_accum * per_step != args.global_batch:
+            raise ValueError("--global-batch and --grad-accum disagree; give one of them")
+        cfg = dataclasses.replace(cfg, grad_accum=args.global_batch // per_step)
+    if world > 1:
+        resolve_layout(cfg, world)  # validates EP / d / DP against the world size
+    return cfg, model_cfg
+
+
+def run(args: argparse.Namespace) -> int:
+    env_world = os.environ.get("WORLD_SIZE")
+    if env_world is not None and os.environ.get("RANK") is not None:
+        world = int(env_world)
+        if args.nproc is not None and args.nproc != world:
+            raise ValueError(f"--nproc {args.nproc} under a launcher with WORLD_SIZE={world}; drop --nproc")
+        _preflight(args, world)
+        rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", 0))
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        _worker(local, rank, world, backend, args)
+        return 0
+    world = args.nproc or 1
+    if world < 1:
+        raise ValueError(f"--nproc must be >= 1, got {world}")
+    _preflight(args, world)
+    if world == 1:
+        _worker(0, 0, 1, None, args)
+        return 0
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ["MASTER_PORT"] = str(_free_port())
+    mp.start_processes(_spawned, args=(world, args), nprocs=world, join=True, start_method="spawn")
+    return 0
+
+
+def _preflight(args: argparse.Namespace, world: int) -> None:
+    """Every check that can fail before processes start: configs, data, checkpoint compatibility."""
+    tokens, vocab = load_tokens(args.data)
+    cfg, model_cfg = resolve_configs(args, world, vocab)
+    TokenData(tokens, vocab, val_fraction=cfg.val_fraction).check(model_cfg.seq_len)
+    if cfg.resume:
+        folder = ckpt.latest_checkpoint(Path(cfg.out))
+        if folder is None:
+            raise ValueError(f"--resume: no checkpoint under {cfg.out}/checkpoints")
+        par = ParallelState(
+            0, world, torch.device("cpu"), resolve_layout(cfg, world) if world > 1 else None, cfg.dispatcher
+        )
+        ckpt.check_compatible(ckpt.read_meta(folder), run_meta(cfg, model_cfg, par))
+
+
+def _spawned(rank: int, world: int, args: argparse.Namespace) -> None:
+    _worker(rank, rank, world, "gloo", args)
+
+
+def _worker(local_rank: int, rank: int, world: int, backend: str | None, args: argparse.Namespace) -> None:
+    """One rank: build, train, report (rank 0), then destroy the process group."""
+    if rank != 0 or not logging.getLogger().handlers:
+        logging.basicConfig(
+            level=logging.INFO if rank == 0 else logging.WARNING, format="%(message)s", force=True
+        )
+    tune_allocator()  # the planner runs every micro-batch: keep its arrays off fresh pages
+    torch.set_num_threads(
+        max(1, torch.get_num_threads() // max(1, world)) if backend == "gloo" else torch.get_num_threads()
+    )
+    device = torch.device("cpu")
+    if backend == "nccl":
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    elif backend is None and torch.cuda.is_available():
+        device = torch.device("cuda", 0)
+    tokens, vocab = load_tokens(args.data)
+    cfg, model_cfg = resolve_configs(args, world, vocab)
+    if backend is not None:
+        init_distributed(backend, rank, world, cfg.timeout)
+    try:
+        layout = resolve_layout(cfg, world) if world > 1 else None
+        par = ParallelState(rank, world, device, layout, cfg.dispatcher)
+        out = Path(cfg.out)
+        if rank == 0:
+            out.mkdir(parents=True, exist_ok=True)
+            resolved = {
+                "train": cfg.to_dict(),
+                "model": dataclasses.asdict(model_cfg),
+                "world": world,
+                "layout": str(layout),
+            }
+            (out / "config.json").write_text(json.dumps(resolved, indent=1))
+            log.info("micromoe train: %s", json.dumps(resolved))
+        peak = measure_bf16_peak(device) if device.type == "cuda" else None
+        data = TokenData(tokens, vocab, val_fraction=cfg.val_fraction, seed=cfg.seed)
+        run = build_run(cfg, model_cfg, par, data, peak_flops=peak)
+        records = train(run)
+        if rank == 0 and records:
+            log.info(summary_line(records))
+            if not args.no_report:
+                log.info("report: %s", write_report(out))
+    finally:
+        if backend is not None and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -1,0 +1,115 @@
+"""Training data: a token stream, a train/validation split, and deterministic, resumable batches.
+
+Sources (`load_tokens`):
+- a text file, or a folder of them (`*.txt`, `*.md`, sorted, concatenated), read as bytes: a
+  byte-level vocabulary of 256 (the default is the bundled tiny-shakespeare corpus);
+- a `.bin` file of little-endian uint16 tokens (the nanoGPT convention), memory-mapped.
+
+Batches carry no hidden state: the sequences of optimizer step s come from a generator seeded by
+(seed, split, s), so the data position is just the step number (which the checkpoint stores), and
+the same global batch is drawn whatever the world size. Rank r's micro-batch m of a step is the
+(m * world + r)-th slice of `micro_batch` sequences of the step's global batch, so one process
+with `world * grad_accum` micro-batches sees exactly the sequences `world` processes see.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+import numpy.typing as npt
+import torch
+
+TEXT_SUFFIXES = (".txt", ".md")
+
+
+def default_corpus() -> Path:
+    """The bundled tiny-shakespeare text (about 1 MB)."""
+    return Path(str(resources.files("micromoe") / "data" / "tinyshakespeare.txt"))
+
+
+def load_tokens(path: str | Path | None = None) -> tuple[npt.NDArray[np.integer], int]:
+    """Token stream and vocabulary size of a text file, a folder of text files, or a uint16 .bin.
+
+    Returns (tokens uint8 or uint16 [N], vocab_size): 256 for text, max token + 1 for .bin.
+    """
+    path = Path(path) if path is not None else default_corpus()
+    if not path.exists():
+        raise ValueError(f"data path {str(path)!r} does not exist; pass a text file, a folder or a .bin")
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in TEXT_SUFFIXES)
+        if not files:
+            raise ValueError(f"folder {str(path)!r} holds no {'/'.join(TEXT_SUFFIXES)} files")
+        tokens = np.frombuffer(b"\n".join(f.read_bytes() for f in files), dtype=np.uint8)
+        return tokens, 256
+    if path.suffix == ".bin":
+        if path.stat().st_size % 2:
+            raise ValueError(f"{str(path)!r} has an odd number of bytes: not a uint16 token file")
+        tokens = np.memmap(path, dtype=np.uint16, mode="r")
+        if tokens.size == 0:
+            raise ValueError(f"{str(path)!r} is empty")
+        return tokens, int(tokens.max()) + 1
+    return np.frombuffer(path.read_bytes(), dtype=np.uint8), 256
+
+
+@dataclass(frozen=True)
+class BatchSpec:
+    """How a global batch is cut: `micro_batch` sequences of `seq_len` tokens per micro-batch,
+    `grad_accum` micro-batches per rank and step, `world` ranks."""
+
+    seq_len: int
+    micro_batch: int
+    grad_accum: int
+    world: int
+
+    @property
+    def global_batch(self) -> int:
+        """Sequences per optimizer step."""
+        return self.micro_batch * self.grad_accum * self.world
+
+
+class TokenData:
+    """A token stream split into train (first 1 - val_fraction) and validation (the rest).
+
+    Args:
+        tokens: [N] token ids.
+        vocab_size: V.
+        val_fraction: share of the stream held out for validation.
+        seed: base seed of the sampling.
+    """
+
+    def __init__(
+        self, tokens: npt.NDArray[np.integer], vocab_size: int, *, val_fraction: float = 0.1, seed: int = 0
+    ) -> None:
+        if not 0 < val_fraction < 1:
+            raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
+        n_val = int(len(tokens) * val_fraction)
+        self.splits = {"train": tokens[: len(tokens) - n_val], "val": tokens[len(tokens) - n_val :]}
+        self.vocab_size, self.seed = vocab_size, seed
+
+    def check(self, seq_len: int) -> None:
+        """Raise ValueError when a split is too short for one sequence of `seq_len` + 1 tokens."""
+        for name, toks in self.splits.items():
+            if len(toks) <= seq_len + 1:
+                raise ValueError(
+                    f"the {name} split has {len(toks)} tokens, too few for sequences of {seq_len}; "
+                    "use more data or a shorter --seq-len"
+                )
+
+    def batch(
+        self, split: str, step: int, micro: int, rank: int, spec: BatchSpec
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rank `rank`'s micro-batch `micro` of optimizer step `step` (or eval batch `step`).
+
+        Returns (x, y), int64 [micro_batch, seq_len] each; y is x shifted by one token.
+        """
+        toks = self.splits[split]
+        rng = np.random.default_rng([self.seed, 0 if split == "train" else 1, step])
+        starts = rng.integers(0, len(toks) - spec.seq_len - 1, size=spec.global_batch)
+        part = micro * spec.world + rank
+        mine = starts[part * spec.micro_batch : (part + 1) * spec.micro_batch]
+        rows = np.stack([np.asarray(toks[s : s + spec.seq_len + 1], dtype=np.int64) for s in mine])
+        t = torch.from_numpy(rows)
+        return t[:, :-1], t[:, 1:]

@@ -1,0 +1,182 @@
+"""The training loop: micro-batches, gradient sync, AdamW step, balancing, logging, checkpoints.
+
+One optimizer step on every rank, in the same order (the MoE layers' collectives require it):
+  for each of grad_accum micro-batches: forward (MoE layers all-to-all inside), backward;
+  [collective] dense gradients averaged over DP, each expert's gradient over its replica group;
+  AdamW step; [collective] expert loads summed for the aux-loss-free bias update;
+  the adaptive-replacement hook; [collective] the step's loss averaged for the log.
+Legend: L MoE layers, E experts, G GPUs of a MicroEP group.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import sys
+import time
+from pathlib import Path
+from typing import IO, Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from micromoe.routing_log import write_routing_record
+from micromoe.runtime import sync_dense_gradients, sync_expert_gradients
+from micromoe.train.metrics import StepMeter, mfu
+from micromoe.train.trainer import Run, save
+
+log = logging.getLogger("micromoe.train")
+
+
+def lr_at(step: int, run: Run) -> float:
+    """Linear warmup to lr over warmup_steps, then cosine decay to min_lr at lr_decay_steps."""
+    cfg = run.cfg
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    decay = cfg.lr_decay_steps or cfg.max_steps
+    frac = min(1.0, (step - cfg.warmup_steps) / max(1, decay - cfg.warmup_steps))
+    return cfg.min_lr + 0.5 * (1 + math.cos(math.pi * frac)) * (cfg.lr - cfg.min_lr)
+
+
+def _all_reduce_sum(t: torch.Tensor, run: Run) -> torch.Tensor:
+    if run.parallel.distributed:
+        dist.all_reduce(t)  # collective (world)
+    return t
+
+
+def sync_gradients(run: Run) -> None:
+    """Dense gradients averaged over DP; each MoE layer's experts over that layer's replica groups."""
+    if not run.parallel.distributed:
+        return
+    expert_ids = {id(p) for m in run.model.moe_layers() for p in m.experts.parameters()}
+    dense = [p for p in run.model.parameters() if id(p) not in expert_ids]
+    sync_dense_gradients(dense, run.parallel.groups[0])  # collective (DP group)
+    for layer, groups in zip(run.model.moe_layers(), run.parallel.groups, strict=True):
+        sync_expert_gradients(layer.experts, groups)  # collectives (replica groups)
+
+
+def train_step(run: Run, step: int, meter: StepMeter, routing_fp: IO[str] | None) -> dict[str, Any]:
+    """One optimizer step; returns the log fields it measured (loss averaged over the world)."""
+    model, cfg, par = run.model, run.cfg, run.parallel
+    num_moe = len(model.moe_layers())
+    loads_le = torch.zeros(num_moe, model.cfg.num_experts, dtype=torch.float64)
+    sums = torch.zeros(2, dtype=torch.float64)  # loss, aux loss
+    for group in run.optimizer.param_groups:
+        group["lr"] = lr_at(step, run)
+    for micro in range(cfg.grad_accum):
+        x, y = run.data.batch("train", step, micro, par.rank, run.spec)
+        _, loss, aux = model(x.to(par.device, non_blocking=True), y.to(par.device, non_blocking=True))
+        ((loss + aux) / cfg.grad_accum).backward()
+        sums += torch.tensor([loss.item(), aux.item()], dtype=torch.float64)  # host sync
+        for i, layer in enumerate(model.moe_layers()):
+            stats = layer.last_stats
+            meter.add(i, stats)
+            run.replacer.observe(i, stats.counts_ge)
+            loads_le[i] += torch.from_numpy(stats.counts_ge.sum(axis=0).astype(np.float64))
+            if routing_fp is not None:
+                write_routing_record(
+                    routing_fp, step=step, layer=i, counts=stats.counts_ge, micro_batch=micro
+                )
+    sync_gradients(run)
+    run.optimizer.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    # every rank applies the same bias update: loads summed over the world (a uniform multiple of
+    # the true loads, and sign(mean - load) does not change under scaling)
+    model.update_expert_biases(_all_reduce_sum(loads_le.to(par.device), run).cpu())
+    events = run.replacer.maybe_replace(step, model, run.optimizer)
+    sums = _all_reduce_sum(sums.to(par.device), run).cpu() / (cfg.grad_accum * par.world)
+    out: dict[str, Any] = {"loss": float(sums[0]), "aux_loss": float(sums[1])}
+    if events:
+        out["replacements"] = events
+    return out
+
+
+@torch.no_grad()
+def evaluate(run: Run) -> float:
+    """Mean validation loss over eval_batches micro-batches per rank (same batches every time)."""
+    run.model.eval()
+    total = torch.zeros((), dtype=torch.float64)
+    for i in range(run.cfg.eval_batches):
+        x, y = run.data.batch("val", i, 0, run.parallel.rank, run.spec)
+        _, loss, _ = run.model(x.to(run.parallel.device), y.to(run.parallel.device))
+        total += loss.item()
+    run.model.train()
+    total = _all_reduce_sum(total.to(run.parallel.device), run).cpu()
+    return float(total) / (run.cfg.eval_batches * run.parallel.world)
+
+
+def train(run: Run) -> list[dict[str, Any]]:
+    """Train from run.start_step to max_steps; append one JSON line per step to out/log.jsonl.
+    Returns the records of this call (rank 0 writes files; every rank returns the same losses)."""
+    cfg, par = run.cfg, run.parallel
+    out = Path(cfg.out)
+    lead = par.rank == 0
+    log_fp = (out / "log.jsonl").open("a" if run.start_step else "w") if lead else None
+    routing_fp = None
+    if lead and cfg.record_routing:
+        Path(cfg.record_routing).parent.mkdir(parents=True, exist_ok=True)
+        routing_fp = Path(cfg.record_routing).open("a" if run.start_step else "w")
+    tokens_per_step = run.spec.global_batch * run.spec.seq_len
+    bar = _progress(run) if lead else None
+    records = []
+    try:
+        for step in range(run.start_step, cfg.max_steps):
+            t0 = time.perf_counter()
+            meter = StepMeter(len(run.model.moe_layers()), par.ep_size)
+            rec: dict[str, Any] = {"step": step, "lr": lr_at(step, run)}
+            rec.update(train_step(run, step, meter, routing_fp))
+            if par.device.type == "cuda":
+                torch.cuda.synchronize(par.device)
+            step_s = time.perf_counter() - t0
+            rec.update(
+                {"tokens": tokens_per_step, "step_s": step_s, "tokens_per_s": tokens_per_step / step_s}
+            )
+            rec["mfu"] = mfu(run.flops_per_token, rec["tokens_per_s"], run.peak_flops, par.world)
+            rec.update(meter.record())
+            last = step + 1 == cfg.max_steps
+            if cfg.eval_interval and ((step + 1) % cfg.eval_interval == 0 or last):
+                rec["val_loss"] = evaluate(run)
+            if cfg.ckpt_interval and (step + 1) % cfg.ckpt_interval == 0 and not last:
+                save(run, step + 1)
+            records.append(rec)
+            if lead:
+                log_fp.write(json.dumps(rec) + "\n")
+                log_fp.flush()
+                _show(bar, rec, cfg.log_interval, cfg.max_steps)
+        save(run, cfg.max_steps)
+    finally:
+        for fp in (log_fp, routing_fp):
+            if fp is not None:
+                fp.close()
+        if bar is not None:
+            bar.close()
+    return records
+
+
+def _progress(run: Run):
+    """A tqdm bar on a terminal, None otherwise (then `_show` logs one line every log_interval)."""
+    if not sys.stderr.isatty():
+        return None
+    from tqdm import tqdm  # optional UI dependency, only on a terminal
+
+    return tqdm(total=run.cfg.max_steps, initial=run.start_step, unit="step", dynamic_ncols=True)
+
+
+def _show(bar, rec: dict[str, Any], every: int, total: int) -> None:
+    text = (
+        f"loss {rec['loss']:.4f} | {rec['tokens_per_s']:,.0f} tok/s | max/mean load {rec['max_mean_load']:.3f}"
+        f" (plain EP {rec['ep_max_mean_load']:.3f}) | sched {rec['sched_us']:.0f} us"
+    )
+    if rec.get("mfu") is not None:
+        text += f" | MFU {100 * rec['mfu']:.1f}%"
+    if "val_loss" in rec:
+        text += f" | val {rec['val_loss']:.4f}"
+    if bar is not None:
+        bar.set_postfix_str(text, refresh=False)
+        bar.update(1)
+        if "val_loss" in rec:
+            bar.write(f"step {rec['step'] + 1}: {text}")
+    elif (rec["step"] + 1) % every == 0 or "val_loss" in rec or rec["step"] + 1 == total:
+        log.info("step %d/%d: %s", rec["step"] + 1, total, text)

@@ -1,0 +1,130 @@
+"""The end-of-run report: OUT/report.md plus PNG plots of loss, balance per layer (MicroEP against
+the plain-EP counterfactual on the same routing) and throughput, all from OUT/log.jsonl."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+
+def read_log(out: Path) -> list[dict[str, Any]]:
+    path = Path(out) / "log.jsonl"
+    if not path.exists():
+        raise ValueError(f"{str(path)!r} does not exist: train into {out} first")
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _steady(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Records after the first 10% of steps (start-up and compilation excluded from rates)."""
+    return records[len(records) // 10 :] or records
+
+
+def summary_line(records: list[dict[str, Any]]) -> str:
+    """One line: final loss, balance of MicroEP against plain EP, throughput."""
+    tail = _steady(records)
+    ex = np.mean([r["max_mean_load"] for r in tail])
+    cf = np.mean([r["ep_max_mean_load"] for r in tail])
+    val = next((r["val_loss"] for r in reversed(records) if "val_loss" in r), None)
+    text = (
+        f"done: {records[-1]['step'] + 1} steps, loss {records[-1]['loss']:.4f}"
+        + (f", val loss {val:.4f}" if val is not None else "")
+        + f"; max/mean GPU load {ex:.3f} executed vs {cf:.3f} plain EP on the same routing"
+        + f"; {np.median([r['tokens_per_s'] for r in tail]):,.0f} tokens/s"
+        + f"; scheduler {np.median([r['sched_us'] for r in tail]):.0f} us per layer and micro-batch"
+    )
+    mfus = [r["mfu"] for r in tail if r.get("mfu") is not None]
+    return text + (f"; MFU {100 * np.median(mfus):.1f}%" if mfus else "")
+
+
+def write_report(out: Path) -> Path:
+    """Write report.md, loss.png, balance.png, throughput.png into `out`; return the .md path."""
+    import matplotlib  # optional heavy dependency, only when a report is written
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out = Path(out)
+    records = read_log(out)
+    config = json.loads((out / "config.json").read_text()) if (out / "config.json").exists() else {}
+    steps = np.array([r["step"] + 1 for r in records])
+    _plot_loss(plt, records, steps, out / "loss.png")
+    _plot_balance(plt, records, steps, out / "balance.png")
+    _plot_throughput(plt, records, steps, out / "throughput.png")
+    md = out / "report.md"
+    md.write_text(_markdown(records, config))
+    return md
+
+
+def _plot_loss(plt, records, steps, path: Path) -> None:
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot(steps, [r["loss"] for r in records], label="train")
+    val = [(r["step"] + 1, r["val_loss"]) for r in records if "val_loss" in r]
+    if val:
+        ax.plot(*zip(*val, strict=True), "o-", label="validation")
+    ax.set(xlabel="step", ylabel="loss (nats/token)", title="Loss")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _plot_balance(plt, records, steps, path: Path) -> None:
+    ex = np.array([r["layer_max_mean_load"] for r in records])  # [steps, L]
+    cf = np.array([r["layer_ep_max_mean_load"] for r in records])
+    num_layers = ex.shape[1] if ex.ndim == 2 else 0
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
+    for layer in range(num_layers):
+        line = axes[0].plot(steps, cf[:, layer], alpha=0.5, lw=1)[0]
+        axes[0].plot(steps, ex[:, layer], color=line.get_color(), lw=1.5, label=f"layer {layer}")
+    axes[0].axhline(1.0, color="k", lw=0.5)
+    axes[0].set(
+        xlabel="step", ylabel="max/mean GPU load", title="Per layer: executed (bold) vs plain EP (faint)"
+    )
+    if num_layers <= 8:
+        axes[0].legend(fontsize=7)
+    x = np.arange(num_layers)
+    tail = slice(len(records) // 10, None)
+    axes[1].bar(x - 0.2, cf[tail].mean(0) if num_layers else [], 0.4, label="plain EP (counterfactual)")
+    axes[1].bar(x + 0.2, ex[tail].mean(0) if num_layers else [], 0.4, label="executed")
+    axes[1].axhline(1.0, color="k", lw=0.5)
+    axes[1].set(xlabel="MoE layer", ylabel="mean max/mean GPU load", title="Mean over steps")
+    axes[1].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _plot_throughput(plt, records, steps, path: Path) -> None:
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot(steps, [r["tokens_per_s"] for r in records])
+    ax.set(xlabel="step", ylabel="tokens/s (all ranks)", title="Throughput")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _markdown(records: list[dict[str, Any]], config: dict[str, Any]) -> str:
+    tail = _steady(records)
+    ex = np.array([r["layer_max_mean_load"] for r in tail]).mean(0)
+    cf = np.array([r["layer_ep_max_mean_load"] for r in tail]).mean(0)
+    train = config.get("train", {})
+    lines = [
+        "# micromoe training report",
+        "",
+        f"Preset `{train.get('preset', '?')}`, dispatcher `{train.get('dispatcher', '?')}`, world size "
+        f"{config.get('world', '?')}, layout {config.get('layout', '?')}.",
+        "",
+        summary_line(records),
+        "",
+        "Balance is max/mean rows computed per GPU of a MicroEP group, averaged over micro-batches and",
+        "steps (the first 10% of steps excluded); plain EP is the counterfactual on the same routing.",
+        "",
+        "| MoE layer | executed max/mean | plain EP max/mean |",
+        "| --- | --- | --- |",
+    ]
+    lines += [f"| {i} | {e:.3f} | {c:.3f} |" for i, (e, c) in enumerate(zip(ex, cf, strict=True))]
+    lines += ["", "![loss](loss.png)", "", "![balance](balance.png)", "", "![throughput](throughput.png)", ""]
+    return "\n".join(lines)
