@@ -48,7 +48,7 @@ class AllToAllDispatcher(LocalDispatcher, abc.ABC):
     Args:
         group: the dispatch process group (G ranks).
         rank: this rank's index in `group` (the planner's GPU index).
-        placement: the replica layout over the group's G GPUs.
+        placement: which expert sits in which local slot of each of the group's G GPUs.
         timer: optional phase timer (benchmarks).
     """
 

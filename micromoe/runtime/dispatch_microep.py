@@ -24,7 +24,7 @@ class MicroEPDispatcher(AllToAllDispatcher):
     Args:
         group: the MicroEP process group (G = d*EP ranks).
         rank: this rank's index in `group`.
-        placement: the replica layout over the group's G GPUs.
+        placement: which expert sits in which local slot of each of the group's G GPUs.
         gpus_per_node: GPUs per node, for the planner's same-node preference (optional; must
             divide G).
         timer: optional phase timer (benchmarks).

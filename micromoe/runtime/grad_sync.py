@@ -6,6 +6,8 @@ its MicroEP group), so the true gradient is the *sum* over all its replicas divi
 Collectives are issued in the placement's collective order (slot, then expert) on every rank; the
 local-slot rule makes that order consistent across overlapping replica groups (no deadlock).
 Every rank of a replica group gets the same reduced bits, so replicas stay bit-identical.
+
+Legend: S local slots (expert weights are [S, ...]; slot `rg.slot` holds expert `rg.expert`).
 """
 
 from __future__ import annotations

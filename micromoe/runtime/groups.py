@@ -37,8 +37,9 @@ class ProcessGroups:
     """All groups one rank needs for one placement.
 
     Attributes:
-        layout: the validated layout.
-        placement: the replica layout of one MicroEP group (the same in every MicroEP group).
+        layout: the validated parallel layout (world size, DP, EP, merge factor).
+        placement: which expert sits in which local slot of each GPU of one MicroEP group (the
+            same in every MicroEP group).
         rank: this process's global rank.
         dp: the group for dense-parameter gradients (all ranks).
         microep: this rank's MicroEP group (d*EP ranks); the dispatcher's all-to-all runs here.

@@ -1,4 +1,7 @@
-"""The one function that applies expert parallelism to a single-device `MoELayer`."""
+"""The one function that applies expert parallelism to a single-device `MoELayer`.
+
+Legend: E experts, S local slots of this rank, H hidden, F expert FFN hidden.
+"""
 
 from __future__ import annotations
 

@@ -68,28 +68,30 @@ class TopKRouter(nn.Module):
     def forward(self, x: torch.Tensor, forced_expert: torch.Tensor | None = None) -> RouterOutput:
         """x [T, H] -> RouterOutput. `forced_expert` int64 [T, K] overrides the selection (benchmarks
         and tests); the gates still come from the router's probabilities, so gradients flow."""
-        probs = torch.softmax((x @ self.weight.t()).float(), dim=-1)
+        logits_TE = x @ self.weight.t()
+        probs_TE = torch.softmax(logits_TE.float(), dim=-1)
         if forced_expert is not None:
             if forced_expert.shape != (x.shape[0], self.top_k):
                 raise ValueError(
                     f"forced_expert must be [T={x.shape[0]}, K={self.top_k}], got {tuple(forced_expert.shape)}"
                 )
-            expert = forced_expert
+            expert_TK = forced_expert
         else:
-            score = probs if self.expert_bias is None else probs + self.expert_bias
-            expert = torch.topk(score.detach(), self.top_k, dim=-1).indices
-        weight = probs.gather(1, expert.clamp(0, self.num_experts - 1))
+            score_TE = probs_TE if self.expert_bias is None else probs_TE + self.expert_bias
+            expert_TK = torch.topk(score_TE.detach(), self.top_k, dim=-1).indices
+        weight_TK = probs_TE.gather(1, expert_TK.clamp(0, self.num_experts - 1))
         if self.normalize:
-            weight = weight / weight.sum(dim=-1, keepdim=True)
-        return RouterOutput(expert, weight.to(x.dtype), probs, self._aux_loss(probs, expert))
+            weight_TK = weight_TK / weight_TK.sum(dim=-1, keepdim=True)
+        aux_loss = self._aux_loss(probs_TE, expert_TK)
+        return RouterOutput(expert_TK, weight_TK.to(x.dtype), probs_TE, aux_loss)
 
-    def _aux_loss(self, probs: torch.Tensor, expert: torch.Tensor) -> torch.Tensor:
-        if self.aux_loss_coef == 0 or probs.shape[0] == 0:
-            return probs.new_zeros(())
+    def _aux_loss(self, probs_TE: torch.Tensor, expert_TK: torch.Tensor) -> torch.Tensor:
+        if self.aux_loss_coef == 0 or probs_TE.shape[0] == 0:
+            return probs_TE.new_zeros(())
         e = self.num_experts
-        flat = expert.reshape(-1).clamp(0, e - 1).long()
-        frac = probs.new_zeros(e).scatter_add_(0, flat, probs.new_ones(flat.shape)) / flat.numel()
-        return self.aux_loss_coef * e * (frac * probs.mean(dim=0)).sum()
+        flat = expert_TK.reshape(-1).clamp(0, e - 1).long()
+        frac_E = probs_TE.new_zeros(e).scatter_add_(0, flat, probs_TE.new_ones(flat.shape)) / flat.numel()
+        return self.aux_loss_coef * e * (frac_E * probs_TE.mean(dim=0)).sum()
 
     @torch.no_grad()
     def update_expert_bias(self, load: torch.Tensor, rate: float = 1e-3) -> None:
