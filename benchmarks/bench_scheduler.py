@@ -17,17 +17,19 @@ import math
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import time
 from dataclasses import dataclass
+from importlib.metadata import version
 from pathlib import Path
 
 import numba
 import numpy as np
+from traffic_lp import min_traffic_lp, traffic_cost  # benchmarks/ is on sys.path when run as a script
 
 from micromoe.allocator import allocator_settings, tune_allocator
 from micromoe.plan import Placement, lp_optimum_fraction, schedule
-from micromoe.plan.highs import min_traffic_lp, traffic_cost
 
 SIZES = [(16, 8, 2), (32, 8, 2), (64, 8, 2), (64, 32, 2), (128, 32, 3), (256, 64, 4)]
 TRAFFIC_WEIGHTS = (0.0, 1.0, 4.0)  # same GPU, same node, other node
@@ -86,8 +88,8 @@ def bench_size(num_experts: int, num_gpus: int, replicas: int, args, stream: Str
     def flow(c):
         return schedule(c, placement, gpus_per_node=gpus_per_node)
 
-    def highs(c):
-        return schedule(c, placement, gpus_per_node=gpus_per_node, solver="highs")
+    def highs(c):  # the paper's LP has no node preference (schedule refuses gpus_per_node for it)
+        return schedule(c, placement, solver="highs")
 
     flow(batches[0])  # compile and build caches outside the timing
     highs(batches[0])
@@ -143,8 +145,6 @@ def environment() -> dict:
 
 
 def _commit() -> str:
-    import subprocess
-
     try:
         out = subprocess.run(
             ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10
@@ -165,8 +165,6 @@ def _cpu_name() -> str:
 
 
 def _version(name: str) -> str:
-    from importlib.metadata import version
-
     return version(name)
 
 

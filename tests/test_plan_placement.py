@@ -134,6 +134,24 @@ def test_builder_size_errors(args, match):
         Placement.random(*args)
 
 
+@pytest.mark.parametrize("bad", [True, 2.0, "8", 0, -1])
+def test_sizes_must_be_positive_integers(bad):
+    """One positive-integer rule for every size: NumPy integers pass, bool/float/str do not."""
+    with pytest.raises(ValueError, match=r"num_gpus must be a positive integer, got"):
+        Placement.symmetric(bad, 8)
+    with pytest.raises(ValueError, match=r"slots_per_gpu must be a positive integer, got"):
+        Placement.asymmetric(np.ones(8), 4, bad)
+    with pytest.raises(ValueError, match=r"num_experts must be a positive integer, got"):
+        Placement.from_slots([[0]], bad)
+
+
+def test_builders_accept_numpy_integers():
+    a = Placement.symmetric(np.int64(8), np.int32(16), np.int64(2))
+    assert a == Placement.symmetric(8, 16, 2)
+    b = Placement.asymmetric(np.arange(8) + 1.0, np.int64(4), np.int64(4), num_samples=np.int64(2))
+    assert b == Placement.asymmetric(np.arange(8) + 1.0, 4, 4, num_samples=2)
+
+
 def test_asymmetric_gives_hot_experts_more_replicas():
     loads = np.array([100.0, 50, 10, 10, 5, 5, 5, 5, 2, 2, 2, 2, 1, 1, 1, 1])
     p = Placement.asymmetric(loads, num_gpus=8, slots_per_gpu=4, seed=0, num_samples=8)

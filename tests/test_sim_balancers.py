@@ -248,3 +248,32 @@ def test_adaptive_replacement_reaches_the_bound_after_learning() -> None:
     assert np.all(static > bound)
     np.testing.assert_array_equal(ar[4:], bound[4:])
     assert res.info["microep-ar"]["replacements"] >= 1
+
+
+# ------------------------------------------------------------------------------------------------
+# the group is validated when it is built
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"num_gpus": 0, "replicas": 1}, "--gpus must be a positive integer, got 0"),
+        ({"num_gpus": 8.0, "replicas": 2}, "--gpus must be a positive integer, got 8.0"),
+        ({"num_gpus": 8, "replicas": True}, "--replicas must be a positive integer, got True"),
+        ({"num_gpus": 8, "replicas": 3}, "--replicas 3 must be between 1 and --gpus 8"),
+        ({"num_gpus": 4, "replicas": 8}, "--replicas 8 must be between 1 and --gpus 4"),
+        ({"num_gpus": 8, "replicas": 2, "gpus_per_node": 3}, "--gpus-per-node 3"),
+        ({"num_gpus": 8, "replicas": 2, "gpus_per_node": 0}, "--gpus-per-node must be a positive integer"),
+        ({"num_gpus": 6, "replicas": 2, "lplb_topology": "cube"}, "LPLB cube"),
+        ({"num_gpus": 8, "replicas": 2, "ar_interval": 0}, "--ar-interval must be a positive integer"),
+        ({"num_gpus": 8, "replicas": 2, "seed": -1}, "--seed must be an integer >= 0"),
+    ],
+)
+def test_group_config_is_validated_when_built(kwargs: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message.replace("(", r"\(")):
+        GroupConfig(**kwargs)
+
+
+def test_group_config_accepts_numpy_integers() -> None:
+    cfg = GroupConfig(num_gpus=np.int64(8), replicas=np.int32(2), gpus_per_node=np.int64(4), seed=np.int64(1))
+    assert cfg.num_gpus == 8 and cfg.replicas == 2

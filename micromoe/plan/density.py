@@ -4,6 +4,9 @@ T* = max over non-empty GPU sets S of (L_inside(S) + base(S)) / |S|, where L_ins
 of experts whose replicas all lie in S. `lp_optimum` finds it exactly for any group size by a
 Dinkelbach loop over max-flow feasibility checks (each failure yields a Hall set and a larger valid
 ratio), without enumerating subsets. `lp_optimum_brute_force` enumerates them, for tests.
+
+Legend: E experts, G GPUs; loads int [E], base loads int [G]. Every function takes any validated
+slot layout (a `Placement` or the `SlotLayout` the layout builders score).
 """
 
 from __future__ import annotations
@@ -14,13 +17,13 @@ from fractions import Fraction
 import numpy as np
 import numpy.typing as npt
 
-from micromoe.plan.flow import feasible_scaled, inside_load
-from micromoe.plan.placement import IntArray, Placement
-from micromoe.plan.schedule import as_int_array
+from micromoe.plan.checks import IntArray, as_int_array
+from micromoe.plan.flow import feasible_scaled, inside_load, ratio_bound
+from micromoe.plan.slot_layout import SlotLayout
 
 
 def lp_optimum_fraction(
-    loads: npt.ArrayLike, placement: Placement, base_load: npt.ArrayLike | None = None
+    loads: npt.ArrayLike, placement: SlotLayout, base_load: npt.ArrayLike | None = None
 ) -> Fraction:
     """Exact T* as a Fraction. loads: int [E] >= 0 (tokens per expert); base_load: int [G] >= 0."""
     p = placement
@@ -41,12 +44,12 @@ def lp_optimum_fraction(
         t = t_next
 
 
-def lp_optimum(loads: npt.ArrayLike, placement: Placement, base_load: npt.ArrayLike | None = None) -> float:
+def lp_optimum(loads: npt.ArrayLike, placement: SlotLayout, base_load: npt.ArrayLike | None = None) -> float:
     """T*, the optimal (fractional) max GPU load for per-expert `loads` on `placement`."""
     return float(lp_optimum_fraction(loads, placement, base_load))
 
 
-def balance_ratio(loads: npt.ArrayLike, placement: Placement) -> float:
+def balance_ratio(loads: npt.ArrayLike, placement: SlotLayout) -> float:
     """T* / mean GPU load: 1.0 means the placement can balance these loads perfectly."""
     load = np.asarray(loads, dtype=np.int64)
     total = int(load.sum())
@@ -56,7 +59,7 @@ def balance_ratio(loads: npt.ArrayLike, placement: Placement) -> float:
 
 
 def lp_optimum_brute_force(
-    loads: npt.ArrayLike, placement: Placement, base_load: npt.ArrayLike | None = None
+    loads: npt.ArrayLike, placement: SlotLayout, base_load: npt.ArrayLike | None = None
 ) -> Fraction:
     """Reference T* by enumerating all 2^G - 1 GPU sets (G <= 16)."""
     p = placement
@@ -74,24 +77,15 @@ def lp_optimum_brute_force(
     return best
 
 
-def _set_ratio(load: IntArray, base: IntArray, p: Placement, in_set: np.ndarray) -> Fraction:
+def _set_ratio(load: IntArray, base: IntArray, p: SlotLayout, in_set: np.ndarray) -> Fraction:
     inside = int(inside_load(load, p.host_ptr, p.host_gpu, in_set))
     return Fraction(inside + int(base[in_set].sum()), int(in_set.sum()))
 
 
-def _start_ratio(load: IntArray, base: IntArray, p: Placement) -> Fraction:
-    """Largest of: the mean, the largest base load, and each expert over its own hosts."""
-    t = Fraction(int(load.sum() + base.sum()), p.num_gpus)
-    t = max(t, Fraction(int(base.max())))
-    per_expert = load + np.add.reduceat(base[p.host_gpu], p.host_ptr[:-1])
-    reps = p.replica_counts
-    best = int(np.argmax(per_expert / reps))
-    return max(t, Fraction(int(per_expert[best]), int(reps[best])))
+def _start_ratio(load: IntArray, base: IntArray, p: SlotLayout) -> Fraction:
+    """The largest of the solver's cheap lower bounds (`flow.ratio_bound`), as a Fraction."""
+    num, den, _ = ratio_bound(load, base, p.host_ptr, p.host_gpu)
+    return Fraction(int(num), int(den))
 
 
-def ceil_fraction(t: Fraction) -> int:
-    """ceil of a Fraction without floating point."""
-    return -((-t.numerator) // t.denominator) if t.denominator != 1 else t.numerator
-
-
-__all__ = ["balance_ratio", "ceil_fraction", "lp_optimum", "lp_optimum_brute_force", "lp_optimum_fraction"]
+__all__ = ["balance_ratio", "lp_optimum", "lp_optimum_brute_force", "lp_optimum_fraction"]

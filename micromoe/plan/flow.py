@@ -7,7 +7,10 @@ with L(S) + offset(S) > T * |S|, which gives the next valid lower bound (discret
 Dinkelbach). The last Hall set certifies optimality.
 
 Legend: E experts, G GPUs, R replicas. `x[r]` is the flow (tokens) on replica r; `assigned[g]` the
-tokens given to GPU g; `cap[g]` what GPU g may take in total.
+tokens given to GPU g; `cap[g]` what GPU g may take in total. `preferred[r]` (int64 [R]) is the
+number of tokens replica r should take first: the tokens of its expert already on its GPU, plus,
+when the caller has a node map, a share of the same-node tokens (`kernel.preferred_with_nodes`).
+The solver places those first and moves them only when the max load needs it.
 """
 
 from __future__ import annotations
@@ -63,15 +66,15 @@ def _water_fill(e, rem, assigned, level_offset, limit, host_ptr, host_gpu, x):
 
 
 @njit_inline
-def _movable(x, keep, use_keep, r):
-    """Flow on replica r that a path may move away (tier 1 spares the replica's own-GPU tokens)."""
-    if use_keep:
-        return x[r] - keep[r]
+def _movable(x, preferred, spare_preferred, r):
+    """Flow on replica r that a path may move away (tier 1 spares the replica's preferred tokens)."""
+    if spare_preferred:
+        return x[r] - preferred[r]
     return x[r]
 
 
 @njit
-def _bfs_levels(rem, assigned, cap, x, keep, use_keep, graph, dist_e, dist_g, queue):
+def _bfs_levels(rem, assigned, cap, x, preferred, spare_preferred, graph, dist_e, dist_g, queue):
     """BFS levels of the residual graph from all unsaturated experts (level 0).
 
     GPUs with spare capacity end paths and are not expanded. Returns how many were reached;
@@ -108,7 +111,7 @@ def _bfs_levels(rem, assigned, cap, x, keep, use_keep, graph, dist_e, dist_g, qu
             for k in range(gpu_ptr[g], gpu_ptr[g + 1]):
                 r = gpu_replica[k]
                 e2 = replica_expert[r]
-                if dist_e[e2] >= 0 or _movable(x, keep, use_keep, r) <= 0:
+                if dist_e[e2] >= 0 or _movable(x, preferred, spare_preferred, r) <= 0:
                     continue
                 dist_e[e2] = dist_g[g] + 1
                 queue[tail] = e2
@@ -118,7 +121,20 @@ def _bfs_levels(rem, assigned, cap, x, keep, use_keep, graph, dist_e, dist_g, qu
 
 @njit
 def _blocking_flow(
-    e0, rem, assigned, cap, x, keep, use_keep, graph, dist_e, dist_g, arc_e, arc_g, stack, stack_arc
+    e0,
+    rem,
+    assigned,
+    cap,
+    x,
+    preferred,
+    spare_preferred,
+    graph,
+    dist_e,
+    dist_g,
+    arc_e,
+    arc_g,
+    stack,
+    stack_arc,
 ):
     """Dinic's phase for one source expert: push its load along level-graph paths (depth-first,
     with current-arc pointers) until it is placed or no level path remains."""
@@ -153,7 +169,7 @@ def _blocking_flow(
                 while arc_g[g] < gpu_ptr[g + 1]:
                     r = gpu_replica[arc_g[g]]
                     e2 = replica_expert[r]
-                    if dist_e[e2] == dist_g[g] + 1 and _movable(x, keep, use_keep, r) > 0:
+                    if dist_e[e2] == dist_g[g] + 1 and _movable(x, preferred, spare_preferred, r) > 0:
                         top += 1
                         stack[top] = e2
                         stack_arc[top] = r
@@ -167,7 +183,7 @@ def _blocking_flow(
             return
         b = min(rem[e0], cap[target] - assigned[target])
         for i in range(2, top + 1, 2):  # backward arcs: GPU -> expert
-            b = min(b, _movable(x, keep, use_keep, stack_arc[i]))
+            b = min(b, _movable(x, preferred, spare_preferred, stack_arc[i]))
         for i in range(1, top + 1):
             if i % 2 == 1:
                 x[stack_arc[i]] += b
@@ -178,12 +194,12 @@ def _blocking_flow(
 
 
 @njit
-def _augment(rem, assigned, cap, x, keep, graph, vis_g):
+def _augment(rem, assigned, cap, x, preferred, graph, vis_g):
     """Augment until every expert is placed (True) or no path exists (False; vis_g = Hall set).
 
     Phases of Dinic's algorithm: BFS levels, then blocking flow from every unsaturated expert.
-    Paths first try to move only flow above `keep` (tokens that would leave their source GPU), so
-    local tokens are displaced only when the max load needs it.
+    Paths first try to move only flow above `preferred` (tokens that would leave their source GPU or
+    node), so preferred tokens are displaced only when the max load needs it.
     """
     host_ptr, host_gpu, gpu_ptr, gpu_replica, replica_expert = graph
     num_e = rem.size
@@ -201,8 +217,8 @@ def _augment(rem, assigned, cap, x, keep, graph, vis_g):
             return True
         found = False
         for tier in range(first_tier, 2):
-            use_keep = tier == 0
-            n = _bfs_levels(rem, assigned, cap, x, keep, use_keep, graph, dist_e, dist_g, queue)
+            spare_preferred = tier == 0
+            n = _bfs_levels(rem, assigned, cap, x, preferred, spare_preferred, graph, dist_e, dist_g, queue)
             if n > 0:
                 arc_e[:] = host_ptr[:-1]
                 arc_g[:] = gpu_ptr[:-1]
@@ -214,8 +230,8 @@ def _augment(rem, assigned, cap, x, keep, graph, vis_g):
                             assigned,
                             cap,
                             x,
-                            keep,
-                            use_keep,
+                            preferred,
+                            spare_preferred,
                             graph,
                             dist_e,
                             dist_g,
@@ -226,7 +242,7 @@ def _augment(rem, assigned, cap, x, keep, graph, vis_g):
                         )
                 found = True
                 break
-            first_tier = 1  # local-sparing paths ran out: stop trying them first
+            first_tier = 1  # preferred-sparing paths ran out: stop trying them first
         if not found:
             for g in range(num_g):
                 vis_g[g] = dist_g[g] >= 0
@@ -248,20 +264,35 @@ def _inside_load(load, host_ptr, host_gpu, in_set):
     return total
 
 
-@njit
-def lower_bound(load, base, host_ptr, host_gpu):
-    """Best of three cheap integer lower bounds on the max load, with the GPU set proving it:
-    the mean, the largest base load, and each expert over its own hosts.
+@njit_inline
+def _ratio_greater(a, b, c, d):
+    """a / b > c / d for a, c >= 0 and b, d >= 1, exactly and without overflow (a, c < 2**53)."""
+    qa = a // b
+    qc = c // d
+    if qa != qc:
+        return qa > qc
+    return (a - qa * b) * d > (c - qc * d) * b
 
+
+@njit
+def ratio_bound(load, base, host_ptr, host_gpu):
+    """The best of three cheap lower bounds on T*, exactly, with the GPU set that proves it.
+
+    The bounds: the mean (all GPUs), the largest base load (that GPU), and each expert's load plus
+    its hosts' base loads over its number of hosts (those hosts). Returns (num, den, cert bool [G])
+    with T* >= num / den. The one statement of the lower bound: the integer solver starts at its
+    ceiling (`lower_bound`), the density lemma's exact search at the fraction itself.
     (A greedy densest-set bound over the hottest experts was tight more often, but on the H200 host
     it cost more than the raises it saved: benchmarks/results/scheduler_ab_h200host.json.)
     """
     num_g = base.size
     cert = np.ones(num_g, dtype=np.bool_)
-    t = _ceil_div(load.sum() + base.sum(), num_g)
+    num = load.sum() + base.sum()
+    den = num_g
     gmax = np.argmax(base)
-    if base[gmax] > t:
-        t = base[gmax]
+    if _ratio_greater(base[gmax], 1, num, den):
+        num = base[gmax]
+        den = 1
         cert[:] = False
         cert[gmax] = True
     for e in range(load.size):
@@ -270,21 +301,28 @@ def lower_bound(load, base, host_ptr, host_gpu):
         s = load[e]
         for r in range(lo, hi):
             s += base[host_gpu[r]]
-        v = _ceil_div(s, hi - lo)
-        if v > t:
-            t = v
+        if _ratio_greater(s, hi - lo, num, den):
+            num = s
+            den = hi - lo
             cert[:] = False
             for r in range(lo, hi):
                 cert[host_gpu[r]] = True
-    return t, cert
+    return num, den, cert
 
 
 @njit
-def solve_min_max(load, base, local, graph):
+def lower_bound(load, base, host_ptr, host_gpu):
+    """ceil of `ratio_bound`: the integer max load the solver starts from, with its GPU set."""
+    num, den, cert = ratio_bound(load, base, host_ptr, host_gpu)
+    return _ceil_div(num, den), cert
+
+
+@njit
+def solve_min_max(load, base, preferred, graph):
     """Integer min-max assignment.
 
-    Args: load int64 [E]; base int64 [G] (tokens a GPU already has); local int64 [R] (tokens of the
-    replica's expert that sit on the replica's GPU; they are placed there first).
+    Args: load int64 [E]; base int64 [G] (tokens a GPU already has); preferred int64 [R] (tokens
+    replica r takes first, see the module legend).
     Returns (x [R], max_load, cert bool [G]) with every GPU at <= max_load, max_load optimal, and
     ceil((L_inside(cert) + base(cert)) / |cert|) == max_load.
     """
@@ -298,18 +336,18 @@ def solve_min_max(load, base, local, graph):
     for r in range(host_gpu.size):
         g = host_gpu[r]
         e = replica_expert[r]
-        take = min(local[r], rem[e], cap[g] - assigned[g])
+        take = min(preferred[r], rem[e], cap[g] - assigned[g])
         if take > 0:
             x[r] += take
             assigned[g] += take
             rem[e] -= take
     for e in range(load.size):
         _water_fill(e, rem, assigned, base, t, host_ptr, host_gpu, x)
-    return _raise_until_feasible(x, assigned, rem, cap, t, cert, load, base, local, graph)
+    return _raise_until_feasible(x, assigned, rem, cap, t, cert, load, base, preferred, graph)
 
 
 @njit
-def solve_from(x0, t0, load, base, local, graph):
+def solve_from(x0, t0, load, base, preferred, graph):
     """Like `solve_min_max`, but start from flow `x0` (x0 <= final quota) at max load >= t0.
 
     Used to round an LP solution: x0 = floor(LP x), t0 = ceil(LP T*). The returned certificate is
@@ -326,15 +364,15 @@ def solve_from(x0, t0, load, base, local, graph):
     for r in range(host_gpu.size):
         assigned[host_gpu[r]] += x[r]
         rem[replica_expert[r]] -= x[r]
-    return _raise_until_feasible(x, assigned, rem, cap, t, cert, load, base, local, graph)
+    return _raise_until_feasible(x, assigned, rem, cap, t, cert, load, base, preferred, graph)
 
 
 @njit
-def _raise_until_feasible(x, assigned, rem, cap, t, cert, load, base, local, graph):
+def _raise_until_feasible(x, assigned, rem, cap, t, cert, load, base, preferred, graph):
     """Augment; on a Hall set raise T to its ratio and keep going (discrete Newton)."""
     host_ptr, host_gpu, gpu_ptr, gpu_replica, replica_expert = graph
     vis_g = np.empty(base.size, dtype=np.bool_)
-    while not _augment(rem, assigned, cap, x, local, graph, vis_g):
+    while not _augment(rem, assigned, cap, x, preferred, graph, vis_g):
         n_s = vis_g.sum()
         t_new = _ceil_div(_inside_load(load, host_ptr, host_gpu, vis_g) + base[vis_g].sum(), n_s)
         assert t_new > t
@@ -354,9 +392,9 @@ def feasible_scaled(supply, cap, offset, limit, graph):
     rem = supply.copy()
     for e in range(supply.size):
         _water_fill(e, rem, assigned, offset, limit, host_ptr, host_gpu, x)
-    keep = np.zeros(host_gpu.size, dtype=np.int64)
+    preferred = np.zeros(host_gpu.size, dtype=np.int64)
     vis_g = np.zeros(num_g, dtype=np.bool_)
-    ok = _augment(rem, assigned, cap, x, keep, graph, vis_g)
+    ok = _augment(rem, assigned, cap, x, preferred, graph, vis_g)
     return ok, vis_g
 
 

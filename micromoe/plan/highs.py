@@ -4,6 +4,11 @@ Variables: x[r] >= 0 per replica and T. Minimize T subject to sum_{r of e} x[r] 
 sum_{r on g} x[r] - T <= -base[g]. Only right-hand sides change between micro-batches, so one model
 per placement is kept and re-solved from the previous basis. The fractional optimum is rounded to
 an integral quota at ceil(T*) by the exact flow kernel, started from floor(x).
+
+Legend: E experts, G GPUs, R replicas; x [R] is the tokens each replica processes.
+`highspy` is a dependency of the package but optional at run time (a GPU host may lack it):
+without it, `new_highs` raises a clear error and only solver="highs" and the simulator's LP
+balancer are unavailable.
 """
 
 from __future__ import annotations
@@ -15,8 +20,14 @@ from collections import OrderedDict
 
 import numpy as np
 
+from micromoe.plan.checks import BoolArray, FloatArray, IntArray
 from micromoe.plan.flow import feasible_scaled, solve_from
-from micromoe.plan.placement import IntArray, Placement
+from micromoe.plan.slot_layout import SlotLayout
+
+try:
+    import highspy
+except ImportError:  # optional at run time; see the module docstring
+    highspy = None
 
 _MODELS: OrderedDict[bytes, HighsMinMax] = OrderedDict()
 _MAX_MODELS = 32
@@ -24,8 +35,8 @@ _MAX_MODELS = 32
 
 def new_highs():
     """A silent single-threaded HiGHS instance (its banner goes to fd 1 on creation: muted)."""
-    import highspy
-
+    if highspy is None:
+        raise ImportError("the HiGHS LP backend needs the highspy package: pip install highspy")
     sys.stdout.flush()
     saved, null = os.dup(1), os.open(os.devnull, os.O_WRONLY)
     os.dup2(null, 1)
@@ -43,9 +54,7 @@ def new_highs():
 class HighsMinMax:
     """A warm-startable HiGHS model of the min-max LP for one placement."""
 
-    def __init__(self, placement: Placement) -> None:
-        import highspy
-
+    def __init__(self, placement: SlotLayout) -> None:
         self.placement = p = placement
         h = new_highs()
         h.setOptionValue("solver", "simplex")
@@ -68,7 +77,7 @@ class HighsMinMax:
         self._expert_rows = np.arange(p.num_experts, dtype=np.int32)
         self._gpu_rows = np.arange(p.num_experts, p.num_experts + p.num_gpus, dtype=np.int32)
 
-    def solve(self, load: IntArray, base: IntArray) -> tuple[np.ndarray, float]:
+    def solve(self, load: IntArray, base: IntArray) -> tuple[FloatArray, float]:
         """Fractional optimum: (x [R], T*)."""
         h = self._h
         lf = load.astype(np.float64)
@@ -85,7 +94,7 @@ class HighsMinMax:
         return x[:-1], float(h.getInfo().objective_function_value)
 
 
-def model_for(placement: Placement) -> HighsMinMax:
+def model_for(placement: SlotLayout) -> HighsMinMax:
     """The cached model of a placement (a small LRU: one per layer layout in use)."""
     key = placement.key()
     m = _MODELS.get(key)
@@ -98,10 +107,13 @@ def model_for(placement: Placement) -> HighsMinMax:
     return m
 
 
-def highs_quota(
-    load: IntArray, base: IntArray, local: IntArray, p: Placement
-) -> tuple[IntArray, int, np.ndarray]:
-    """Integral quota from the warm-started LP: (x [R], max_load, certificate)."""
+def highs_replica_quota(
+    load: IntArray, base: IntArray, preferred: IntArray, p: SlotLayout
+) -> tuple[IntArray, int, BoolArray]:
+    """Integral per-replica quota from the warm-started LP: (x [R], max_load, certificate [G]).
+
+    load int64 [E], base int64 [G]; preferred int64 [R]: tokens the rounding pass moves last.
+    """
     x_lp, t_lp = model_for(p).solve(load, base)
     x0 = np.floor(np.maximum(x_lp, 0.0) + 1e-9).astype(np.int64)
     # floor may overshoot an expert's load by float error: trim to keep x0 <= load per expert
@@ -115,13 +127,13 @@ def highs_quota(
     # a start below ceil(T*) is safe (the flow raises it); one above would not be optimal
     t0 = math.ceil(t_lp - 1e-6 * max(1.0, abs(t_lp)))
     t0 = max(t0, int((base + np.bincount(p.host_gpu, weights=x0, minlength=p.num_gpus)).max()))
-    x, t, _ = solve_from(x0, t0, load, base, local, p.graph)
+    x, t, _ = solve_from(x0, t0, load, base, preferred, p.graph)
     if t == 0:
         return x, 0, np.ones(p.num_gpus, dtype=np.bool_)
     return x, int(t), _certificate_at(t, load, base, p)
 
 
-def _certificate_at(t: int, load: IntArray, base: IntArray, p: Placement) -> np.ndarray:
+def _certificate_at(t: int, load: IntArray, base: IntArray, p: SlotLayout) -> BoolArray:
     """A GPU set proving max load t - 1 is infeasible (the Hall set of the failed flow)."""
     if base.max() >= t:
         cert = np.zeros(p.num_gpus, dtype=np.bool_)
@@ -131,59 +143,3 @@ def _certificate_at(t: int, load: IntArray, base: IntArray, p: Placement) -> np.
     if ok:
         raise AssertionError("HiGHS rounding produced a non-optimal max load")
     return hall
-
-
-def traffic_cost(src, dst, count, node_of, weights: tuple[float, float, float]) -> float:
-    """Weighted traffic of a route list: weights = (same GPU, same node, other node)."""
-    src, dst, count = (np.asarray(a) for a in (src, dst, count))
-    same_gpu = src == dst
-    same_node = (node_of[src] == node_of[dst]) & ~same_gpu
-    w = np.where(same_gpu, weights[0], np.where(same_node, weights[1], weights[2]))
-    return float((w * count).sum())
-
-
-def min_traffic_lp(
-    counts: IntArray,
-    p: Placement,
-    max_load: int,
-    node_of: IntArray,
-    weights: tuple[float, float, float] = (0.0, 1.0, 4.0),
-    base: IntArray | None = None,
-) -> float:
-    """The least weighted traffic of any routing whose per-GPU load stays <= max_load (the paper's
-    communication-aware LP variant at a fixed compute optimum). A reference for the route fill."""
-    import highspy
-
-    num_g, num_e = counts.shape
-    base = np.zeros(num_g, dtype=np.int64) if base is None else base
-    h = new_highs()
-    inf = highspy.kHighsInf
-    # one variable per (source with tokens, replica of that expert)
-    var_src, var_rep = [], []
-    for e in range(num_e):
-        for s in np.flatnonzero(counts[:, e]):
-            for r in range(p.host_ptr[e], p.host_ptr[e + 1]):
-                var_src.append(s)
-                var_rep.append(r)
-    var_src = np.array(var_src, dtype=np.int64)
-    var_rep = np.array(var_rep, dtype=np.int64)
-    dst = p.host_gpu[var_rep]
-    cost = np.where(
-        var_src == dst, weights[0], np.where(node_of[var_src] == node_of[dst], weights[1], weights[2])
-    )
-    n = var_src.size
-    h.addVars(n, np.zeros(n), np.full(n, inf))
-    h.changeColsCost(n, np.arange(n, dtype=np.int32), cost.astype(np.float64))
-    key = var_src * num_e + p.replica_expert[var_rep]
-    for k in np.unique(key):  # every (source, expert) sends all its tokens
-        idx = np.flatnonzero(key == k).astype(np.int32)
-        c = float(counts[k // num_e, k % num_e])
-        h.addRow(c, c, idx.size, idx, np.ones(idx.size))
-    for g in range(num_g):  # no GPU above the optimal max load
-        idx = np.flatnonzero(dst == g).astype(np.int32)
-        if idx.size:
-            h.addRow(-inf, float(max_load - base[g]), idx.size, idx, np.ones(idx.size))
-    h.run()
-    if h.getModelStatus() != highspy.HighsModelStatus.kOptimal:
-        raise AssertionError(f"traffic LP not optimal: {h.modelStatusToString(h.getModelStatus())}")
-    return float(h.getInfo().objective_function_value)

@@ -1,17 +1,20 @@
 """The compiled body of `schedule`: one call from counts to quota, max load and certificate.
 
 One entry point keeps the per-micro-batch path to a single dispatch into compiled code; it also
-does the sign check in the same pass that transposes the counts.
+does the sign check in the same pass that copies the counts.
+
+Legend: G GPUs, E experts, R replicas; `counts` int64 [G, E] (tokens on GPU src for expert e),
+`load` int64 [E], `base` int64 [G], `preferred` int64 [R] (tokens replica r takes first, see
+`flow.py`), `node_of` int64 [G] (node of each GPU; read only when `has_nodes`).
 """
 
 from __future__ import annotations
 
 import numpy as np
 
+from micromoe.plan.checks import MAX_TOTAL
 from micromoe.plan.flow import solve_min_max
-from micromoe.plan.jit import njit
-
-MAX_TOTAL = 2**53  # token totals beyond this cannot be exact as floats (LP backend, ratios)
+from micromoe.plan.jit import njit, njit_inline
 
 
 @njit
@@ -37,10 +40,21 @@ def check_copy_sum(counts):
     return copy, load, True
 
 
+@njit_inline
+def own_gpu_tokens(counts, graph):
+    """int64 [R]: the tokens of replica r's expert that already sit on replica r's GPU."""
+    host_ptr, host_gpu, gpu_ptr, gpu_replica, replica_expert = graph
+    out = np.empty(host_gpu.size, dtype=np.int64)
+    for r in range(host_gpu.size):
+        out[r] = counts[host_gpu[r], replica_expert[r]]
+    return out
+
+
 @njit
-def preferred_with_nodes(counts, local, graph, node_of):
-    """Tokens each replica should take first: its own GPU's, plus an even share of the tokens of
-    same-node GPUs that hold no replica of the expert (so quotas lean towards on-node traffic)."""
+def preferred_with_nodes(counts, own_gpu, graph, node_of):
+    """Tokens each replica should take first: `own_gpu` (its own GPU's, int64 [R]), plus an even
+    share of the tokens of same-node GPUs that hold no replica of the expert (so quotas lean
+    towards on-node traffic)."""
     host_ptr, host_gpu, gpu_ptr, gpu_replica, replica_expert = graph
     num_g, num_e = counts.shape
     num_nodes = node_of[num_g - 1] + 1
@@ -55,7 +69,7 @@ def preferred_with_nodes(counts, local, graph, node_of):
                 node_supply[e, n] += counts[s, e]
         for k in range(gpu_ptr[s], gpu_ptr[s + 1]):
             hosted[replica_expert[gpu_replica[k]]] = False
-    pref = local.copy()
+    pref = own_gpu.copy()
     node_reps = np.zeros(num_nodes, dtype=np.int64)
     for e in range(num_e):
         for r in range(host_ptr[e], host_ptr[e + 1]):
@@ -70,22 +84,20 @@ def preferred_with_nodes(counts, local, graph, node_of):
 
 
 @njit
-def plan_kernel(counts, base, node_of, graph):
-    """Returns (ok, counts copy [G, E], replica quota [R], max_load, certificate [G], gpu_load [G]).
+def plan_kernel(counts, base, has_nodes, node_of, graph):
+    """Returns (ok, counts copy [G, E], replica_quota [R], max_load, certificate [G], gpu_load [G]).
 
-    Routes follow from (counts, quota) by the fixed rule in `route.py`, built when asked for.
+    Routes follow from (counts, replica_quota) by the fixed rule in `route.py`, built when asked for.
     """
     host_ptr, host_gpu, gpu_ptr, gpu_replica, replica_expert = graph
     counts, load, ok = check_copy_sum(counts)
     if not ok:
         z = np.zeros(0, dtype=np.int64)
         return False, counts, z, 0, np.zeros(0, dtype=np.bool_), z
-    local = np.empty(host_gpu.size, dtype=np.int64)
-    for r in range(host_gpu.size):
-        local[r] = counts[host_gpu[r], replica_expert[r]]
-    if node_of[0] >= 0:
-        local = preferred_with_nodes(counts, local, graph, node_of)
-    x, t, cert = solve_min_max(load, base, local, graph)
+    preferred = own_gpu_tokens(counts, graph)
+    if has_nodes:
+        preferred = preferred_with_nodes(counts, preferred, graph, node_of)
+    x, t, cert = solve_min_max(load, base, preferred, graph)
     gpu_load = base.copy()
     for r in range(host_gpu.size):
         gpu_load[host_gpu[r]] += x[r]

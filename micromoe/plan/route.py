@@ -7,6 +7,10 @@ The rule, fixed so every rank computes the same routes:
 For a fixed quota, (1) and (2) maximize same-GPU and then same-node tokens of every expert (each
 node's sources only meet that node's replicas in step 2), and every token is routed exactly once.
 
+Legend: G GPUs, E experts, R replicas. `counts` int64 [G, E]: tokens on GPU src for expert e;
+`replica_quota` int64 [R]: tokens replica r processes (a replica's "quota"; the per-GPU view
+`Plan.quota` is [E, G]).
+
 Output is a COO list (src, expert, dst, count) sorted by (src, expert); the entries of one
 (src, expert) are in the order the source's contiguous tokens for that expert are cut: local,
 same node, then the rest. So one source's entries tile its expert-sorted token buffer in order.
@@ -39,8 +43,8 @@ def _nonzeros(counts):
 
 
 @njit
-def fill_routes(counts, quota, graph, node_of):
-    """counts int64 [G, E], quota int64 [R] (per replica), node_of int64 [G] (all -1 = no nodes).
+def fill_routes(counts, replica_quota, graph, has_nodes, node_of):
+    """counts int64 [G, E], replica_quota int64 [R], node_of int64 [G] (read only if has_nodes).
 
     Returns int64 [4, N]: rows (src, expert, dst, count), zero counts omitted.
     """
@@ -49,9 +53,9 @@ def fill_routes(counts, quota, graph, node_of):
     kept = np.empty(num_r, dtype=np.int64)  # (1) tokens a replica takes from its own GPU
     dem = np.empty(num_r, dtype=np.int64)  # quota still open after step (1)
     for r in range(num_r):
-        kept[r] = min(counts[host_gpu[r], replica_expert[r]], quota[r])
-        dem[r] = quota[r] - kept[r]
-    if node_of[0] < 0:
+        kept[r] = min(counts[host_gpu[r], replica_expert[r]], replica_quota[r])
+        dem[r] = replica_quota[r] - kept[r]
+    if not has_nodes:
         return _fill_source_major(counts, kept, dem, graph)
     return _fill_by_node(counts, kept, dem, host_ptr, host_gpu, replica_expert, node_of)
 
@@ -143,7 +147,7 @@ def _fill_by_node(counts, kept, dem, host_ptr, host_gpu, replica_expert, node_of
 
 
 @njit
-def routes_from_source(counts, quota, src, graph):
+def routes_from_source(counts, replica_quota, src, graph):
     """The route entries of source `src`, in `fill_routes` order: int64 [3, n] (expert, dst, count)."""
     host_ptr, host_gpu, gpu_ptr, gpu_replica, replica_expert = graph
     num_g, num_e = counts.shape
@@ -154,7 +158,7 @@ def routes_from_source(counts, quota, src, graph):
     for r in range(host_gpu.size):
         g = host_gpu[r]
         if g < src:
-            offset[replica_expert[r]] -= min(counts[g, replica_expert[r]], quota[r])
+            offset[replica_expert[r]] -= min(counts[g, replica_expert[r]], replica_quota[r])
     local_r = np.full(num_e, -1, dtype=np.int64)
     for k in range(gpu_ptr[src], gpu_ptr[src + 1]):
         local_r[replica_expert[gpu_replica[k]]] = gpu_replica[k]
@@ -165,7 +169,7 @@ def routes_from_source(counts, quota, src, graph):
         if a == 0:
             continue
         if local_r[e] >= 0:
-            kept = min(a, quota[local_r[e]])
+            kept = min(a, replica_quota[local_r[e]])
             if kept > 0:
                 out[0, n] = e
                 out[1, n] = src
@@ -178,7 +182,7 @@ def routes_from_source(counts, quota, src, graph):
             if a == 0:
                 break
             g = host_gpu[r]
-            open_r = quota[r] - min(counts[g, e], quota[r])
+            open_r = replica_quota[r] - min(counts[g, e], replica_quota[r])
             t = min(lo + a, q + open_r) - max(lo, q)
             if t > 0:
                 out[0, n] = e
@@ -192,7 +196,7 @@ def routes_from_source(counts, quota, src, graph):
 
 
 @njit
-def routes_to_gpu(counts, quota, dst, graph):
+def routes_to_gpu(counts, replica_quota, dst, graph):
     """The route entries into GPU `dst`, sorted by (src, expert) as in `fill_routes`:
     int64 [3, n] (src, expert, count)."""
     host_ptr, host_gpu, gpu_ptr, gpu_replica, replica_expert = graph
@@ -205,12 +209,12 @@ def routes_to_gpu(counts, quota, dst, graph):
         r = gpu_replica[lo_k + i]
         e = replica_expert[r]
         experts[i] = e
-        got[dst, i] = min(counts[dst, e], quota[r])  # the replica's own GPU's tokens
+        got[dst, i] = min(counts[dst, e], replica_quota[r])  # the replica's own GPU's tokens
         q_lo = 0  # Q_r: open quota of e's replicas before r
         for r2 in range(host_ptr[e], r):
             g2 = host_gpu[r2]
-            q_lo += quota[r2] - min(counts[g2, e], quota[r2])
-        q_hi = q_lo + quota[r] - got[dst, i]
+            q_lo += replica_quota[r2] - min(counts[g2, e], replica_quota[r2])
+        q_hi = q_lo + replica_quota[r] - got[dst, i]
         p = 0  # P: remote tokens of e from sources before s
         for s in range(num_g):
             if p >= q_hi:
@@ -218,7 +222,7 @@ def routes_to_gpu(counts, quota, dst, graph):
             a = counts[s, e]
             for r2 in range(host_ptr[e], host_ptr[e + 1]):
                 if host_gpu[r2] == s:
-                    a -= min(counts[s, e], quota[r2])
+                    a -= min(counts[s, e], replica_quota[r2])
             t = min(p + a, q_hi) - max(p, q_lo)
             if t > 0:
                 got[s, i] += t

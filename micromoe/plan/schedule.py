@@ -1,9 +1,10 @@
 """Per-micro-batch token scheduling over expert replicas (the MicroEP planner's entry point).
 
-Legend: G GPUs in the MicroEP group, E experts, R replicas (see `placement.py`).
-`counts[src, e]` is the number of (token, expert) selections on GPU src for expert e (each top-k
-choice counts once). The plan says how many of them each replica processes (`quota`) and who sends
-what to whom (`route`). Integers throughout: no token is rounded away or duplicated.
+Legend: G GPUs in the MicroEP group, E experts, R replicas (see `slot_layout.py`). Shape suffixes
+name the axes: `counts_GE[src, e]` is the number of (token, expert) selections on GPU src for
+expert e (each top-k choice counts once), `base_G` the work a GPU already has. The plan says how
+many tokens each replica processes (`replica_quota`, [R]; its per-GPU view `quota` is [E, G]) and
+who sends what to whom (`route`). Integers throughout: no token is rounded away or duplicated.
 """
 
 from __future__ import annotations
@@ -15,9 +16,11 @@ from typing import Literal
 import numpy as np
 import numpy.typing as npt
 
+from micromoe.plan.checks import BoolArray, IntArray, as_int_array, positive_int
 from micromoe.plan.flow import inside_load
-from micromoe.plan.kernel import MAX_TOTAL, check_copy_sum, plan_kernel
-from micromoe.plan.placement import IntArray, Placement
+from micromoe.plan.highs import highs_replica_quota
+from micromoe.plan.kernel import check_copy_sum, own_gpu_tokens, plan_kernel
+from micromoe.plan.placement import Placement
 from micromoe.plan.route import fill_routes, routes_from_source, routes_to_gpu
 
 Solver = Literal["flow", "highs"]
@@ -36,7 +39,7 @@ class Plan:
         certificate: bool [G]; a GPU set S with ceil((L_inside(S) + base(S)) / |S|) == max_load,
             which proves no plan has a smaller max load (L_inside: load of experts whose replicas
             all lie in S).
-        node_of: int64 [G]; node of each GPU, all -1 without a node map.
+        gpus_per_node: GPUs per node the routes prefer (consecutive ids), None without nodes.
 
     Routes follow from (counts, replica_quota) by the fixed rule of `route.py` and are built on
     first use: `route_src/route_expert/route_dst/route_count` (the whole COO list), `route`
@@ -49,8 +52,17 @@ class Plan:
     replica_quota: IntArray
     max_load: int
     gpu_load: IntArray
-    certificate: npt.NDArray[np.bool_]
-    node_of: IntArray
+    certificate: BoolArray
+    gpus_per_node: int | None
+
+    @property
+    def has_nodes(self) -> bool:
+        return self.gpus_per_node is not None
+
+    @property
+    def node_of(self) -> IntArray:
+        """int64 [G]: the node of each GPU (all 0 without a node map)."""
+        return _node_map(self.placement.num_gpus, self.gpus_per_node)
 
     @cached_property
     def quota(self) -> IntArray:
@@ -63,7 +75,7 @@ class Plan:
     @cached_property
     def _routes(self) -> IntArray:
         p = self.placement
-        out = fill_routes(self.counts, self.replica_quota, p.graph, self.node_of)
+        out = fill_routes(self.counts, self.replica_quota, p.graph, self.has_nodes, self.node_of)
         out.setflags(write=False)
         return out
 
@@ -97,7 +109,7 @@ class Plan:
     def routes_from(self, src: int) -> IntArray:
         """int64 [3, n]: (expert, dst, count) of every entry with this source, in route order."""
         self._check_gpu(src)
-        if self.node_of[0] >= 0:  # node-aware routes have a second phase: read the whole list
+        if self.has_nodes:  # node-aware routes have a second phase: read the whole list
             rows = self.route_src == src
             return np.stack([self.route_expert[rows], self.route_dst[rows], self.route_count[rows]])
         p = self.placement
@@ -106,7 +118,7 @@ class Plan:
     def routes_to(self, dst: int) -> IntArray:
         """int64 [3, n]: (src, expert, count) of every entry into `dst`, in route order."""
         self._check_gpu(dst)
-        if self.node_of[0] >= 0:
+        if self.has_nodes:
             rows = self.route_dst == dst
             return np.stack([self.route_src[rows], self.route_expert[rows], self.route_count[rows]])
         p = self.placement
@@ -115,13 +127,6 @@ class Plan:
     def _check_gpu(self, gpu: int) -> None:
         if not 0 <= gpu < self.placement.num_gpus:
             raise ValueError(f"GPU {gpu} is outside the group's range [0, {self.placement.num_gpus})")
-
-    def send_counts(self) -> IntArray:
-        """int64 [G, G]: tokens GPU src sends to GPU dst (the all-to-all split sizes)."""
-        g = self.placement.num_gpus
-        m = np.zeros((g, g), dtype=np.int64)
-        np.add.at(m, (self.route_src, self.route_dst), self.route_count)
-        return m
 
 
 def schedule(
@@ -140,39 +145,38 @@ def schedule(
         base_load: int [G] >= 0; work a GPU already has (e.g. the first half of a split batch).
         gpus_per_node: GPUs per node (consecutive ids); the route then prefers same-node replicas.
         solver: "flow" (exact combinatorial solver, default) or "highs" (the paper's LP,
-            warm-started HiGHS; needs `highspy`).
+            warm-started HiGHS; needs `highspy`). The LP has no locality objective, so "highs"
+            refuses `gpus_per_node` rather than silently ignore it.
 
     Returns:
         A `Plan` with max_load == ceil(T*), the LP optimum; tokens stay on their source GPU
         wherever that GPU holds a replica with room at that max load.
     """
-    counts_ge, base = _validate(counts, placement, base_load, gpus_per_node)
+    counts_GE, base_G, gpus_per_node = _validate(counts, placement, base_load, gpus_per_node, solver)
     p = placement
-    node_of = _node_map(p.num_gpus, gpus_per_node)
+    has_nodes = gpus_per_node is not None
     if solver == "flow":
-        ok, counts_copy, x, max_load, cert, gpu_load = plan_kernel(counts_ge, base, node_of, p.graph)
-    elif solver == "highs":
-        ok, counts_copy, x, max_load, cert, gpu_load = _highs_plan(counts_ge, base, p)
+        node_of = _node_map(p.num_gpus, gpus_per_node)
+        ok, counts_copy, quota_R, max_load, cert, gpu_load = plan_kernel(
+            counts_GE, base_G, has_nodes, node_of, p.graph
+        )
     else:
-        raise ValueError(f"unknown solver {solver!r}; use 'flow' or 'highs'")
+        ok, counts_copy, quota_R, max_load, cert, gpu_load = _highs_plan(counts_GE, base_G, p)
     if not ok:  # the compiled pass found a negative entry or an oversized total: explain it
-        as_int_array(counts_ge, "counts", counts_ge.shape)
+        as_int_array(counts_GE, "counts", counts_GE.shape)
         raise AssertionError("counts failed the compiled check but passed the slow one")
-    for a in (counts_copy, x, gpu_load, cert):
+    for a in (counts_copy, quota_R, gpu_load, cert):
         a.setflags(write=False)
-    return Plan(p, counts_copy, x, int(max_load), gpu_load, cert, node_of)
+    return Plan(p, counts_copy, quota_R, int(max_load), gpu_load, cert, gpus_per_node)
 
 
-def _highs_plan(counts: IntArray, base: IntArray, p: Placement):
-    from micromoe.plan.highs import highs_quota
-
-    counts, load, ok = check_copy_sum(counts)
+def _highs_plan(counts_GE: IntArray, base_G: IntArray, p: Placement):
+    counts_GE, load_E, ok = check_copy_sum(counts_GE)
     if not ok:
-        return (False, counts) + (None,) * 4
-    local = counts[p.host_gpu, p.replica_expert]  # tokens already on a replica's GPU
-    x, max_load, cert = highs_quota(load, base, local, p)
-    gpu_load = base + np.bincount(p.host_gpu, weights=x, minlength=p.num_gpus).astype(np.int64)
-    return True, counts, x, max_load, cert, gpu_load
+        return (False, counts_GE) + (None,) * 4
+    quota_R, max_load, cert = highs_replica_quota(load_E, base_G, own_gpu_tokens(counts_GE, p.graph), p)
+    gpu_load = base_G + np.bincount(p.host_gpu, weights=quota_R, minlength=p.num_gpus).astype(np.int64)
+    return True, counts_GE, quota_R, max_load, cert, gpu_load
 
 
 def certificate_bound(plan: Plan, counts: npt.ArrayLike, base_load: npt.ArrayLike | None = None) -> int:
@@ -187,58 +191,39 @@ def certificate_bound(plan: Plan, counts: npt.ArrayLike, base_load: npt.ArrayLik
 
 @lru_cache(maxsize=64)
 def _node_map(num_gpus: int, gpus_per_node: int | None) -> IntArray:
-    if gpus_per_node is None:
-        out = np.full(num_gpus, -1, dtype=np.int64)
-    else:
-        out = np.arange(num_gpus, dtype=np.int64) // gpus_per_node
+    """int64 [G]: node of each GPU (consecutive ids); all 0 (one node) without a node map."""
+    out = np.arange(num_gpus, dtype=np.int64) // (gpus_per_node or num_gpus)
     out.setflags(write=False)
     return out
 
 
-def as_int_array(a: npt.ArrayLike, name: str, shape: tuple[int, ...]) -> IntArray:
-    """Validate a non-negative integer array of a given shape; ValueError names what is wrong."""
-    arr = np.asarray(a)
-    if arr.shape != shape:
-        raise ValueError(f"{name} must have shape {shape}, got {arr.shape}")
-    if arr.dtype == np.bool_ or not (
-        np.issubdtype(arr.dtype, np.integer) or np.issubdtype(arr.dtype, np.floating)
-    ):
-        raise ValueError(f"{name} must be an integer array, got dtype {arr.dtype}")
-    if np.issubdtype(arr.dtype, np.floating):
-        if not np.all(np.isfinite(arr)):
-            raise ValueError(f"{name} has non-finite entries")
-        if not np.all(arr == np.floor(arr)):
-            raise ValueError(f"{name} must hold whole token counts, got fractional entries")
-        if arr.size and np.abs(arr).max() >= 2**53:
-            raise ValueError(f"{name} has entries too large to be exact token counts")
-    if arr.size and arr.min() < 0:
-        idx = tuple(int(i) for i in np.unravel_index(int(np.argmin(arr)), arr.shape))
-        raise ValueError(f"{name}{list(idx)} = {arr[idx]}: token counts must be >= 0")
-    out = np.ascontiguousarray(arr, dtype=np.int64)
-    if out.size and out.sum() >= MAX_TOTAL:
-        raise ValueError(f"{name} sums to {out.sum()}; totals must stay below 2**53 tokens")
-    return out
-
-
-def _validate(counts, placement, base_load, gpus_per_node) -> tuple[IntArray, IntArray]:
+def _validate(
+    counts: npt.ArrayLike,
+    placement: Placement,
+    base_load: npt.ArrayLike | None,
+    gpus_per_node: int | None,
+    solver: str,
+) -> tuple[IntArray, IntArray, int | None]:
     if not isinstance(placement, Placement):
         raise ValueError(f"placement must be a micromoe.plan.Placement, got {type(placement).__name__}")
+    if solver not in ("flow", "highs"):
+        raise ValueError(f"unknown solver {solver!r}; use 'flow' or 'highs'")
     g, e = placement.num_gpus, placement.num_experts
     if isinstance(counts, np.ndarray) and counts.dtype == np.int64 and counts.shape == (g, e):
-        counts_ge = counts  # hot path: the compiled kernel checks signs and totals in its first pass
+        counts_GE = counts  # hot path: the compiled kernel checks signs and totals in its first pass
     else:
-        counts_ge = as_int_array(counts, "counts", (g, e))
+        counts_GE = as_int_array(counts, "counts", (g, e))
     if base_load is None:
-        base = np.zeros(g, dtype=np.int64)
+        base_G = np.zeros(g, dtype=np.int64)
     else:
-        base = as_int_array(base_load, "base_load", (g,))
+        base_G = as_int_array(base_load, "base_load", (g,))
     if gpus_per_node is not None:
-        if (
-            isinstance(gpus_per_node, bool)
-            or not isinstance(gpus_per_node, (int, np.integer))
-            or gpus_per_node < 1
-        ):
-            raise ValueError(f"gpus_per_node must be a positive integer, got {gpus_per_node!r}")
+        gpus_per_node = positive_int(gpus_per_node, "gpus_per_node")
         if g % gpus_per_node:
             raise ValueError(f"gpus_per_node={gpus_per_node} does not divide the group's {g} GPUs")
-    return counts_ge, base
+        if solver == "highs":
+            raise ValueError(
+                "solver='highs' solves the paper's LP, which has no same-node preference, so it cannot "
+                f"honour gpus_per_node={gpus_per_node}; use solver='flow' or leave gpus_per_node out"
+            )
+    return counts_GE, base_G, gpus_per_node

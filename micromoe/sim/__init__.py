@@ -1,8 +1,11 @@
 """micromoe.sim: trace-driven comparison of MoE load balancers (`micromoe simulate`).
 
-Pure NumPy on top of `micromoe.plan`; never imports torch. Files: `traces` (file formats),
-`workload` (sampling micro-batches), `eplb` and `lplb` (the peers), `balancers` (the common
-interface), `runner` (the loop), `metrics`, `report` and `plot` (the outputs), `command` (the CLI).
+Owns the offline evaluation: reading routing traces, sampling micro-batches, the peer balancers
+(EPLB, LPLB) next to the MicroEP planner, the loop that times and measures them, and the report.
+Pure NumPy on top of `micromoe.plan`; never imports torch or `micromoe.runtime`. Files: `traces`
+(file formats), `workload` (sampling micro-batches), `eplb` and `lplb` (the peers), `balancers`
+(the common interface and `GroupConfig`), `runner` (the loop; it times every balancer's decision
+the same way), `metrics`, `report` and `plot` (the outputs), `command` (the CLI).
 """
 
 from micromoe.sim.balancers import BALANCERS, GroupConfig

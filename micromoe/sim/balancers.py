@@ -3,15 +3,14 @@
 Legend: G GPUs in the group, E experts, d replicas per expert, S = E * d / G slots per GPU.
 
 Every replicating balancer gets the same G * S = E * d expert slots (LPLB, at most 2 copies per
-expert, uses 2 * E of them). A balancer sees one (layer, micro-batch) at a time and returns a
-`Decision`: quota[e, g] = tokens of expert e processed on GPU g (rows sum to the expert's load) and
-the wall time of its per-micro-batch decision. Adaptive balancers then `observe` the loads, so
-they only ever use earlier micro-batches.
+expert, uses 2 * E of them). A balancer sees one (layer, micro-batch) at a time and returns
+quota_EG int64 [E, G]: tokens of expert e processed on GPU g (rows sum to the expert's load). The
+runner times every `decide` call the same way, so scheduling times compare across balancers.
+Adaptive balancers then `observe` the loads, so they only ever use earlier micro-batches.
 """
 
 from __future__ import annotations
 
-import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Any
@@ -19,25 +18,27 @@ from typing import Any
 import numpy as np
 
 from micromoe.plan import LoadTracker, Placement, decide_replacement, schedule
+from micromoe.plan.checks import IntArray, positive_int
 from micromoe.sim.eplb import eplb_slots, even_quota
-from micromoe.sim.lplb import LplbSolver, Topology, default_topology, lplb_layout
-from micromoe.sim.traces import IntArray
+from micromoe.sim.lplb import LplbSolver, Topology, default_topology, lplb_layout, topology_neighbours
 from micromoe.sim.workload import Workload
 
 BALANCERS = ("ep", "eplb", "lplb", "microep", "microep-ar", "bound")
 
 
 @dataclass(frozen=True)
-class Decision:
-    """quota: int64 [E, G]; sched_ns: wall time of the per-micro-batch decision (ns)."""
-
-    quota: IntArray
-    sched_ns: int
-
-
-@dataclass(frozen=True)
 class GroupConfig:
-    """The group every balancer runs on."""
+    """The group every balancer runs on; validated as a whole when built (ValueError naming the
+    option). What depends on a workload's expert count is checked when a balancer is set up.
+
+    Attributes:
+        num_gpus: G, GPUs in the MicroEP group.
+        replicas: d, replicas per expert (1 <= d <= G, d divides G): E * d slots in all.
+        gpus_per_node: GPUs per node (divides G) for node-aware plans and off-node traffic, or None.
+        lplb_topology: the graph LPLB copies along (None: its default for G).
+        ar_interval: microep-ar re-checks a layer's placement every this many micro-batches.
+        seed: non-negative seed of the replacement search.
+    """
 
     num_gpus: int
     replicas: int
@@ -45,6 +46,23 @@ class GroupConfig:
     lplb_topology: Topology | None = None
     ar_interval: int = 4
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        g = positive_int(self.num_gpus, "--gpus")
+        d = positive_int(self.replicas, "--replicas")
+        if d > g or g % d:
+            raise ValueError(
+                f"--replicas {d} must be between 1 and --gpus {g} and divide it "
+                "(each slot index splits the GPUs into replica groups)"
+            )
+        gpn = self.gpus_per_node
+        if gpn is not None and g % positive_int(gpn, "--gpus-per-node"):
+            raise ValueError(f"--gpus-per-node {gpn} must be positive and divide the {g} GPUs")
+        if self.lplb_topology is not None:
+            topology_neighbours(g, self.lplb_topology, gpn)  # ValueError if the graph does not fit G
+        positive_int(self.ar_interval, "--ar-interval")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, (int, np.integer)) or self.seed < 0:
+            raise ValueError(f"--seed must be an integer >= 0, got {self.seed!r}")
 
 
 class Balancer(ABC):
@@ -59,8 +77,9 @@ class Balancer(ABC):
     def setup(self, workload: Workload) -> None: ...
 
     @abstractmethod
-    def decide(self, layer: int, counts: IntArray) -> Decision:
-        """counts: int64 [G, E] of one micro-batch of `layer`."""
+    def decide(self, layer: int, counts: IntArray) -> IntArray:
+        """quota_EG int64 [E, G] for counts int64 [G, E] of one micro-batch of `layer` (timed by
+        the runner: put per-workload preparation in `setup`, not here)."""
 
     def observe(self, layer: int, loads: IntArray) -> None:
         """Called with the per-expert loads [E] after each decision; static balancers ignore it."""
@@ -72,22 +91,19 @@ class Balancer(ABC):
 
 
 class ExpertParallel(Balancer):
-    """Plain EP: GPU g holds experts g*E/G .. (g+1)*E/G - 1, no replicas."""
+    """Plain EP: `Placement.expert_parallel`, GPU g holds experts g*E/G .. (g+1)*E/G - 1, no replicas."""
 
     name = "ep"
 
     def setup(self, workload: Workload) -> None:
-        g, e = self.cfg.num_gpus, workload.num_experts
-        if e % g:
-            raise ValueError(f"plain EP needs experts divisible by GPUs: {e} experts on {g} GPUs")
-        self._owner = np.arange(e) // (e // g)
+        p = Placement.expert_parallel(self.cfg.num_gpus, workload.num_experts)
+        self._owner = p.host_gpu  # one replica per expert: the GPU of expert e
 
-    def decide(self, layer: int, counts: IntArray) -> Decision:
-        t0 = time.perf_counter_ns()
+    def decide(self, layer: int, counts: IntArray) -> IntArray:
         loads = counts.sum(axis=0)
         quota = np.zeros((loads.size, self.cfg.num_gpus), dtype=np.int64)
         quota[np.arange(loads.size), self._owner] = loads
-        return Decision(quota, time.perf_counter_ns() - t0)
+        return quota
 
     def info(self) -> dict[str, Any]:
         return {"slots": int(self._owner.size)}
@@ -103,10 +119,8 @@ class Eplb(Balancer):
         slots_per_gpu = _slots_per_gpu(e, g, self.cfg.replicas)
         self._slots = [eplb_slots(workload.history[l], g, slots_per_gpu) for l in range(workload.num_layers)]
 
-    def decide(self, layer: int, counts: IntArray) -> Decision:
-        t0 = time.perf_counter_ns()
-        quota = even_quota(counts.sum(axis=0), self._slots[layer])
-        return Decision(quota, time.perf_counter_ns() - t0)
+    def decide(self, layer: int, counts: IntArray) -> IntArray:
+        return even_quota(counts.sum(axis=0), self._slots[layer])
 
     def info(self) -> dict[str, Any]:
         return {"slots": int(self._slots[0].size)}
@@ -126,10 +140,8 @@ class Lplb(Balancer):
             self._solvers.append(LplbSolver(orig, copy, g))
         self._slots = 2 * workload.num_experts
 
-    def decide(self, layer: int, counts: IntArray) -> Decision:
-        t0 = time.perf_counter_ns()
-        quota = self._solvers[layer].quota(counts.sum(axis=0))
-        return Decision(quota, time.perf_counter_ns() - t0)
+    def decide(self, layer: int, counts: IntArray) -> IntArray:
+        return self._solvers[layer].quota(counts.sum(axis=0))
 
     def info(self) -> dict[str, Any]:
         return {"slots": self._slots, "topology": self.topology}
@@ -147,12 +159,8 @@ class MicroEP(Balancer):
         self.placements = [base] * workload.num_layers
         _warm_up(base)
 
-    def decide(self, layer: int, counts: IntArray) -> Decision:
-        p = self.placements[layer]
-        t0 = time.perf_counter_ns()
-        plan = schedule(counts, p, gpus_per_node=self.cfg.gpus_per_node)
-        ns = time.perf_counter_ns() - t0
-        return Decision(plan.quota, ns)
+    def decide(self, layer: int, counts: IntArray) -> IntArray:
+        return schedule(counts, self.placements[layer], gpus_per_node=self.cfg.gpus_per_node).quota
 
     def info(self) -> dict[str, Any]:
         return {"slots": int(self.placements[0].num_replicas_total)}
@@ -167,8 +175,6 @@ class MicroEPAdaptive(MicroEP):
 
     def setup(self, workload: Workload) -> None:
         super().setup(workload)
-        if self.cfg.ar_interval < 1:
-            raise ValueError(f"--ar-interval must be >= 1, got {self.cfg.ar_interval}")
         self.placements = list(self.placements)
         self._tracker = LoadTracker(workload.num_layers, workload.num_experts)
         self.replacements = 0
@@ -202,11 +208,7 @@ def make_balancers(names: list[str], cfg: GroupConfig) -> list[Balancer]:
 
 
 def _slots_per_gpu(num_experts: int, num_gpus: int, replicas: int) -> int:
-    if replicas < 1 or replicas > num_gpus or num_gpus % replicas:
-        raise ValueError(
-            f"--replicas {replicas} must be between 1 and --gpus {num_gpus} and divide it "
-            "(each slot index splits the GPUs into replica groups)"
-        )
+    """Slots per GPU for E experts x d replicas on G GPUs (GroupConfig already checked d and G)."""
     if (num_experts * replicas) % num_gpus:
         raise ValueError(
             f"{num_experts} experts x {replicas} replicas = {num_experts * replicas} slots do not split "

@@ -16,7 +16,7 @@ from __future__ import annotations
 import numpy as np
 import numpy.typing as npt
 
-from micromoe.sim.traces import IntArray
+from micromoe.plan.checks import IntArray
 
 
 def replicate_experts(loads: npt.ArrayLike, num_slots: int) -> IntArray:

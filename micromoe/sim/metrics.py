@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from micromoe.sim.traces import IntArray
+from micromoe.plan.checks import IntArray
 
 
 @dataclass
@@ -57,6 +57,11 @@ class Samples:
         return np.where(self.total > 0, self.max_load / np.maximum(mean, 1e-300), 1.0)
 
 
+def mean_bound(total: IntArray, num_gpus: int) -> IntArray:
+    """ceil(total / G): the smallest integer max GPU load any balancer can reach (int64, same shape)."""
+    return -(-total // num_gpus)
+
+
 def traffic(counts: IntArray, quota: IntArray, gpus_per_node: int | None) -> tuple[int, int]:
     """(tokens leaving their GPU, tokens leaving their node) for counts [G, E] and quota [E, G].
 
@@ -76,7 +81,7 @@ def traffic(counts: IntArray, quota: IntArray, gpus_per_node: int | None) -> tup
 def summarize(s: Samples, num_gpus: int, gpus_per_node: int | None) -> dict[str, float | None]:
     """The report's numbers for one balancer: ratio statistics, share at the bound, timing, traffic."""
     ratios = s.ratios(num_gpus).ravel()
-    bound = -(-s.total // num_gpus)
+    bound = mean_bound(s.total, num_gpus)
     total = int(s.total.sum())
     sched_us = s.sched_ns.ravel() / 1e3
     out: dict[str, float | None] = {

@@ -36,13 +36,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import numpy.typing as npt
+
+from micromoe.plan.checks import FloatArray, IntArray, positive_int
 
 # the writer lives below sim and train (both use the format); re-exported here
 from micromoe.routing_log import ROUTING_FORMAT, write_routing_record  # noqa: F401
-
-FloatArray = npt.NDArray[np.float64]
-IntArray = npt.NDArray[np.int64]
 
 
 @dataclass(frozen=True)
@@ -109,8 +107,8 @@ def parse_aggregate(doc: dict[str, Any], *, name: str = "<aggregate>") -> Aggreg
         if key in doc and doc[key] != size:
             raise ValueError(f"{name}: {key}={doc[key]!r} disagrees with counts, which has {size}")
     top_k = doc.get("top_k")
-    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
-        raise ValueError(f"{name}: top_k must be a positive integer, got {top_k!r}")
+    if top_k is not None:
+        top_k = positive_int(top_k, f"{name}: top_k")
     meta = {k: v for k, v in doc.items() if k != "counts"}
     return AggregateTrace(name=name, counts=counts, top_k=top_k, meta=meta)
 

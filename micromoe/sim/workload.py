@@ -26,7 +26,8 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
-from micromoe.sim.traces import AggregateTrace, FloatArray, IntArray, RoutingTrace
+from micromoe.plan.checks import FloatArray, IntArray, positive_int
+from micromoe.sim.traces import AggregateTrace, RoutingTrace
 
 DRIFT_CORRELATION = 0.9  # rho of the AR(1) drift between consecutive micro-batches
 
@@ -184,8 +185,7 @@ def _check_sampling(p, num_micro_batches, num_gpus, tokens_per_gpu, top_k, noise
         ("tokens-per-gpu", tokens_per_gpu),
         ("top-k", top_k),
     ):
-        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
-            raise ValueError(f"--{name} must be a positive integer, got {v!r}")
+        positive_int(v, f"--{name}")
     if top_k > p.shape[1]:
         raise ValueError(f"--top-k {top_k} exceeds the {p.shape[1]} experts")
     for name, v in (("noise", noise), ("drift", drift)):
