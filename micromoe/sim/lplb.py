@@ -37,7 +37,7 @@ from typing import Literal, get_args
 import numpy as np
 import numpy.typing as npt
 
-from micromoe.plan.highs import new_highs
+from micromoe.plan import new_highs
 from micromoe.sim.eplb import balanced_packing
 from micromoe.sim.traces import IntArray
 
