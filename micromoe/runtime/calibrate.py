@@ -137,7 +137,6 @@ class ExpertTimer:
 
     def module(self, num_slots: int) -> GroupedSwiGLU:
         if num_slots not in self.modules:
-            self.modules.clear()  # one at a time: large shapes hold GBs of weights and gradients
             self.modules[num_slots] = GroupedSwiGLU(
                 num_slots, self.hidden, self.ffn, device=self.device, dtype=self.dtype
             )
