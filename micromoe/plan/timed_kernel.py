@@ -1,0 +1,370 @@
+"""Compiled body of the time-aware planner: a deterministic local search over replica quotas.
+
+Legend: G GPUs, E experts, R replicas (see `placement.py`). A GPU's predicted expert time is
+
+    t[g] = off[g] + sum_{r on g} f(x[r]) + m * max_{r on g} x[r]
+
+with f the cost model's per-slot cost (f(0) = 0, non-decreasing; given as a table f[0..N]) and m
+its max-slot coefficient. The search works on integer copies of f and m (fixed point, see
+`timed.py`), so every comparison is exact and every rank takes the same steps.
+
+One step: on the slowest GPU (lowest id among ties), take its non-empty slots in slot order; for
+a slot r and every other replica r2 of the same expert on a GPU g2, find the shift d in [1, x[r]]
+that minimizes max(t[g] after giving d away, t[g2] after receiving d). t[g] falls and t[g2] rises
+with d, so the best d is where the two cross: a binary search. The first slot with a shift whose
+pair maximum is below t[g] gives the step (its best partner; ties: fewer local tokens displaced,
+then the lower replica index). Scanning every slot for the steepest step found plans within a
+fraction of a percent of these at several times the cost per step. Each applied step lowers the
+sorted vector of GPU times lexicographically, so the search ends; `max_steps` caps it for
+latency. It removes fragments that cost a whole tile or a group, aligns splits to tiles and trims
+the largest slot when that lowers the slowest GPU.
+
+Moves of one pair cannot leave a plateau where every GPU holds two fragments that one GPU alone
+should run (each single move makes its receiver the slowest). So when the search from the token
+quota ends in a local optimum, a second search starts from every expert on one replica
+(`consolidated_start`) and the better plan is kept: on random small instances against an exact
+MILP, the pair is at the optimum in the median and within 5% at worst (tests/test_plan_timed.py).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from micromoe.plan.jit import njit, njit_inline
+
+
+@njit_inline
+def _gpu_time(g, x, off, f, m, gpu_ptr, gpu_replica):
+    total = off[g]
+    top = 0
+    for k in range(gpu_ptr[g], gpu_ptr[g + 1]):
+        v = x[gpu_replica[k]]
+        total += f[v]
+        if v > top:
+            top = v
+    return total + m * top
+
+
+@njit_inline
+def _max_time(x, off, f, m, gpu_ptr, gpu_replica):
+    best = off[0]
+    for g in range(off.size):
+        v = _gpu_time(g, x, off, f, m, gpu_ptr, gpu_replica)
+        if v > best:
+            best = v
+    return best
+
+
+@njit_inline
+def _other_max(g, r, x, gpu_ptr, gpu_replica):
+    """Largest slot of GPU g other than replica r."""
+    top = 0
+    for k in range(gpu_ptr[g], gpu_ptr[g + 1]):
+        r2 = gpu_replica[k]
+        if r2 != r and x[r2] > top:
+            top = x[r2]
+    return top
+
+
+@njit_inline
+def _pair(d, xa, xb, ta, tb, sum_a, rest_a, mx_b, f, m):
+    """(time of the giving GPU, time of the receiving GPU) after shifting d rows a -> b.
+
+    sum_a: the giver's time without its slot a and without its max term; rest_a: its largest
+    other slot; mx_b: the receiver's largest slot."""
+    na = xa - d
+    top_a = na if na > rest_a else rest_a
+    new_a = sum_a + f[na] + m * top_a
+    nb = xb + d
+    top_b = nb if nb > mx_b else mx_b
+    new_b = tb - f[xb] + f[nb] + m * (top_b - mx_b)
+    return new_a, new_b
+
+
+@njit_inline
+def _best_shift(xa, xb, ta, tb, sum_a, rest_a, mx_b, f, m):
+    """(d, pair max) minimizing max(new_a, new_b) over d in [1, xa]."""
+    new_a, new_b = _pair(xa, xa, xb, ta, tb, sum_a, rest_a, mx_b, f, m)
+    if new_a > new_b:  # even moving everything leaves the giver the slower one
+        return xa, new_a
+    lo = 1
+    hi = xa  # invariant: new_a(hi) <= new_b(hi)
+    while lo < hi:
+        mid = (lo + hi) // 2
+        na, nb = _pair(mid, xa, xb, ta, tb, sum_a, rest_a, mx_b, f, m)
+        if na <= nb:
+            hi = mid
+        else:
+            lo = mid + 1
+    na, nb = _pair(lo, xa, xb, ta, tb, sum_a, rest_a, mx_b, f, m)
+    best_d = lo
+    best = nb if nb > na else na
+    if lo > 1:
+        na, nb = _pair(lo - 1, xa, xb, ta, tb, sum_a, rest_a, mx_b, f, m)
+        v = nb if nb > na else na
+        if v < best:
+            best = v
+            best_d = lo - 1
+    return best_d, best
+
+
+@njit_inline
+def _kept(x, local):
+    return x if x < local else local
+
+
+@njit
+def local_search(x, local, off, f, m, graph, max_steps):
+    """Lower the slowest GPU's integer time by shifting rows between replicas of one expert.
+
+    Args: x int64 [R] (quota, modified in place); local int64 [R] (tokens of the replica's expert
+    on its own GPU, for tie-breaks); off int64 [G]; f int64 [N+1] with N >= max x; m int64;
+    graph (host_ptr, host_gpu, gpu_ptr, gpu_replica, replica_expert); max_steps int.
+    Returns (t int64 [G] final times, steps taken).
+    """
+    host_ptr, host_gpu, gpu_ptr, gpu_replica, replica_expert = graph
+    num_g = off.size
+    t = np.empty(num_g, dtype=np.int64)
+    mx = np.zeros(num_g, dtype=np.int64)
+    for g in range(num_g):
+        t[g] = _gpu_time(g, x, off, f, m, gpu_ptr, gpu_replica)
+        for k in range(gpu_ptr[g], gpu_ptr[g + 1]):
+            if x[gpu_replica[k]] > mx[g]:
+                mx[g] = x[gpu_replica[k]]
+    steps = 0
+    while steps < max_steps:
+        ga = 0
+        for g in range(1, num_g):
+            if t[g] > t[ga]:
+                ga = g
+        best = t[ga]
+        best_loss = 0
+        best_r = -1
+        best_r2 = -1
+        best_d = 0
+        for k in range(gpu_ptr[ga], gpu_ptr[ga + 1]):
+            r = gpu_replica[k]
+            xa = x[r]
+            if xa == 0:
+                continue
+            rest_a = _other_max(ga, r, x, gpu_ptr, gpu_replica)
+            sum_a = t[ga] - f[xa] - m * mx[ga]
+            e = replica_expert[r]
+            for r2 in range(host_ptr[e], host_ptr[e + 1]):
+                gb = host_gpu[r2]
+                if r2 == r or t[gb] >= best:
+                    continue
+                # max(giver, receiver) >= max(giver after giving all, receiver after taking 1)
+                lo_a, _ = _pair(xa, xa, x[r2], t[ga], t[gb], sum_a, rest_a, mx[gb], f, m)
+                _, lo_b = _pair(1, xa, x[r2], t[ga], t[gb], sum_a, rest_a, mx[gb], f, m)
+                if lo_a > best or lo_b > best:
+                    continue
+                d, v = _best_shift(xa, x[r2], t[ga], t[gb], sum_a, rest_a, mx[gb], f, m)
+                if v > best:
+                    continue
+                # local tokens the shift displaces (net of those it lets the receiver keep)
+                loss = _kept(xa, local[r]) - _kept(xa - d, local[r])
+                loss -= _kept(x[r2] + d, local[r2]) - _kept(x[r2], local[r2])
+                if v < best or (best_r >= 0 and loss < best_loss):
+                    best, best_loss, best_r, best_r2, best_d = v, loss, r, r2, d
+            if best_r >= 0:
+                break
+        if best_r < 0:
+            break
+        gb = host_gpu[best_r2]
+        x[best_r] -= best_d
+        x[best_r2] += best_d
+        for g in (ga, gb):
+            t[g] = _gpu_time(g, x, off, f, m, gpu_ptr, gpu_replica)
+            mx[g] = 0
+            for k in range(gpu_ptr[g], gpu_ptr[g + 1]):
+                if x[gpu_replica[k]] > mx[g]:
+                    mx[g] = x[gpu_replica[k]]
+        steps += 1
+    return t, steps
+
+
+@njit
+def timed_plan(counts, x, off, off_us, f, f_us, m, m_us, lin, cert, graph, max_steps):
+    """The whole time-aware pass in one compiled call (see `timed.time_quota`).
+
+    Args: counts int64 [G, E]; x int64 [R] the token quota (modified in place); off/off_us
+    int64/float64 [G] per-GPU offsets; f/f_us int64/float64 [N+1] slot-cost tables; m/m_us the
+    max-slot coefficient; lin, cert as in `lower_bound_us`; max_steps per search.
+    Returns (x [R], predicted_us [G], token_predicted_us [G], lower_bound_us, steps).
+    """
+    host_ptr, host_gpu, gpu_ptr, gpu_replica, replica_expert = graph
+    num_g, num_e = counts.shape
+    load = np.zeros(num_e, dtype=np.int64)
+    for g in range(num_g):
+        for e in range(num_e):
+            load[e] += counts[g, e]
+    local = np.empty(host_gpu.size, dtype=np.int64)
+    for r in range(host_gpu.size):
+        local[r] = counts[host_gpu[r], replica_expert[r]]
+    token_us = predict_times(x, off_us, f_us, m_us, gpu_ptr, gpu_replica)
+    x0 = x.copy()
+    x, steps = two_start_search(x, load, local, off, f, m, graph, max_steps)
+    if _max_time(x, off, f, m, gpu_ptr, gpu_replica) >= _max_time(x0, off, f, m, gpu_ptr, gpu_replica):
+        x = x0  # the slowest GPU did not get faster: keep the token plan and its locality
+        steps = 0
+    out_us = predict_times(x, off_us, f_us, m_us, gpu_ptr, gpu_replica)
+    bound = lower_bound_us(load, off_us, f_us, m_us, lin, cert, graph)
+    return x, out_us, token_us, bound, steps
+
+
+@njit
+def two_start_search(x, load, local, off, f, m, graph, max_steps):
+    """Local search from the token quota `x`. When that ends in a local optimum (not stopped by
+    `max_steps`) that the integer per-expert bound (`_expert_bound`) does not prove optimal, a
+    second search from `consolidated_start`; the lower slowest-GPU time is kept (ties: the token
+    start, which keeps more tokens local). Returns (x int64 [R], steps taken in all)."""
+    t1, s1 = local_search(x, local, off, f, m, graph, max_steps)
+    if s1 >= max_steps or t1.max() <= _expert_bound(load, off, f, m, graph):
+        return x, s1
+    x2 = consolidated_start(load, off, f, m, graph)
+    t2, s2 = local_search(x2, local, off, f, m, graph, max_steps)
+    if t2.max() < t1.max():
+        return x2, s1 + s2
+    return x, s1 + s2
+
+
+@njit
+def _expert_bound(load, off, f, m, graph):
+    """Some replica of every expert gets >= ceil(load / replicas) rows: a lower bound on the
+    slowest GPU's time of any plan (integer units)."""
+    host_ptr, host_gpu, gpu_ptr, gpu_replica, replica_expert = graph
+    best = 0
+    for e in range(load.size):
+        k = host_ptr[e + 1] - host_ptr[e]
+        share = (load[e] + k - 1) // k
+        low = off[host_gpu[host_ptr[e]]]
+        for r in range(host_ptr[e], host_ptr[e + 1]):
+            if off[host_gpu[r]] < low:
+                low = off[host_gpu[r]]
+        v = low + f[share] + m * share
+        if v > best:
+            best = v
+    return best
+
+
+@njit
+def consolidated_start(load, off, f, m, graph):
+    """Each expert's whole load on one replica: experts by decreasing load (ties: lower id), each
+    onto the host whose time grows least to the lowest value (ties: lower replica index).
+    Returns x int64 [R]; the local search then splits the experts where that pays."""
+    host_ptr, host_gpu, gpu_ptr, gpu_replica, replica_expert = graph
+    num_g = off.size
+    x = np.zeros(host_gpu.size, dtype=np.int64)
+    t = off.copy()
+    mx = np.zeros(num_g, dtype=np.int64)
+    order = np.argsort(-load, kind="mergesort")
+    for i in range(order.size):
+        e = order[i]
+        v = load[e]
+        if v == 0:
+            continue
+        best_r = -1
+        best_t = 0
+        for r in range(host_ptr[e], host_ptr[e + 1]):
+            g = host_gpu[r]
+            top = v if v > mx[g] else mx[g]
+            nt = t[g] + f[v] + m * (top - mx[g])
+            if best_r < 0 or nt < best_t:
+                best_r = r
+                best_t = nt
+        g = host_gpu[best_r]
+        x[best_r] = v
+        t[g] = best_t
+        if v > mx[g]:
+            mx[g] = v
+    return x
+
+
+@njit
+def predict_times(x, off_us, f_us, m_us, gpu_ptr, gpu_replica):
+    """Predicted time of every GPU (float64 [G], us) from the float table: off + sum f + m * max."""
+    num_g = off_us.size
+    out = np.empty(num_g, dtype=np.float64)
+    for g in range(num_g):
+        total = off_us[g]
+        top = 0
+        for k in range(gpu_ptr[g], gpu_ptr[g + 1]):
+            v = x[gpu_replica[k]]
+            total += f_us[v]
+            if v > top:
+                top = v
+        out[g] = total + m_us * top
+    return out
+
+
+@njit
+def lower_bound_us(load, off_us, f_us, m_us, lin, cert, graph):
+    """A valid lower bound (us, fixed term excluded) on the slowest GPU's time of any plan.
+
+    Args: load int64 [E]; off_us float64 [G]; f_us float64 [N+1] (N >= max load); m_us float;
+    lin float64 [2, 2]: rows (a, b) with f(n) >= a * n + b for every n >= 1; cert bool [G]: a GPU
+    set (the token plan's Hall set). The best of:
+      - every GPU set S in {all GPUs, cert}: the experts with all replicas in S run there, each
+        costs >= a * load + b and >= 1 active slot; S's slots hold at most max slots-per-GPU
+        each, so their largest slots sum to >= load / that; the slowest GPU of S is >= the mean;
+      - every GPU alone: the experts that have only this replica (their whole load, f exact);
+      - every expert: one replica gets >= ceil(load / replicas) rows.
+    """
+    host_ptr, host_gpu, gpu_ptr, gpu_replica, replica_expert = graph
+    num_g = off_us.size
+    num_e = load.size
+    best = 0.0
+    in_set = np.empty(num_g, dtype=np.bool_)
+    for which in range(2):
+        for g in range(num_g):
+            in_set[g] = True if which == 0 else cert[g]
+        size = 0
+        off_sum = 0.0
+        max_slots = 1
+        for g in range(num_g):
+            if in_set[g]:
+                size += 1
+                off_sum += off_us[g]
+                if gpu_ptr[g + 1] - gpu_ptr[g] > max_slots:
+                    max_slots = gpu_ptr[g + 1] - gpu_ptr[g]
+        if size == 0:
+            continue
+        inside = 0
+        active = 0
+        for e in range(num_e):
+            ok = True
+            for r in range(host_ptr[e], host_ptr[e + 1]):
+                if not in_set[host_gpu[r]]:
+                    ok = False
+                    break
+            if ok and load[e] > 0:
+                inside += load[e]
+                active += 1
+        for i in range(lin.shape[0]):
+            v = off_sum + lin[i, 0] * inside + lin[i, 1] * active + m_us * inside / max_slots
+            if v / size > best:
+                best = v / size
+    for g in range(num_g):
+        v = off_us[g]
+        top = 0
+        for k in range(gpu_ptr[g], gpu_ptr[g + 1]):
+            e = replica_expert[gpu_replica[k]]
+            if host_ptr[e + 1] - host_ptr[e] == 1:
+                v += f_us[load[e]]
+                if load[e] > top:
+                    top = load[e]
+        v += m_us * top
+        if v > best:
+            best = v
+    for e in range(num_e):
+        k = host_ptr[e + 1] - host_ptr[e]
+        share = (load[e] + k - 1) // k
+        low = off_us[host_gpu[host_ptr[e]]]
+        for r in range(host_ptr[e], host_ptr[e + 1]):
+            if off_us[host_gpu[r]] < low:
+                low = off_us[host_gpu[r]]
+        v = low + f_us[share] + m_us * share
+        if v > best:
+            best = v
+    return best
