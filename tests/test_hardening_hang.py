@@ -1,0 +1,91 @@
+"""A stopped rank ends a gloo job in bounded time with an error naming the timeout and the rank.
+
+Four gloo processes with a 10 s timeout run a few steps of collectives; rank 2 sends itself
+SIGSTOP at step 2. The other three must exit non-zero within 60 s (not torch's default 30 min),
+each with a message naming the 10 s timeout, and rank 0's naming rank 2 as the one that stalled.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from micromoe.runtime.timeouts import CollectiveTimeout, as_timeout, init_distributed
+
+WORLD, STOPPED, TIMEOUT_S, BOUND_S = 4, 2, 10.0, 60.0
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank: int, port: int, out_dir: str) -> None:
+    torch.set_num_threads(1)
+    watchdog = init_distributed(
+        "gloo", TIMEOUT_S, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD
+    )
+    try:
+        with watchdog.guard("a training step"):
+            for step in range(6):
+                if rank == STOPPED and step == 2:
+                    os.kill(os.getpid(), signal.SIGSTOP)
+                t = torch.full((1024,), float(rank))
+                dist.all_reduce(t)  # every rank, same order
+                gathered = [torch.empty(8) for _ in range(WORLD)]
+                dist.all_gather(gathered, torch.full((8,), float(step)))
+    except CollectiveTimeout as exc:
+        Path(out_dir, f"rank{rank}.err").write_text(str(exc))
+        os._exit(3)  # no clean shutdown: a peer is gone
+    os._exit(0)
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="SIGSTOP is POSIX")
+def test_a_stopped_rank_ends_the_job_with_a_clear_error(tmp_path: Path) -> None:
+    out_dir = str(tmp_path)
+    ctx = mp.get_context("spawn")
+    port = _free_port()
+    procs = [ctx.Process(target=_worker, args=(r, port, out_dir), daemon=True) for r in range(WORLD)]
+    start = time.monotonic()
+    for p in procs:
+        p.start()
+    try:
+        for r, p in enumerate(procs):
+            if r != STOPPED:
+                p.join(max(0.0, BOUND_S - (time.monotonic() - start)))
+        elapsed = time.monotonic() - start
+        alive = [r for r, p in enumerate(procs) if r != STOPPED and p.is_alive()]
+        assert not alive, f"ranks {alive} still waiting after {BOUND_S} s"
+    finally:
+        for p in procs:
+            if p.is_alive():
+                os.kill(p.pid, signal.SIGKILL)
+                p.join(5)
+    assert elapsed < BOUND_S
+    for r in range(WORLD):
+        if r == STOPPED:
+            continue
+        assert procs[r].exitcode == 3, f"rank {r} exited with {procs[r].exitcode}"
+        msg = Path(out_dir, f"rank{r}.err").read_text()
+        assert f"rank {r}: a training step did not complete within the 10 s timeout (--timeout)" in msg
+    assert f"rank(s) {STOPPED} did not respond" in Path(out_dir, "rank0.err").read_text()
+
+
+@pytest.mark.parametrize("bad", [0, -1, float("nan"), float("inf"), "10", True])
+def test_timeout_must_be_a_positive_number(bad: object) -> None:
+    with pytest.raises(ValueError, match="--timeout must be"):
+        as_timeout(bad)  # type: ignore[arg-type]
+
+
+def test_timeout_accepts_seconds() -> None:
+    assert as_timeout(2.5).total_seconds() == 2.5
