@@ -25,10 +25,9 @@ import numpy as np
 import numpy.typing as npt
 import torch
 
-from micromoe.plan import Plan
+from micromoe.plan import Plan, positive_int
 from micromoe.runtime.comm import copy_counts_to_host
 from micromoe.runtime.dispatch_checks import ERR_CALLER, check_shapes, count_vector, raise_if_flagged
-from micromoe.runtime.layout import check_positive_int
 from micromoe.runtime.permute import gather_rows, gather_tokens, permute_rows, scatter_rows
 from micromoe.runtime.rows import RowMap, local_row_map, range_shift
 
@@ -77,7 +76,7 @@ class LocalDispatcher:
     """
 
     def __init__(self, num_experts: int, *, timer: PhaseTimer | None = None) -> None:
-        self.num_experts = check_positive_int("num_experts", num_experts)
+        self.num_experts = positive_int(num_experts, "num_experts")
         self.timer = timer
 
     def dispatch(

@@ -11,10 +11,9 @@ import numpy as np
 import numpy.typing as npt
 import torch.distributed as dist
 
-from micromoe.plan import Placement, Plan, schedule
+from micromoe.plan import Placement, Plan, positive_int, schedule
 from micromoe.runtime.dispatch_a2a import AllToAllDispatcher
 from micromoe.runtime.dispatch_local import PhaseTimer
-from micromoe.runtime.layout import check_positive_int
 from micromoe.runtime.rows import RankRoute, planned_route
 
 
@@ -41,7 +40,7 @@ class MicroEPDispatcher(AllToAllDispatcher):
     ) -> None:
         super().__init__(group, rank, placement, timer=timer)
         if gpus_per_node is not None:
-            gpus_per_node = check_positive_int("gpus_per_node", gpus_per_node)
+            gpus_per_node = positive_int(gpus_per_node, "gpus_per_node")
             if placement.num_gpus % gpus_per_node:
                 raise ValueError(
                     f"gpus_per_node={gpus_per_node} does not divide the dispatch group's "

@@ -16,10 +16,9 @@ import numpy.typing as npt
 import torch
 from torch import nn
 
-from micromoe.plan import Plan
+from micromoe.plan import Plan, positive_int
 from micromoe.runtime.dispatch_local import LocalDispatcher
 from micromoe.runtime.experts import GroupedSwiGLU
-from micromoe.runtime.layout import check_positive_int
 from micromoe.runtime.router import TopKRouter
 
 
@@ -47,7 +46,7 @@ class MoEConfig:
 
     def __post_init__(self) -> None:
         for name in ("hidden", "ffn_hidden", "num_experts", "top_k"):  # stored as plain ints
-            object.__setattr__(self, name, check_positive_int(f"MoEConfig.{name}", getattr(self, name)))
+            object.__setattr__(self, name, positive_int(getattr(self, name), f"MoEConfig.{name}"))
         if self.top_k > self.num_experts:
             raise ValueError(f"top_k={self.top_k} exceeds num_experts={self.num_experts}")
 

@@ -14,17 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import numpy as np
-
-from micromoe.plan import Placement
-
-
-def check_positive_int(name: str, value: object) -> int:
-    """`value` as a Python int if it is a positive integer (int or NumPy integer, not bool), else
-    ValueError naming `name`. The one positive-integer check of the runtime."""
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    return int(value)
+from micromoe.plan import Placement, positive_int
 
 
 @dataclass(frozen=True)
@@ -42,7 +32,7 @@ class ParallelLayout:
 
     def __post_init__(self) -> None:
         for name in ("world_size", "dp", "ep", "merge"):  # stored as plain ints
-            object.__setattr__(self, name, check_positive_int(name, getattr(self, name)))
+            object.__setattr__(self, name, positive_int(getattr(self, name), name))
         w, dp, ep, d = self.world_size, self.dp, self.ep, self.merge
         if dp != w:
             raise ValueError(

@@ -26,12 +26,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-import numpy.typing as npt
 
-from micromoe.plan import Placement, Plan
+from micromoe.plan import IntArray, Placement, Plan
 from micromoe.plan.jit import njit
-
-IntArray = npt.NDArray[np.int64]
 
 
 @dataclass(frozen=True)
