@@ -203,3 +203,28 @@ def test_identical_plans_across_processes_and_interpreted_kernels():
     assert len(first) == 64
     assert _digest(False, "2") == first
     assert _digest(True, "3") == first
+
+
+def test_schedule_with_cost_routes_the_time_plan():
+    rng = np.random.default_rng(9)
+    p = Placement.symmetric(8, 32, 2)
+    cm = CostModel(fixed_us=50.0, max_row_us=0.005, tile=128, c_row=0.06, c_tile=4.0, c_active=3.0)
+    counts = np.stack([rng.multinomial(2048, rng.dirichlet(np.full(32, 0.7))) for _ in range(8)]).astype(
+        np.int64
+    )
+    token = schedule(counts, p)
+    assert token.predicted_us is None and token.time_lower_bound_us is None
+    plan = schedule(counts, p, cost=cm)
+    tq = time_quota(token.counts, token.replica_quota, p, cm, certificate=token.certificate)
+    np.testing.assert_array_equal(plan.replica_quota, tq.quota)
+    np.testing.assert_array_equal(plan.predicted_us, tq.predicted_us)
+    assert plan.time_lower_bound_us == tq.lower_bound_us <= plan.predicted_us.max()
+    assert plan.max_load == plan.gpu_load.max() >= token.max_load
+    # routes still deliver every token exactly once, to replicas only
+    np.testing.assert_array_equal(plan.route.sum(axis=2), counts)
+    np.testing.assert_array_equal(plan.route.sum(axis=0).T, plan.quota.T)
+    held = np.zeros((32, 8), dtype=bool)
+    held[p.replica_expert, p.host_gpu] = True
+    assert (plan.quota[~held] == 0).all()
+    with pytest.raises(ValueError, match="cost must be"):
+        schedule(counts, p, cost="h200")

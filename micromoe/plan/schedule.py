@@ -22,6 +22,7 @@ from micromoe.plan.highs import highs_replica_quota
 from micromoe.plan.kernel import check_copy_sum, own_gpu_tokens, plan_kernel
 from micromoe.plan.placement import Placement
 from micromoe.plan.route import fill_routes, routes_from_source, routes_to_gpu
+from micromoe.plan.timed import SlotCostModel, check_cost_model, time_quota
 
 Solver = Literal["flow", "highs"]
 
@@ -34,12 +35,17 @@ class Plan:
         placement: the layout the plan is for.
         counts: int64 [G, E]; the scheduled counts (a read-only copy).
         replica_quota: int64 [R]; tokens processed by each replica (placement's replica order).
-        max_load: the largest per-GPU load, base load included; equals ceil(T*) (optimal).
+        max_load: the largest per-GPU load, base load included; equals ceil(T*) (optimal) unless
+            the plan was made for a cost model (then it is the time plan's, >= ceil(T*)).
         gpu_load: int64 [G]; per-GPU load, base load included.
         certificate: bool [G]; a GPU set S with ceil((L_inside(S) + base(S)) / |S|) == max_load,
             which proves no plan has a smaller max load (L_inside: load of experts whose replicas
             all lie in S).
         gpus_per_node: GPUs per node the routes prefer (consecutive ids), None without nodes.
+        predicted_us: float64 [G]; with `schedule(..., cost=model)`, the model's predicted expert
+            time of each GPU under this plan; None for a token plan.
+        time_lower_bound_us: with a cost model, a valid lower bound on the slowest GPU's predicted
+            time of any plan (so max(predicted_us) / it bounds the gap to the time optimum).
 
     Routes follow from (counts, replica_quota) by the fixed rule of `route.py` and are built on
     first use: `route_src/route_expert/route_dst/route_count` (the whole COO list), `route`
@@ -54,6 +60,8 @@ class Plan:
     gpu_load: IntArray
     certificate: BoolArray
     gpus_per_node: int | None
+    predicted_us: npt.NDArray[np.float64] | None = None
+    time_lower_bound_us: float | None = None
 
     @property
     def has_nodes(self) -> bool:
@@ -136,6 +144,7 @@ def schedule(
     base_load: npt.ArrayLike | None = None,
     gpus_per_node: int | None = None,
     solver: Solver = "flow",
+    cost: SlotCostModel | None = None,
 ) -> Plan:
     """Optimal integer schedule of one micro-batch's tokens over the placement's replicas.
 
@@ -147,6 +156,10 @@ def schedule(
         solver: "flow" (exact combinatorial solver, default) or "highs" (the paper's LP,
             warm-started HiGHS; needs `highspy`). The LP has no locality objective, so "highs"
             refuses `gpus_per_node` rather than silently ignore it.
+        cost: a cost model (`micromoe.plan.cost.CostModel`): minimize the predicted slowest-GPU
+            expert time instead of the max token load (`timed.py`: local search from the token
+            optimum; the plan reports `predicted_us` and `time_lower_bound_us`). Base load is
+            costed as one extra group of that many rows.
 
     Returns:
         A `Plan` with max_load == ceil(T*), the LP optimum; tokens stay on their source GPU
@@ -165,9 +178,21 @@ def schedule(
     if not ok:  # the compiled pass found a negative entry or an oversized total: explain it
         as_int_array(counts_GE, "counts", counts_GE.shape)
         raise AssertionError("counts failed the compiled check but passed the slow one")
+    timed = None
+    if cost is not None:
+        base = None if base_load is None else base_G
+        timed = time_quota(counts_copy, quota_R, p, check_cost_model(cost), base_load=base, certificate=cert)
+        quota_R = timed.quota
+        gpu_load = base_G + np.bincount(p.host_gpu, weights=quota_R, minlength=p.num_gpus).astype(np.int64)
+        max_load = gpu_load.max()
     for a in (counts_copy, quota_R, gpu_load, cert):
         a.setflags(write=False)
-    return Plan(p, counts_copy, quota_R, int(max_load), gpu_load, cert, gpus_per_node)
+    if timed is None:
+        return Plan(p, counts_copy, quota_R, int(max_load), gpu_load, cert, gpus_per_node)
+    bound = timed.lower_bound_us
+    return Plan(
+        p, counts_copy, quota_R, int(max_load), gpu_load, cert, gpus_per_node, timed.predicted_us, bound
+    )
 
 
 def _highs_plan(counts_GE: IntArray, base_G: IntArray, p: Placement):

@@ -1,7 +1,7 @@
 """Time-aware scheduling: split each expert's tokens over its replicas to equalize predicted GPU
 time (the slowest GPU's expert GEMMs), not token counts.
 
-Legend: G GPUs, E experts, S local slots per GPU, R replicas (see `placement.py`).
+Legend: G GPUs, E experts, S local slots per GPU, R replicas (see `slot_layout.py`).
 
 A cost model (`micromoe.plan.cost.CostModel`, or any object with `fixed_us`, `max_row_us` and
 `slot_cost_table(n)`) predicts one GPU's time from the rows of its local slots:
@@ -26,11 +26,9 @@ from typing import Any, Protocol
 import numpy as np
 import numpy.typing as npt
 
-from micromoe.plan.placement import Placement
+from micromoe.plan.checks import FloatArray, IntArray
+from micromoe.plan.slot_layout import SlotLayout
 from micromoe.plan.timed_kernel import predict_times, timed_plan
-
-IntArray = npt.NDArray[np.int64]
-FloatArray = npt.NDArray[np.float64]
 
 FIXED_POINT = 1e6  # integer time units per microsecond in the search
 _MIN_TABLE = 1024
@@ -147,7 +145,7 @@ def _linear_minorants(f: FloatArray) -> FloatArray:
 def time_quota(
     counts: IntArray,
     token_quota: IntArray,
-    placement: Placement,
+    placement: SlotLayout,
     cost: SlotCostModel,
     *,
     base_load: IntArray | None = None,
@@ -220,7 +218,7 @@ def _all_gpus(num_gpus: int) -> npt.NDArray[np.bool_]:
     return out
 
 
-def rows_per_slot(quota: npt.ArrayLike, placement: Placement) -> IntArray:
+def rows_per_slot(quota: npt.ArrayLike, placement: SlotLayout) -> IntArray:
     """int64 [G, S]: rows of each local slot from a per-replica quota [R] (empty slots 0)."""
     p = placement
     out = np.zeros((p.num_gpus, p.slots_per_gpu), dtype=np.int64)
@@ -228,7 +226,7 @@ def rows_per_slot(quota: npt.ArrayLike, placement: Placement) -> IntArray:
     return out
 
 
-def predict_quota_us(quota: npt.ArrayLike, placement: Placement, cost: SlotCostModel) -> FloatArray:
+def predict_quota_us(quota: npt.ArrayLike, placement: SlotLayout, cost: SlotCostModel) -> FloatArray:
     """float64 [G]: predicted expert time of each GPU for a per-replica quota [R]."""
     q = np.asarray(quota, dtype=np.int64)
     tables = cost_tables(cost, int(q.max()) if q.size else 0)
@@ -239,7 +237,7 @@ def predict_quota_us(quota: npt.ArrayLike, placement: Placement, cost: SlotCostM
     )
 
 
-def gpu_constant_us(cost: SlotCostModel, placement: Placement) -> float:
+def gpu_constant_us(cost: SlotCostModel, placement: SlotLayout) -> float:
     """The part of every GPU's predicted time that no plan changes: fixed_us, plus c_slot per
     local slot (used or not) where the model has that term."""
     return float(cost.fixed_us) + float(getattr(cost, "c_slot", 0.0)) * placement.slots_per_gpu
