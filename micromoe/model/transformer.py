@@ -122,7 +122,7 @@ class ModelConfig:
 
 
 class RMSNorm(nn.Module):
-    """x / rms(x) * weight, computed in float32."""
+    """x / rms(x) * weight (`F.rms_norm`: one fused kernel where the backend has one)."""
 
     def __init__(self, dim: int, eps: float) -> None:
         super().__init__()
@@ -130,25 +130,24 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (y * self.weight.float()).to(x.dtype)
+        return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
 
 
 def rope_table(seq_len: int, head_dim: int, theta: float) -> torch.Tensor:
-    """float32 [seq_len, head_dim // 2, 2]: (cos, sin) of position * theta^(-2i/hd)."""
+    """float32 [2, seq_len, head_dim]: cos and sign-folded sin of position * theta^(-2i/hd),
+    each frequency repeated for both halves (rotate-half convention)."""
     inv_freq = theta ** (-torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
-    angle = torch.arange(seq_len, dtype=torch.float64)[:, None] * inv_freq[None, :]
-    return torch.stack([angle.cos(), angle.sin()], dim=-1).float()
+    angle = torch.arange(seq_len, dtype=torch.float64)[:, None] * inv_freq[None, :]  # [T, hd/2]
+    cos, sin = angle.cos(), angle.sin()
+    return torch.stack([torch.cat([cos, cos], -1), torch.cat([-sin, sin], -1)]).float()
 
 
 def apply_rope(x: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
-    """Rotate pairs (x[..., 2i], x[..., 2i+1]). x [B, nh, T, hd], table [T, hd/2, 2]."""
-    xf = x.float().unflatten(-1, (-1, 2))  # [B, nh, T, hd/2, 2]
-    cos, sin = table[..., 0], table[..., 1]  # [T, hd/2]
-    a, b = xf[..., 0], xf[..., 1]
-    out = torch.stack([a * cos - b * sin, a * sin + b * cos], dim=-1)
-    return out.flatten(-2).to(x.dtype)
+    """Rotate the pairs (x[..., i], x[..., i + hd/2]) by their angles. x [B, nh, T, hd],
+    table [2, T, hd]; computed in x's dtype."""
+    cos, sin = table.to(x.dtype)  # [T, hd] each
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat([x2, x1], dim=-1) * sin
 
 
 class Attention(nn.Module):
@@ -166,7 +165,7 @@ class Attention(nn.Module):
         q = q.view(b, t, self.nh, self.hd).transpose(1, 2)  # [B, nh, T, hd]
         k = k.view(b, t, self.nkv, self.hd).transpose(1, 2)  # [B, nkv, T, hd]
         v = v.view(b, t, self.nkv, self.hd).transpose(1, 2)
-        q, k = apply_rope(q, rope[:t]), apply_rope(k, rope[:t])
+        q, k = apply_rope(q, rope[:, :t]), apply_rope(k, rope[:, :t])
         if self.nkv != self.nh:  # grouped-query attention: share each K/V head over nh/nkv queries
             k = k.repeat_interleave(self.nh // self.nkv, dim=1)
             v = v.repeat_interleave(self.nh // self.nkv, dim=1)

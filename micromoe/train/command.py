@@ -109,6 +109,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     r.add_argument("--ckpt-interval", type=int, help="checkpoint every N steps (0 = only at the end)")
     r.add_argument(
+        "--save", action=argparse.BooleanOptionalAction, default=None, help="write checkpoints (on)"
+    )
+    r.add_argument(
         "--resume", action="store_true", default=None, help="continue from OUT's newest checkpoint"
     )
     r.add_argument(

@@ -138,14 +138,15 @@ def train(run: Run) -> list[dict[str, Any]]:
             last = step + 1 == cfg.max_steps
             if cfg.eval_interval and ((step + 1) % cfg.eval_interval == 0 or last):
                 rec["val_loss"] = evaluate(run)
-            if cfg.ckpt_interval and (step + 1) % cfg.ckpt_interval == 0 and not last:
+            if cfg.save and cfg.ckpt_interval and (step + 1) % cfg.ckpt_interval == 0 and not last:
                 save(run, step + 1)
             records.append(rec)
             if lead:
                 log_fp.write(json.dumps(rec) + "\n")
                 log_fp.flush()
                 _show(bar, rec, cfg.log_interval, cfg.max_steps)
-        save(run, cfg.max_steps)
+        if cfg.save and run.start_step < cfg.max_steps:
+            save(run, cfg.max_steps)
     finally:
         for fp in (log_fp, routing_fp):
             if fp is not None:
