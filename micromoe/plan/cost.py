@@ -30,6 +30,7 @@ import numpy.typing as npt
 
 FloatArray = npt.NDArray[np.float64]
 
+ROW_ALIGN = 8  # the dispatchers pad each slot's rows to this; models are measured at padded rows
 FORMAT = "micromoe-cost-model"
 VERSION = 1
 BUNDLED_DIR = Path(__file__).resolve().parent.parent / "data" / "cost_models"

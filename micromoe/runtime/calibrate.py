@@ -23,10 +23,10 @@ import numpy as np
 import torch
 
 import micromoe
-from micromoe.plan.cost import CostModel, fit_cost_model, relative_errors
+from micromoe.plan.cost import ROW_ALIGN, CostModel, fit_cost_model, relative_errors
 from micromoe.runtime.experts import GroupedSwiGLU
 
-ALIGN = 8  # rows per slot are padded to this by the dispatchers (CUDA grouped GEMM alignment)
+ALIGN = ROW_ALIGN  # rows per slot are padded to this by the dispatchers (CUDA grouped GEMM alignment)
 TILES = (64, 128, 256)  # candidate row tiles of the slot term; the best in-sample fit is kept
 KINDS = ("even", "dir0.3", "dir1", "fragments", "half", "hot", "dir3", "quarter", "single", "offtile")
 MIN_SAMPLES = 12

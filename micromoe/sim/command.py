@@ -13,6 +13,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from micromoe.plan.cost import bundled_models
+from micromoe.plan.cost import load as load_cost_model
 from micromoe.sim.balancers import BALANCERS, GroupConfig
 from micromoe.sim.report import build_report, format_report, write_json
 from micromoe.sim.runner import simulate
@@ -158,6 +160,14 @@ def _add_balancer_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="K",
         help="microep-ar re-checks each layer's placement every K micro-batches (default 4)",
     )
+    bal.add_argument(
+        "--cost-model",
+        metavar="NAME|FILE",
+        default=None,
+        help="also score every balancer in predicted expert time with this cost model: a bundled "
+        f"name ({', '.join(bundled_models()) or 'see micromoe/data/cost_models'}) or a file from "
+        "`micromoe calibrate`",
+    )
 
 
 def _add_output_arguments(parser: argparse.ArgumentParser) -> None:
@@ -173,8 +183,10 @@ def _add_output_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     names = _parse_balancers(args.balancers)
+    cost = load_cost_model(args.cost_model) if args.cost_model else None  # ValueError names the file
     workloads, config = _build_workloads(args)
     config["balancers"] = names
+    config["cost_model"] = args.cost_model
     cfg = GroupConfig(
         num_gpus=config["gpus"],
         replicas=args.replicas,
@@ -190,7 +202,12 @@ def run(args: argparse.Namespace) -> int:
         cfg.num_gpus,
     )
     results = simulate(
-        workloads, names, cfg, warmup=config["warmup"], progress=False if args.no_progress else None
+        workloads,
+        names,
+        cfg,
+        warmup=config["warmup"],
+        progress=False if args.no_progress else None,
+        cost_model=cost,
     )
     report = build_report(results, config)
     print(format_report(report))

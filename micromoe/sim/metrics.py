@@ -16,25 +16,34 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from micromoe.plan.checks import IntArray
+from micromoe.plan.checks import FloatArray, IntArray
 
 
 @dataclass
 class Samples:
-    """Per-sample records of one balancer on one workload; every array is [M, L]."""
+    """Per-sample records of one balancer on one workload; every array is [M, L].
+
+    time_max_us / time_mean_us: the cost model's predicted slowest-GPU and mean GPU expert time
+    (float64; zero when the run has no cost model).
+    """
 
     max_load: IntArray
     total: IntArray
     remote: IntArray
     remote_node: IntArray
     sched_ns: IntArray
+    time_max_us: FloatArray
+    time_mean_us: FloatArray
 
     @classmethod
     def empty(cls, num_micro_batches: int, num_layers: int) -> Samples:
         def z() -> IntArray:
             return np.zeros((num_micro_batches, num_layers), dtype=np.int64)
 
-        return cls(z(), z(), z(), z(), z())
+        def f() -> FloatArray:
+            return np.zeros((num_micro_batches, num_layers), dtype=np.float64)
+
+        return cls(z(), z(), z(), z(), z(), f(), f())
 
     @classmethod
     def concat(cls, parts: list[Samples]) -> Samples:

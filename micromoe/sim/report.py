@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from micromoe.sim.metrics import summarize
+from micromoe.sim.predicted import time_summary
 from micromoe.sim.runner import WorkloadResult, pooled
 
 
@@ -19,6 +20,9 @@ def build_report(results: list[WorkloadResult], config: dict[str, Any]) -> dict[
 
     def summaries(samples: dict) -> dict[str, dict[str, Any]]:
         out = {n: summarize(s, g, gpn) for n, s in samples.items()}
+        if config.get("cost_model"):  # predicted expert time under one model for every balancer
+            for n, s in samples.items():
+                out[n].update(time_summary(s.time_max_us, s.time_mean_us))
         if "bound" in out:
             for key in ("sched_us_median", "sched_us_p99", "remote_share", "node_remote_share"):
                 out["bound"][key] = None
@@ -40,6 +44,9 @@ def format_table(results: dict[str, dict[str, Any]], *, nodes: bool) -> str:
     head = ["balancer", "mean", "p50", "p99", "worst", "at bound", "sched us p50", "sched us p99", "remote"]
     if nodes:
         head.append("off-node")
+    timed_cols = all("time_ms_mean" in r for r in results.values())
+    if timed_cols:
+        head += ["time ms", "time max/mean"]
     rows = [head]
     for name, r in results.items():
         timed = name != "bound"
@@ -56,6 +63,8 @@ def format_table(results: dict[str, dict[str, Any]], *, nodes: bool) -> str:
         ]
         if nodes:
             row.append(f"{100 * r['node_remote_share']:.1f}%" if timed else "-")
+        if timed_cols:
+            row += [f"{r['time_ms_mean']:.3f}", f"{r['time_max_mean']:.4f}"]
         rows.append(row)
     return _align(rows)
 

@@ -11,14 +11,17 @@ replacement check) is not part of the per-micro-batch decision and is not timed.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 from tqdm import tqdm
 
+from micromoe.plan.cost import CostModel
 from micromoe.sim.balancers import Balancer, GroupConfig, make_balancers
 from micromoe.sim.metrics import Samples, mean_bound, traffic
+from micromoe.sim.predicted import even_split_times, predict_quota
 from micromoe.sim.workload import Workload
 
 
@@ -38,21 +41,26 @@ def simulate(
     *,
     warmup: int = 0,
     progress: bool | None = None,
+    cost_model: CostModel | None = None,
 ) -> list[WorkloadResult]:
     """Run `names` (see balancers.BALANCERS) on every workload.
 
     The first `warmup` micro-batches of each workload are run (adaptive balancers learn from them)
-    but not measured. progress: None = a progress bar only on a terminal.
+    but not measured. progress: None = a progress bar only on a terminal. With a `cost_model`,
+    every balancer's plans are also scored in predicted expert time (Samples.time_*_us; 'bound'
+    gets a perfectly even split over E * d / G slots per GPU).
     """
     total = sum(w.num_micro_batches for w in workloads)
     bar = tqdm(total=total, desc="simulate", unit="mb", disable=None if progress is None else not progress)
     try:
-        return [_run_one(w, names, cfg, bar, warmup) for w in workloads]
+        return [_run_one(w, names, cfg, bar, warmup, cost_model) for w in workloads]
     finally:
         bar.close()
 
 
-def _run_one(w: Workload, names: list[str], cfg: GroupConfig, bar: tqdm, warmup: int) -> WorkloadResult:
+def _run_one(
+    w: Workload, names: list[str], cfg: GroupConfig, bar: tqdm, warmup: int, cost: CostModel | None = None
+) -> WorkloadResult:
     if w.num_gpus != cfg.num_gpus:
         raise ValueError(f"{w.name}: workload has {w.num_gpus} source GPUs, the group {cfg.num_gpus}")
     if not 0 <= warmup < w.num_micro_batches:
@@ -63,26 +71,45 @@ def _run_one(w: Workload, names: list[str], cfg: GroupConfig, bar: tqdm, warmup:
     for b in balancers:
         b.setup(w)
     samples = {b.name: Samples.empty(w.num_micro_batches, w.num_layers) for b in balancers}
+    scorers = {b.name: _scorer(b, cost, cfg.num_gpus) for b in balancers}
     bar.set_postfix_str(w.name)
     for m in range(w.num_micro_batches):
         for l in range(w.num_layers):
             counts = w.counts[m, l]
             loads = counts.sum(axis=0)
             for b in balancers:
-                _step(b, samples[b.name], m, l, counts, loads, cfg.gpus_per_node)
+                _step(b, samples[b.name], m, l, counts, loads, cfg.gpus_per_node, scorers[b.name])
         bar.update(1)
     if "bound" in names:
         totals = w.counts.sum(axis=(2, 3))
         bound = Samples.empty(w.num_micro_batches, w.num_layers)
         bound.total[:] = totals
         bound.max_load[:] = mean_bound(totals, cfg.num_gpus)
+        if cost is not None:
+            even = even_split_times(cost, totals, cfg.num_gpus, w.num_experts * cfg.replicas // cfg.num_gpus)
+            bound.time_max_us[:] = bound.time_mean_us[:] = even
         samples["bound"] = bound
     ordered = {n: samples[n].tail(warmup) for n in names}
     return WorkloadResult(w.name, ordered, {b.name: b.info() for b in balancers})
 
 
+def _scorer(b: Balancer, cost: CostModel | None, num_gpus: int) -> Callable[[np.ndarray], np.ndarray] | None:
+    """quota [E, G] -> predicted time [G] for this balancer's slots per GPU, or None."""
+    if cost is None:
+        return None
+    slots_per_gpu = -(-int(b.info()["slots"]) // num_gpus)
+    return lambda quota_EG: predict_quota(cost, quota_EG, slots_per_gpu)
+
+
 def _step(
-    b: Balancer, s: Samples, m: int, l: int, counts: np.ndarray, loads: np.ndarray, gpn: int | None
+    b: Balancer,
+    s: Samples,
+    m: int,
+    l: int,
+    counts: np.ndarray,
+    loads: np.ndarray,
+    gpn: int | None,
+    scorer: Callable[[np.ndarray], np.ndarray] | None = None,
 ) -> None:
     t0 = time.perf_counter_ns()
     quota_EG = b.decide(l, counts)
@@ -92,6 +119,9 @@ def _step(
     s.max_load[m, l] = quota_EG.sum(axis=0).max()
     s.total[m, l] = loads.sum()
     s.remote[m, l], s.remote_node[m, l] = traffic(counts, quota_EG, gpn)
+    if scorer is not None:
+        t = scorer(quota_EG)
+        s.time_max_us[m, l], s.time_mean_us[m, l] = t.max(), t.mean()
     b.observe(l, loads)
 
 
