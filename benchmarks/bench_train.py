@@ -222,10 +222,14 @@ def _reduce(values: list[float], world: int, device: torch.device, op: str) -> l
 def bench(rank: int, world: int, args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
     """Every variant x routing on this rank (collective); returns the result dict (all ranks)."""
     variants, skipped = make_variants(world)
-    rows = []
+    rows, t_start = [], time.perf_counter()
     for v in variants:
         routings: list[float | None] = [None] if v.balanced else [None, *args.skews]
         for s in routings:
+            elapsed = _reduce([time.perf_counter() - t_start], world, device, "max")[0]
+            if args.max_seconds and elapsed > args.max_seconds:
+                skipped.append(f"{v.name} skew={s}: --max-seconds {args.max_seconds} reached")
+                continue
             rows.append(run_row(v, s, args, rank, world, device))
             if rank == 0:
                 r = rows[-1]
@@ -310,6 +314,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--skews", type=float, nargs="*", default=[0.5, 1.0, 1.5], help="forced Zipf skews s")
     ap.add_argument("--ar-interval", type=int, default=2, help="microep-ar: steps between replacement checks")
     ap.add_argument("--ar-threshold", type=float, default=1.02, help="microep-ar: replacement threshold")
+    ap.add_argument("--max-seconds", type=float, default=None, help="skip the remaining rows after this long")
     ap.add_argument("--data", default=None, help="training text/.bin (default: bundled tiny-shakespeare)")
     ap.add_argument("--nproc", type=int, default=1, help="without a launcher: start N gloo CPU processes")
     ap.add_argument(
