@@ -113,11 +113,11 @@ def train(run: Run) -> list[dict[str, Any]]:
     cfg, par = run.cfg, run.parallel
     out = Path(cfg.out)
     lead = par.rank == 0
-    log_fp = (out / "log.jsonl").open("a" if run.start_step else "w") if lead else None
+    log_fp = _open_log(out / "log.jsonl", run.start_step) if lead else None
     routing_fp = None
     if lead and cfg.record_routing:
         Path(cfg.record_routing).parent.mkdir(parents=True, exist_ok=True)
-        routing_fp = Path(cfg.record_routing).open("a" if run.start_step else "w")
+        routing_fp = _open_log(Path(cfg.record_routing), run.start_step)
     tokens_per_step = run.spec.global_batch * run.spec.seq_len
     bar = _progress(run) if lead else None
     records = []
@@ -154,6 +154,20 @@ def train(run: Run) -> list[dict[str, Any]]:
         if bar is not None:
             bar.close()
     return records
+
+
+def _open_log(path: Path, start_step: int) -> IO[str]:
+    """Open a JSON-lines log for appending from `start_step`: lines of later steps (written after
+    the checkpoint a resumed run starts from) are dropped, so every step appears once."""
+    if start_step == 0 or not path.exists():
+        return path.open("w")
+    keep = [
+        line
+        for line in path.read_text().splitlines()
+        if line.strip() and json.loads(line)["step"] < start_step
+    ]
+    path.write_text("".join(line + "\n" for line in keep))
+    return path.open("a")
 
 
 def _progress(run: Run):
