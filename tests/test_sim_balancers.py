@@ -260,7 +260,7 @@ def test_adaptive_replacement_reaches_the_bound_after_learning() -> None:
         ({"num_gpus": 0, "replicas": 1}, "--gpus must be a positive integer, got 0"),
         ({"num_gpus": 8.0, "replicas": 2}, "--gpus must be a positive integer, got 8.0"),
         ({"num_gpus": 8, "replicas": True}, "--replicas must be a positive integer, got True"),
-        ({"num_gpus": 8, "replicas": 3}, "--replicas 3 must be between 1 and --gpus 8"),
+        ({"num_gpus": 8, "replicas": 9}, "--replicas 9 must be between 1 and --gpus 8"),
         ({"num_gpus": 4, "replicas": 8}, "--replicas 8 must be between 1 and --gpus 4"),
         ({"num_gpus": 8, "replicas": 2, "gpus_per_node": 3}, "--gpus-per-node 3"),
         ({"num_gpus": 8, "replicas": 2, "gpus_per_node": 0}, "--gpus-per-node must be a positive integer"),

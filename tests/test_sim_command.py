@@ -81,7 +81,7 @@ def test_replays_a_routing_log(tmp_path: Path, capsys: pytest.CaptureFixture[str
         (["--trace", "no-such-file.json"], "trace 'no-such-file.json' not found"),
         (["--zipf", "1,x"], "--zipf: 'x' is not a number"),
         (["--zipf", "1", "--trace", "counts57b.json"], "either --trace or --zipf"),
-        (["--gpus", "8", "--replicas", "3"], "--replicas 3"),
+        (["--gpus", "8", "--replicas", "9"], "--replicas 9 must be between 1 and --gpus 8"),
         (["--gpus", "6"], "experts divisible by GPUs"),
         (["--gpus-per-node", "3"], "--gpus-per-node 3"),
         (["--micro-batches", "0"], "--micro-batches must be >= 1"),

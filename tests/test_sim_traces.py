@@ -64,7 +64,7 @@ def test_single_line_routing_log(tmp_path: Path) -> None:
     [
         ({"counts": [[1, 2], [3]]}, "rectangular"),
         ({"counts": [[1, -2], [3, 4]]}, "counts[0, 1] = -2.0: counts must be >= 0"),
-        ({"counts": [[1, None], [3, 4]]}, "must be finite"),
+        ({"counts": [[1, None], [3, 4]]}, "counts[0, 1] = null: counts must be JSON numbers"),
         ({"counts": [1, 2, 3]}, "2-D"),
         ({"counts": [[0, 0], [3, 4]]}, "layer 0 has no tokens"),
         ({"counts": [[1, 2]], "num_experts": 3}, "num_experts=3 disagrees"),

@@ -51,8 +51,12 @@ def as_int_array(a: npt.ArrayLike, name: str, shape: tuple[int, ...]) -> IntArra
         idx = tuple(int(i) for i in np.unravel_index(int(np.argmin(arr)), arr.shape))
         raise ValueError(f"{name}{list(idx)} = {arr[idx]}: token counts must be >= 0")
     out = np.ascontiguousarray(arr, dtype=np.int64)
-    if out.size and out.sum() >= MAX_TOTAL:
-        raise ValueError(f"{name} sums to {out.sum()}; totals must stay below 2**53 tokens")
+    # summed as floats: an int64 sum of huge entries would wrap around and pass
+    if out.size and float(out.sum(dtype=np.float64)) >= MAX_TOTAL:
+        raise ValueError(
+            f"{name} sums to {float(out.sum(dtype=np.float64)):.4g}; the largest supported total is "
+            "2**53 - 1 tokens"
+        )
     return out
 
 

@@ -59,7 +59,13 @@ class SlotLayout:
         `num_experts` defaults to max id + 1; pass it to catch an expert that has no replica at
         the top of the id range. Raises ValueError naming the first rule broken.
         """
-        slots = np.array(slot_expert, copy=True)
+        try:
+            slots = np.array(slot_expert, copy=True)
+        except ValueError:  # numpy's "inhomogeneous shape": rows of different lengths
+            raise ValueError(
+                "slot_expert must be a rectangular 2-D [num_gpus, slots] array: every GPU needs the same "
+                "number of slots (pad the shorter rows with -1, an empty slot)"
+            ) from None
         if slots.ndim != 2 or slots.shape[0] < 1 or slots.shape[1] < 1:
             raise ValueError(
                 f"slot_expert must be a non-empty 2-D [num_gpus, slots] array, got shape {slots.shape}"

@@ -50,11 +50,8 @@ class GroupConfig:
     def __post_init__(self) -> None:
         g = positive_int(self.num_gpus, "--gpus")
         d = positive_int(self.replicas, "--replicas")
-        if d > g or g % d:
-            raise ValueError(
-                f"--replicas {d} must be between 1 and --gpus {g} and divide it "
-                "(each slot index splits the GPUs into replica groups)"
-            )
+        if d > g:
+            raise ValueError(f"--replicas {d} must be between 1 and --gpus {g}")
         gpn = self.gpus_per_node
         if gpn is not None and g % positive_int(gpn, "--gpus-per-node"):
             raise ValueError(f"--gpus-per-node {gpn} must be positive and divide the {g} GPUs")
@@ -133,10 +130,10 @@ class Lplb(Balancer):
 
     def setup(self, workload: Workload) -> None:
         g = self.cfg.num_gpus
-        self.topology = self.cfg.lplb_topology or default_topology(g)
+        self.topology = self.cfg.lplb_topology or default_topology(g, self.cfg.gpus_per_node)
         self._solvers = []
         for l in range(workload.num_layers):
-            orig, copy = lplb_layout(workload.history[l], g, self.topology)
+            orig, copy = lplb_layout(workload.history[l], g, self.topology, self.cfg.gpus_per_node)
             self._solvers.append(LplbSolver(orig, copy, g))
         self._slots = 2 * workload.num_experts
 
@@ -212,7 +209,7 @@ def _slots_per_gpu(num_experts: int, num_gpus: int, replicas: int) -> int:
     if (num_experts * replicas) % num_gpus:
         raise ValueError(
             f"{num_experts} experts x {replicas} replicas = {num_experts * replicas} slots do not split "
-            f"evenly over {num_gpus} GPUs; change --replicas or --gpus"
+            f"evenly over {num_gpus} GPUs; any --replicas d with experts x d divisible by --gpus works"
         )
     return num_experts * replicas // num_gpus
 

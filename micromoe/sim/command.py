@@ -16,6 +16,8 @@ from typing import Any
 from micromoe.plan.cost import bundled_models
 from micromoe.plan.cost import load as load_cost_model
 from micromoe.sim.balancers import BALANCERS, GroupConfig
+from micromoe.sim.lplb import TOPOLOGIES
+from micromoe.sim.outputs import check_outputs
 from micromoe.sim.report import build_report, format_report, write_json
 from micromoe.sim.runner import simulate
 from micromoe.sim.traces import AggregateTrace, load_trace
@@ -149,9 +151,10 @@ def _add_balancer_arguments(parser: argparse.ArgumentParser) -> None:
     )
     bal.add_argument(
         "--lplb-topology",
-        choices=("ring", "cube"),
+        choices=TOPOLOGIES,
         default=None,
-        help="graph LPLB links copies along (default: cube for a power-of-two group, else ring)",
+        help="LPLB's copy graph (default: cube for 8 GPUs, hypercube for 16, a nodes x GPUs-per-node "
+        "torus when G factorises, else ring)",
     )
     bal.add_argument(
         "--ar-interval",
@@ -182,6 +185,7 @@ def _add_output_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    check_outputs({"--json": args.json, "--plot": args.plot}, args.trace or [])  # before any work
     names = _parse_balancers(args.balancers)
     cost = load_cost_model(args.cost_model) if args.cost_model else None  # ValueError names the file
     workloads, config = _build_workloads(args)
@@ -225,6 +229,7 @@ def run(args: argparse.Namespace) -> int:
             x_values=zipf,
             x_label="Zipf s" if zipf else "workload",
             title=_title(config),
+            layer_ids=_layer_ids(workloads),
         )
         log.info("wrote %s", args.plot)
     return 0
@@ -239,6 +244,10 @@ def _build_workloads(args: argparse.Namespace) -> tuple[list[Workload], dict[str
         _positive(args, "gpus")
     if args.warmup < 0:
         raise ValueError(f"--warmup must be >= 0, got {args.warmup}")
+    if args.top_k is not None:
+        _positive(args, "top_k")
+    if args.seed < 0:
+        raise ValueError(f"--seed must be an integer >= 0, got {args.seed}")
     gpus = args.gpus if args.gpus is not None else DEFAULT_GPUS
     sampling = dict(
         num_micro_batches=args.micro_batches + args.warmup,
@@ -258,9 +267,9 @@ def _build_workloads(args: argparse.Namespace) -> tuple[list[Workload], dict[str
         "gpus": gpus,
         "replicas": args.replicas,
         "gpus_per_node": args.gpus_per_node,
-        **config,
         "tokens_per_gpu": args.tokens_per_gpu,
         "micro_batches": args.micro_batches,
+        **config,
         "warmup": args.warmup,
         "noise": args.noise,
         "drift": args.drift,
@@ -307,15 +316,32 @@ def _trace_workloads(
             top_k = args.top_k or trace.top_k or TRACE_TOP_K
             workloads.append(workload_from_aggregate(trace, num_gpus=gpus, top_k=top_k, **sampling))
         else:
-            workloads.append(workload_from_routing(trace, num_gpus=args.gpus, top_k=args.top_k or 0))
-    sizes = {w.name: w.num_gpus for w in workloads}
-    if len(set(sizes.values())) > 1:
-        raise ValueError(f"all traces of one run need the same number of GPUs, got {sizes}; pass --gpus")
+            workloads.append(workload_from_routing(trace, num_gpus=args.gpus, top_k=0))
+    _check_same_gpus(workloads, args.gpus)
     ks = sorted({w.top_k for w in workloads if w.top_k})
-    return workloads, {
+    replayed = {w.name: w.num_micro_batches - args.warmup for w in workloads if not w.top_k}
+    config: dict[str, Any] = {
         "traces": [w.name for w in workloads],
-        "top_k": ks[0] if len(ks) == 1 else ks,  # replayed routing logs need no top-k
+        # replayed routing logs carry no top-k (None) and their own number of micro-batches
+        "top_k": (ks[0] if len(ks) == 1 else ks) if ks else None,
     }
+    if replayed:
+        measured = {*replayed.values(), *([args.micro_batches] if ks else [])}
+        config["micro_batches"] = measured.pop() if len(measured) == 1 else replayed
+    return workloads, config
+
+
+def _check_same_gpus(workloads: list[Workload], gpus_flag: int | None) -> None:
+    """One run, one group size: say how to get there (routing logs keep their recorded GPUs)."""
+    sizes = {w.name: w.num_gpus for w in workloads}
+    if len(set(sizes.values())) == 1:
+        return
+    logged = {w.num_gpus for w in workloads if not w.top_k}
+    if len(logged) > 1 or gpus_flag is not None:
+        fix = "routing logs replay on the GPU count they were recorded with: run them separately"
+    else:
+        fix = f"pass --gpus {logged.pop()} to sample the aggregate traces on the routing log's GPUs"
+    raise ValueError(f"all traces of one run need the same number of GPUs, got {sizes}; {fix}")
 
 
 def _resolve_trace(name: str) -> Path:
@@ -362,4 +388,15 @@ def _positive(args: argparse.Namespace, *names: str) -> None:
 
 def _title(config: dict[str, Any]) -> str:
     what = f"Zipf, {config['experts']} experts" if "zipf" in config else ", ".join(config["traces"])
-    return f"{what}; {config['gpus']} GPUs, {config['replicas']} replicas, {config['micro_batches']} micro-batches"
+    mb = config["micro_batches"]
+    batches = f"{mb} micro-batches" if isinstance(mb, int) else "micro-batches as logged"
+    k = config.get("top_k")
+    top_k = f", top-{k}" if isinstance(k, int) else ""
+    return f"{what}; {config['gpus']} GPUs, {config['replicas']} replicas{top_k}, {batches}"
+
+
+def _layer_ids(workloads: list[Workload]) -> list[int] | None:
+    """The per-layer panel's layer ids when every workload has the same ones (routing logs)."""
+    ids = {w.layer_ids for w in workloads}
+    only = ids.pop() if len(ids) == 1 else None
+    return list(only) if only is not None else None

@@ -61,9 +61,9 @@ class Samples:
         return Samples(*(getattr(self, f)[skip:] for f in self.__dataclass_fields__))
 
     def ratios(self, num_gpus: int) -> np.ndarray:
-        """float64 [M, L]: max / mean GPU load (1.0 where a sample has no tokens)."""
+        """float64 [M, L]: max / mean GPU load (NaN where a sample has no tokens: 0/0 is undefined)."""
         mean = self.total / num_gpus
-        return np.where(self.total > 0, self.max_load / np.maximum(mean, 1e-300), 1.0)
+        return np.where(self.total > 0, self.max_load / np.maximum(mean, 1e-300), np.nan)
 
 
 def mean_bound(total: IntArray, num_gpus: int) -> IntArray:
@@ -88,23 +88,34 @@ def traffic(counts: IntArray, quota: IntArray, gpus_per_node: int | None) -> tup
 
 
 def summarize(s: Samples, num_gpus: int, gpus_per_node: int | None) -> dict[str, float | None]:
-    """The report's numbers for one balancer: ratio statistics, share at the bound, timing, traffic."""
-    ratios = s.ratios(num_gpus).ravel()
+    """The report's numbers for one balancer: ratio statistics, share at the bound, timing, traffic.
+
+    Samples without tokens have no balance: they are left out of the ratio statistics and the share
+    at the bound (NaN when no sample has tokens) and counted in `empty_samples`.
+    """
+    has_tokens = s.total.ravel() > 0
+    ratios = s.ratios(num_gpus).ravel()[has_tokens]
     bound = mean_bound(s.total, num_gpus)
     total = int(s.total.sum())
     sched_us = s.sched_ns.ravel() / 1e3
     out: dict[str, float | None] = {
-        "mean_ratio": float(ratios.mean()),
-        "p50_ratio": float(np.percentile(ratios, 50)),
-        "p99_ratio": float(np.percentile(ratios, 99)),
-        "max_ratio": float(ratios.max()),
-        "at_bound": float(np.mean(s.max_load == bound)),
+        "mean_ratio": _stat(ratios, np.mean),
+        "p50_ratio": _stat(ratios, np.median),
+        "p99_ratio": _stat(ratios, lambda r: np.percentile(r, 99)),
+        "max_ratio": _stat(ratios, np.max),
+        "at_bound": _stat((s.max_load == bound).ravel()[has_tokens], np.mean),
         "sched_us_median": float(np.median(sched_us)),
         "sched_us_p99": float(np.percentile(sched_us, 99)),
         "remote_share": float(s.remote.sum() / total) if total else 0.0,
         "node_remote_share": (float(s.remote_node.sum() / total) if total else 0.0)
         if gpus_per_node is not None
         else None,
-        "samples": int(ratios.size),
+        "samples": int(has_tokens.size),
+        "empty_samples": int(has_tokens.size - ratios.size),
     }
     return out
+
+
+def _stat(values: np.ndarray, f) -> float:
+    """f(values) as a float, NaN for no values (undefined, not a perfect 1.0)."""
+    return float(f(values)) if values.size else float("nan")

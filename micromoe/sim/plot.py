@@ -31,8 +31,13 @@ def plot_results(
     x_values: list[float] | None = None,
     x_label: str = "workload",
     title: str = "",
+    layer_ids: list[int] | None = None,
 ) -> None:
-    """Write the figure to `path` (format from its suffix, e.g. .png, .pdf, .svg)."""
+    """Write the figure to `path` (format from its suffix, e.g. .png, .pdf, .svg).
+
+    layer_ids: the per-layer panel's x values (a routing log's own layer ids; default 0..L-1).
+    Samples without tokens (NaN ratio) are left out.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -45,14 +50,20 @@ def plot_results(
     for name, s in pool.items():
         color, marker = STYLE.get(name, ("gray", "x"))
         r = np.sort(s.ratios(num_gpus).ravel())
-        axes[0].step(r, np.arange(1, r.size + 1) / r.size, where="post", color=color, label=name)
-        per_layer = s.ratios(num_gpus).mean(axis=0)
+        r = r[np.isfinite(r)]
+        axes[0].step(r, np.arange(1, r.size + 1) / max(r.size, 1), where="post", color=color, label=name)
+        per_layer = _nanmean(s.ratios(num_gpus), axis=0)
         if per_layer.size > 1:
-            axes[1].plot(np.arange(per_layer.size), per_layer, color=color, marker=marker, ms=3, label=name)
+            xs = (
+                layer_ids
+                if layer_ids is not None and len(layer_ids) == per_layer.size
+                else range(per_layer.size)
+            )
+            axes[1].plot(list(xs), per_layer, color=color, marker=marker, ms=3, label=name)
         else:
             axes[1].bar(name, per_layer[0], color=color)
         if multi:
-            ys = [r_.samples[name].ratios(num_gpus).mean() for r_ in results]
+            ys = [_nanmean(r_.samples[name].ratios(num_gpus)) for r_ in results]
             xs = x_values if x_values is not None else list(range(len(results)))
             axes[2].plot(xs, ys, color=color, marker=marker, label=name)
     axes[0].set(xlabel="max / mean GPU load", ylabel="share of (micro-batch, layer) samples <= x")
@@ -73,3 +84,11 @@ def plot_results(
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def _nanmean(a: np.ndarray, axis: int | None = None) -> np.ndarray:
+    """Mean over samples with tokens; NaN (no warning) where there are none."""
+    finite = np.isfinite(a)
+    num = np.where(finite, a, 0.0).sum(axis=axis)
+    den = finite.sum(axis=axis)
+    return np.where(den > 0, num / np.maximum(den, 1), np.nan)

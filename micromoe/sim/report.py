@@ -36,7 +36,18 @@ def build_report(results: list[WorkloadResult], config: dict[str, Any]) -> dict[
 
 
 def write_json(report: dict[str, Any], path: str | Path) -> None:
-    Path(path).write_text(json.dumps(report, indent=2) + "\n")
+    """Strict JSON: an undefined statistic (NaN, e.g. max/mean of samples without tokens) is null."""
+    Path(path).write_text(json.dumps(_nan_to_none(report), indent=2, allow_nan=False) + "\n")
+
+
+def _nan_to_none(x: Any) -> Any:
+    if isinstance(x, float) and x != x:
+        return None
+    if isinstance(x, dict):
+        return {k: _nan_to_none(v) for k, v in x.items()}
+    if isinstance(x, list | tuple):
+        return [_nan_to_none(v) for v in x]
+    return x
 
 
 def format_table(results: dict[str, dict[str, Any]], *, nodes: bool) -> str:

@@ -24,7 +24,9 @@ Two formats are read (the format is detected from the file's content):
      top-k choice counts once); the same G x E shape on every line.
    `write_routing_record` writes one such line; the training system records routing with it.
 
-Every problem raises ValueError naming the file, the line or layer, and what to fix.
+Every problem raises ValueError naming the file, the line or layer, and what to fix. Counts must be
+JSON numbers (not strings or booleans), finite and >= 0, and each layer's total (per micro-batch in
+a routing log, per run in an aggregate) below 2**53 (`plan.checks.MAX_TOTAL`), the planner's limit.
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ from typing import Any
 
 import numpy as np
 
-from micromoe.plan.checks import FloatArray, IntArray, positive_int
+from micromoe.plan.checks import MAX_TOTAL, FloatArray, IntArray, positive_int
 
 # the writer lives below sim and train (both use the format); re-exported here
 from micromoe.routing_log import ROUTING_FORMAT, write_routing_record  # noqa: F401
@@ -73,9 +75,13 @@ def load_trace(path: str | Path) -> Trace:
     """Read an aggregate counts file or a JSON-lines routing log (detected from the content)."""
     path = Path(path)
     try:
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise ValueError(f"cannot read trace {str(path)!r}: {exc.strerror or exc}") from None
+    except UnicodeDecodeError as exc:
+        raise ValueError(
+            f"trace {str(path)!r} is not a UTF-8 text file (byte {exc.start}); give a JSON or JSON-lines trace"
+        ) from None
     if not text.strip():
         raise ValueError(f"trace {str(path)!r} is empty")
     try:
@@ -84,10 +90,10 @@ def load_trace(path: str | Path) -> Trace:
         if exc.msg == "Extra data":  # several JSON values: a JSON-lines routing log
             return parse_routing_lines(text.splitlines(), name=path.name)
         raise ValueError(f"trace {str(path)!r} is not valid JSON: {exc}") from None
-    if isinstance(doc, dict) and "counts" in doc and "layer" not in doc:
-        return parse_aggregate(doc, name=path.name)
-    if isinstance(doc, dict):  # a routing log with a single line
+    if isinstance(doc, dict) and "step" in doc:  # a routing log with a single line
         return parse_routing_lines(text.splitlines(), name=path.name)
+    if isinstance(doc, dict):  # every routing-log line has a step; an aggregate document does not
+        return parse_aggregate(doc, name=path.name)
     raise ValueError(
         f"trace {str(path)!r}: expected a JSON object with a 'counts' key (aggregate counts) or JSON "
         f"lines of {{'step', 'layer', 'counts'}} (routing log), got a JSON {type(doc).__name__}"
@@ -98,8 +104,12 @@ def parse_aggregate(doc: dict[str, Any], *, name: str = "<aggregate>") -> Aggreg
     """Validate an aggregate document `{"counts": [[...E...] per layer], ...}`."""
     counts = _numeric_array(doc.get("counts"), f"{name}: counts", ndim=2)
     if counts.shape[0] < 1 or counts.shape[1] < 1:
-        raise ValueError(f"{name}: counts must be [layers][experts] with at least one of each")
+        raise ValueError(
+            f"{name}: counts must be [layers][experts] with at least one of each, got shape {counts.shape}"
+        )
     _check_non_negative(counts, f"{name}: counts")
+    for layer in range(counts.shape[0]):
+        _check_total(counts[layer], f"{name}: layer {layer}")
     empty = np.flatnonzero(counts.sum(axis=1) <= 0)
     if empty.size:
         raise ValueError(f"{name}: layer {empty[0]} has no tokens (all counts 0); drop it or fix the file")
@@ -126,7 +136,12 @@ def parse_routing_lines(lines: Iterable[str], *, name: str = "<routing>") -> Rou
         micro = _index(rec, "micro_batch", where, default=0)
         layer = _index(rec, "layer", where)
         counts = _numeric_array(rec.get("counts"), f"{where}: counts", ndim=2)
+        if counts.shape[0] < 1 or counts.shape[1] < 1:
+            raise ValueError(
+                f"{where}: counts must be [GPUs][experts] with at least one of each, got shape {counts.shape}"
+            )
         _check_non_negative(counts, f"{where}: counts")
+        _check_total(counts, where)
         if not np.all(counts == np.floor(counts)):
             raise ValueError(f"{where}: counts must be whole token counts, got fractional entries")
         if shape is None:
@@ -158,6 +173,8 @@ def parse_routing_lines(lines: Iterable[str], *, name: str = "<routing>") -> Rou
 # ------------------------------------------------------------------------------------------------
 # validation helpers
 
+_IS_NUMBER = np.frompyfunc(lambda x: type(x) in (int, float), 1, 1)  # bool is not int here
+
 
 def _json_object(line: str, where: str) -> dict[str, Any]:
     try:
@@ -184,17 +201,41 @@ def _numeric_array(value: Any, what: str, *, ndim: int) -> FloatArray:
     if value is None:
         raise ValueError(f"{what} is missing")
     try:
-        arr = np.array(value, dtype=np.float64)
-    except (ValueError, TypeError):
+        obj = np.array(value, dtype=object)
+    except ValueError:
+        obj = np.empty(0, dtype=object)
+    if obj.ndim != ndim:
         raise ValueError(
-            f"{what} must be a rectangular {ndim}-D array of numbers (ragged rows or non-numbers)"
+            f"{what} must be a rectangular {ndim}-D array of numbers, got "
+            f"{'ragged rows' if obj.ndim < ndim and isinstance(value, list) else f'{obj.ndim}-D data'}"
+        )
+    if obj.size:  # JSON numbers only: "1" and true are mistakes, not counts
+        is_number = _IS_NUMBER(obj).astype(bool)
+        if not is_number.all():
+            idx = tuple(int(i) for i in np.argwhere(~is_number)[0])
+            raise ValueError(
+                f"{what}{list(idx)} = {json.dumps(obj[idx])}: counts must be JSON numbers, not strings, booleans or null"
+            )
+    try:
+        arr = obj.astype(np.float64)
+    except OverflowError:
+        raise ValueError(
+            f"{what} holds a number beyond any supported count (totals stay below 2**53)"
         ) from None
-    if arr.ndim != ndim:
-        raise ValueError(f"{what} must be a {ndim}-D array, got {arr.ndim}-D with shape {arr.shape}")
     if not np.all(np.isfinite(arr)):
         idx = tuple(int(i) for i in np.argwhere(~np.isfinite(arr))[0])
         raise ValueError(f"{what}{list(idx)} = {arr[idx]}: counts must be finite")
     return arr
+
+
+def _check_total(arr: FloatArray, what: str) -> None:
+    """One layer's selections (one micro-batch's, or a whole run's) must sum below MAX_TOTAL."""
+    total = float(arr.sum())
+    if not total < MAX_TOTAL:
+        raise ValueError(
+            f"{what}: counts sum to {total:.4g}; the largest supported total per layer is 2**53 - 1 "
+            f"({MAX_TOTAL - 1:.4g}) selections"
+        )
 
 
 def _check_non_negative(arr: FloatArray, what: str) -> None:

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
-from micromoe.plan.checks import FloatArray, IntArray, positive_int
+from micromoe.plan.checks import MAX_TOTAL, FloatArray, IntArray, positive_int
 from micromoe.sim.traces import AggregateTrace, RoutingTrace
 
 DRIFT_CORRELATION = 0.9  # rho of the AR(1) drift between consecutive micro-batches
@@ -34,12 +34,17 @@ DRIFT_CORRELATION = 0.9  # rho of the AR(1) drift between consecutive micro-batc
 
 @dataclass(frozen=True)
 class Workload:
-    """Routing counts to replay. counts: int64 [M, L, G, E]; history: float64 [L, E] (>= 0)."""
+    """Routing counts to replay. counts: int64 [M, L, G, E]; history: float64 [L, E] (>= 0).
+
+    top_k: 0 for a replayed routing log (its counts already include every choice); layer_ids: the
+    model's layer id of each row l (a routing log's own ids; None means 0..L-1).
+    """
 
     name: str
     counts: IntArray
     history: FloatArray
     top_k: int
+    layer_ids: tuple[int, ...] | None = None
 
     @property
     def num_micro_batches(self) -> int:
@@ -170,8 +175,12 @@ def workload_from_routing(trace: RoutingTrace, *, num_gpus: int | None, top_k: i
             f"{trace.name}: the routing log has {trace.counts.shape[2]} source GPUs but --gpus is {num_gpus}; "
             "pass --gpus matching the log (or leave it out)"
         )
+    if not trace.counts.any():
+        raise ValueError(
+            f"{trace.name}: the routing log holds no tokens (every count is 0): nothing to balance"
+        )
     history = trace.counts.sum(axis=(0, 2)).astype(np.float64)
-    return Workload(trace.name, trace.counts, history, top_k)
+    return Workload(trace.name, trace.counts, history, top_k, tuple(trace.layers))
 
 
 def _check_sampling(p, num_micro_batches, num_gpus, tokens_per_gpu, top_k, noise, drift) -> None:
@@ -188,6 +197,12 @@ def _check_sampling(p, num_micro_batches, num_gpus, tokens_per_gpu, top_k, noise
         positive_int(v, f"--{name}")
     if top_k > p.shape[1]:
         raise ValueError(f"--top-k {top_k} exceeds the {p.shape[1]} experts")
+    if tokens_per_gpu * top_k * num_gpus >= MAX_TOTAL:
+        raise ValueError(
+            f"--tokens-per-gpu {tokens_per_gpu} x --top-k {top_k} x {num_gpus} GPUs = "
+            f"{tokens_per_gpu * top_k * num_gpus:.4g} selections per layer and micro-batch; the largest "
+            "supported total is 2**53 - 1"
+        )
     for name, v in (("noise", noise), ("drift", drift)):
         if not np.isfinite(v) or v < 0:
             raise ValueError(f"--{name} must be finite and >= 0, got {v}")
