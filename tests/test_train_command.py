@@ -1,0 +1,95 @@
+"""`micromoe train` from the command line: option precedence, clear errors, outputs."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from micromoe.cli import main
+from micromoe.train.config import resolve
+
+TINY = [
+    "--layers",
+    "1",
+    "--hidden",
+    "16",
+    "--heads",
+    "2",
+    "--ffn-hidden",
+    "16",
+    "--seq-len",
+    "8",
+    "--micro-batch",
+    "2",
+]
+
+
+def _err(capsys, argv: list[str]) -> str:
+    assert main(["train", *argv]) == 2
+    return capsys.readouterr().err
+
+
+def test_defaults_then_preset_then_flags():
+    assert resolve("tiny", {}).lr == 3e-3
+    assert resolve("small", {}).lr == 6e-4  # the preset overrides the default
+    assert resolve("small", {"lr": 1e-3, "max_steps": None}).lr == 1e-3  # a flag overrides the preset
+    assert resolve("small", {"max_steps": None}).max_steps == 1000  # None means "not given"
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--dispatcher", "ep", "--merge", "2", "--nproc", "4"], "needs --merge 1"),
+        (["--nproc", "3", "--ep", "2"], "EP=2 must divide DP=3"),
+        (["--nproc", "4", "--dp", "2"], "DP=2 must equal the world size 4"),
+        (["--global-batch", "10", "--micro-batch", "4"], "not a multiple of micro-batch x world = 4"),
+        (["--vocab-size", "100"], "smaller than the data's 256"),
+        (["--data", "/nonexistent/corpus.txt"], "does not exist"),
+        (["--max-steps", "0"], "--max-steps must be a positive integer"),
+        (["--lr", "0.1", "--min-lr", "0.5"], "min_lr <= lr"),
+        (["--seq-len", "1000000"], "too few for sequences"),
+    ],
+)
+def test_user_mistakes_are_one_line_errors(capsys, argv, message):
+    err = _err(capsys, argv)
+    assert message in err and "Traceback" not in err
+
+
+def test_resume_without_checkpoint(capsys, tmp_path):
+    assert "no checkpoint under" in _err(capsys, ["--resume", "--out", str(tmp_path)])
+
+
+def test_nproc_under_a_launcher(capsys, monkeypatch):
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert "drop --nproc" in _err(capsys, ["--nproc", "4"])
+
+
+def test_unknown_option_and_preset_exit():
+    with pytest.raises(SystemExit):
+        main(["train", "--no-such-option"])
+    with pytest.raises(SystemExit):
+        main(["train", "--preset", "gpt-5"])
+
+
+def test_two_process_run_writes_log_report_and_routing(tmp_path):
+    out, routing = tmp_path / "run", tmp_path / "routing.jsonl"
+    argv = [*TINY, "--nproc", "2", "--max-steps", "3", "--eval-interval", "2", "--out", str(out)]
+    assert main(["train", *argv, "--record-routing", str(routing), "--no-save"]) == 0
+    recs = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in recs] == [0, 1, 2]
+    assert "val_loss" in recs[1] and "val_loss" in recs[2] and "val_loss" not in recs[0]
+    for key in ("loss", "tokens_per_s", "max_mean_load", "ep_max_mean_load", "sched_us"):
+        assert all(isinstance(r[key], float) for r in recs), key
+    config = json.loads((out / "config.json").read_text())
+    assert (
+        config["world"] == 2
+        and config["model"]["hidden"] == 16
+        and config["train"]["dispatcher"] == "microep"
+    )
+    for name in ("report.md", "loss.png", "balance.png", "throughput.png"):
+        assert (out / name).stat().st_size > 0, name
+    assert "plain EP" in (out / "report.md").read_text()
+    assert len(routing.read_text().splitlines()) == 3  # steps x layers x micro-batches
+    assert not (out / "checkpoints").exists()
