@@ -1,14 +1,18 @@
 """Adaptive replacement (AR): forecast per-layer expert loads, score the placement, decide.
 
 The tracker keeps an exponential moving average of each layer's per-expert load. A placement is
-scored by the density lemma under the forecast: T* / mean, 1.0 = perfectly balanceable. When the
-score passes a threshold, a new asymmetric placement is built for the forecast; the caller migrates
-expert weights and optimizer state to it.
+scored under the forecast either by the density lemma (tokens: T* / mean, 1.0 = perfectly
+balanceable) or, given a cost model, in predicted time (`timed_layouts.time_score`: the time-aware
+plan's slowest GPU over an ideal fair share). When the score passes a threshold, a new load-aware
+placement is built for the forecast (with a cost model: the candidate with the best predicted time,
+which also decides how many slots each expert gets); the caller migrates expert weights and
+optimizer state to it. `ReplacementPolicy` adds the rules around that decision: no cold start, a
+trigger on realized imbalance, hysteresis, and a reason for every replacement.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import numpy.typing as npt
@@ -16,6 +20,8 @@ import numpy.typing as npt
 from micromoe.plan.density import balance_ratio
 from micromoe.plan.layouts import integer_loads
 from micromoe.plan.placement import Placement
+from micromoe.plan.timed import SlotCostModel, check_cost_model
+from micromoe.plan.timed_layouts import time_aware_slots, time_score
 
 
 class LoadTracker:
@@ -56,19 +62,29 @@ class LoadTracker:
         return int(self._seen[layer])
 
 
-def placement_score(forecast: npt.ArrayLike, placement: Placement) -> float:
-    """T* / mean GPU load of `placement` under forecast loads (1.0 = balanceable)."""
+def placement_score(
+    forecast: npt.ArrayLike, placement: Placement, *, cost: SlotCostModel | None = None
+) -> float:
+    """Score of `placement` under forecast loads (float [E]); lower is better.
+
+    Without a cost model: T* / mean GPU load (1.0 = balanceable), scale-free. With one: predicted
+    slowest-GPU time of the time-aware plan / the ideal fair share (`timed_layouts.ideal_time_us`); the forecast must then be in
+    rows per micro-batch, since GEMM time depends on the scale.
+    """
+    if cost is not None:
+        return time_score(forecast, placement, check_cost_model(cost))
     return balance_ratio(integer_loads(np.asarray(forecast, dtype=np.float64)), placement)
 
 
 @dataclass(frozen=True)
 class Replacement:
-    """Outcome of one replacement check: the scores and the placement to use from now on."""
+    """Outcome of one replacement check: the scores, the placement to use from now on, and why."""
 
     replace: bool
     current_score: float
     new_score: float
     placement: Placement
+    reason: str = ""
 
 
 def decide_replacement(
@@ -79,18 +95,223 @@ def decide_replacement(
     min_gain: float = 0.01,
     seed: int = 0,
     num_samples: int = 32,
+    cost: SlotCostModel | None = None,
 ) -> Replacement:
-    """Replace when the current score exceeds `threshold` and a new asymmetric placement with the
-    same GPUs and slots improves it by at least `min_gain`. Deterministic for a given seed."""
+    """Replace when the current score exceeds `threshold` and a new load-aware placement with the
+    same GPUs and slots improves it by at least `min_gain`. Deterministic for a given seed.
+
+    With `cost`, scores are predicted times (`placement_score`) and the candidate is the best of
+    `timed_layouts.time_aware_slots` (num_samples // 4 GPU samples for each replica budget).
+    """
     if threshold < 1.0:
         raise ValueError(f"threshold must be >= 1.0 (1.0 = perfect balance), got {threshold}")
-    current_score = placement_score(forecast, current)
+    unit = "predicted time / fair share" if cost is not None else "T*/mean"
+    current_score = placement_score(forecast, current, cost=cost)
     if current_score <= threshold:
-        return Replacement(False, current_score, current_score, current)
-    candidate = Placement.asymmetric(
-        forecast, current.num_gpus, current.slots_per_gpu, seed=seed, num_samples=num_samples
-    )
-    new_score = placement_score(forecast, candidate)
+        why = f"kept: {unit} {current_score:.4f} <= threshold {threshold:.4f}"
+        return Replacement(False, current_score, current_score, current, why)
+    g, s = current.num_gpus, current.slots_per_gpu
+    if cost is None:
+        candidate = Placement.asymmetric(forecast, g, s, seed=seed, num_samples=num_samples)
+        new_score = placement_score(forecast, candidate)
+    else:
+        per_budget = max(1, num_samples // 4)
+        slots, new_score, _ = time_aware_slots(forecast, g, s, cost, seed=seed, num_samples=per_budget)
+        candidate = Placement.from_slots(slots, current.num_experts)
     if new_score <= current_score - min_gain:
-        return Replacement(True, current_score, new_score, candidate)
-    return Replacement(False, current_score, new_score, current)
+        why = f"{unit} {current_score:.4f} > threshold {threshold:.4f}; new placement {new_score:.4f}"
+        return Replacement(True, current_score, new_score, candidate, why)
+    why = f"kept: {unit} {current_score:.4f}, best new {new_score:.4f} gains < min_gain {min_gain}"
+    return Replacement(False, current_score, new_score, current, why)
+
+
+def initial_placement(
+    history: npt.ArrayLike | None,
+    fallback: Placement,
+    *,
+    cost: SlotCostModel | None = None,
+    seed: int = 0,
+    num_samples: int = 32,
+) -> Replacement:
+    """The placement to start from: no cold start when a load history exists.
+
+    history: float [E] expected loads (a trace's, or the first observed micro-batches'; rows per
+    micro-batch when `cost` is given) or None. Returns a `Replacement` whose placement is the
+    load-aware one built for the history when it scores better than `fallback`, else `fallback`.
+    """
+    if history is None:
+        return Replacement(False, float("nan"), float("nan"), fallback, "no load history: fallback placement")
+    g, s = fallback.num_gpus, fallback.slots_per_gpu
+    old = placement_score(history, fallback, cost=cost)
+    if cost is None:
+        candidate = Placement.asymmetric(history, g, s, seed=seed, num_samples=num_samples)
+    else:
+        per_budget = max(1, num_samples // 4)
+        slots, _, _ = time_aware_slots(history, g, s, cost, seed=seed, num_samples=per_budget)
+        candidate = Placement.from_slots(slots, fallback.num_experts)
+    new = placement_score(history, candidate, cost=cost)
+    if new < old:
+        return Replacement(
+            True, old, new, candidate, f"load-aware start from history ({old:.4f} -> {new:.4f})"
+        )
+    return Replacement(
+        False, old, new, fallback, f"history scores the fallback best ({old:.4f} <= {new:.4f})"
+    )
+
+
+@dataclass(frozen=True)
+class ReplacementEvent:
+    """One replacement taken by `ReplacementPolicy` (also logged in `ReplacementPolicy.events`)."""
+
+    layer: int
+    micro_batch: int
+    rule: str  # "cold-start", "realized", "interval" or "history"
+    reason: str
+    old_score: float
+    new_score: float
+
+
+@dataclass
+class _LayerState:
+    placement: Placement
+    load_aware: bool
+    seen: int = 0
+    over: int = 0  # consecutive micro-batches with realized score > threshold
+    last_replace: int = -(10**9)
+    warm: list[npt.NDArray[np.float64]] = field(default_factory=list)
+
+
+class ReplacementPolicy:
+    """When to re-place each layer, and why: the rules around `decide_replacement`.
+
+    After every micro-batch of a layer (`observe`), in this order:
+      - cold start: a layer started without a load history (`start(layer, fallback)`) gets a
+        load-aware placement from the mean load of its first `warmup` micro-batches;
+      - realized imbalance: when the realized score (the executed plan's, passed as `realized`, or
+        the placement's score under this micro-batch's loads) exceeded `threshold` for
+        `trigger_after` consecutive micro-batches, check now, on the mean of those micro-batches;
+      - interval: every `interval` micro-batches, check the moving-average forecast.
+    A check is `decide_replacement`. Hysteresis against flapping: no replacement within `cooldown`
+    micro-batches of the previous one, a check replaces only when the score exceeds `threshold`
+    and the new placement gains at least `min_gain`, and the realized count restarts after every
+    check. Every replacement is returned with its reason and appended to `events`.
+    Deterministic: the same loads give the same decisions on every rank.
+    """
+
+    def __init__(
+        self,
+        num_layers: int,
+        num_experts: int,
+        *,
+        cost: SlotCostModel | None = None,
+        interval: int = 4,
+        threshold: float = 1.02,
+        min_gain: float = 0.01,
+        trigger_after: int = 3,
+        cooldown: int = 4,
+        warmup: int = 2,
+        decay: float = 0.9,
+        seed: int = 0,
+        num_samples: int = 32,
+    ) -> None:
+        for name, v in (("interval", interval), ("trigger_after", trigger_after), ("warmup", warmup)):
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name} must be a positive integer, got {v!r}")
+        if isinstance(cooldown, bool) or not isinstance(cooldown, int) or cooldown < 0:
+            raise ValueError(f"cooldown must be an integer >= 0, got {cooldown!r}")
+        if threshold < 1.0:
+            raise ValueError(f"threshold must be >= 1.0 (1.0 = perfect balance), got {threshold}")
+        self.cost = None if cost is None else check_cost_model(cost)
+        self.interval, self.threshold, self.min_gain = interval, threshold, min_gain
+        self.trigger_after, self.cooldown, self.warmup = trigger_after, cooldown, warmup
+        self.seed, self.num_samples = seed, num_samples
+        self.tracker = LoadTracker(num_layers, num_experts, decay=decay)
+        self._layers: list[_LayerState | None] = [None] * num_layers
+        self.events: list[ReplacementEvent] = []
+
+    def start(self, layer: int, fallback: Placement, history: npt.ArrayLike | None = None) -> Placement:
+        """Set the layer's first placement: load-aware from `history` (float [E] expected loads;
+        rows per micro-batch with a cost model) when that scores better, else `fallback`."""
+        first = initial_placement(
+            history, fallback, cost=self.cost, seed=self.seed + layer, num_samples=self.num_samples
+        )
+        self._layers[layer] = _LayerState(first.placement, load_aware=history is not None)
+        if first.replace:
+            self._log(layer, 0, "history", first)
+        return first.placement
+
+    def placement(self, layer: int) -> Placement:
+        return self._state(layer).placement
+
+    def observe(self, layer: int, loads: npt.ArrayLike, *, realized: float | None = None) -> Replacement:
+        """Record one micro-batch's per-expert loads (float [E]) of `layer`; maybe re-place.
+
+        Returns the decision; when `replace` is True its placement serves from the next micro-batch.
+        """
+        st = self._state(layer)
+        x = np.asarray(loads, dtype=np.float64)
+        self.tracker.observe(layer, x)
+        st.seen += 1
+        if realized is None:
+            realized = placement_score(x, st.placement, cost=self.cost)
+        st.over = st.over + 1 if realized > self.threshold else 0
+        st.warm = (st.warm + [x])[-max(self.warmup, self.trigger_after) :]
+        seed = self.seed + 7919 * st.seen + layer
+        if not st.load_aware and st.seen >= self.warmup:
+            st.load_aware = True
+            first = initial_placement(
+                np.mean(st.warm[-self.warmup :], axis=0),
+                st.placement,
+                cost=self.cost,
+                seed=seed,
+                num_samples=self.num_samples,
+            )
+            return self._apply(layer, st, "cold-start", first)
+        if st.seen - st.last_replace <= self.cooldown:
+            return self._keep(
+                st, realized, f"cooldown: {st.seen - st.last_replace} <= {self.cooldown} since the last"
+            )
+        if st.over >= self.trigger_after:
+            st.over = 0
+            recent = np.mean(st.warm[-self.trigger_after :], axis=0)
+            return self._apply(layer, st, "realized", self._check(recent, st, seed))
+        if st.seen % self.interval == 0:
+            return self._apply(layer, st, "interval", self._check(self.tracker.forecast(layer), st, seed))
+        return self._keep(st, realized, "no check due")
+
+    # ----------------------------------------------------------------------------------------
+    def _check(self, forecast: npt.NDArray[np.float64], st: _LayerState, seed: int) -> Replacement:
+        return decide_replacement(
+            forecast,
+            st.placement,
+            threshold=self.threshold,
+            min_gain=self.min_gain,
+            seed=seed,
+            num_samples=self.num_samples,
+            cost=self.cost,
+        )
+
+    def _apply(self, layer: int, st: _LayerState, rule: str, r: Replacement) -> Replacement:
+        if not r.replace:
+            return r
+        reason = {
+            "cold-start": f"cold start: first {self.warmup} micro-batch(es) give a load history; ",
+            "realized": f"realized score > {self.threshold} for {self.trigger_after} consecutive micro-batches; ",
+            "interval": f"interval check every {self.interval} micro-batches; ",
+        }[rule] + r.reason
+        r = Replacement(True, r.current_score, r.new_score, r.placement, reason)
+        st.placement, st.last_replace, st.over = r.placement, st.seen, 0
+        self._log(layer, st.seen, rule, r)
+        return r
+
+    def _keep(self, st: _LayerState, score: float, why: str) -> Replacement:
+        return Replacement(False, score, score, st.placement, why)
+
+    def _log(self, layer: int, micro_batch: int, rule: str, r: Replacement) -> None:
+        self.events.append(ReplacementEvent(layer, micro_batch, rule, r.reason, r.current_score, r.new_score))
+
+    def _state(self, layer: int) -> _LayerState:
+        st = self._layers[layer]
+        if st is None:
+            raise ValueError(f"layer {layer} has no placement yet; call start({layer}, fallback) first")
+        return st

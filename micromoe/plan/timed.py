@@ -193,7 +193,7 @@ def time_quota(
         p.graph,
         steps_cap,
     )
-    fixed = gpu_constant_us(cost, p)
+    fixed = gpu_constant_us(cost, p.slots_per_gpu)
     predicted += fixed
     token_us += fixed
     # the bound never exceeds a plan's time (it could only by rounding of the float sums)
@@ -237,7 +237,7 @@ def predict_quota_us(quota: npt.ArrayLike, placement: SlotLayout, cost: SlotCost
     )
 
 
-def gpu_constant_us(cost: SlotCostModel, placement: SlotLayout) -> float:
+def gpu_constant_us(cost: SlotCostModel, slots_per_gpu: int) -> float:
     """The part of every GPU's predicted time that no plan changes: fixed_us, plus c_slot per
     local slot (used or not) where the model has that term."""
-    return float(cost.fixed_us) + float(getattr(cost, "c_slot", 0.0)) * placement.slots_per_gpu
+    return float(cost.fixed_us) + float(getattr(cost, "c_slot", 0.0)) * slots_per_gpu

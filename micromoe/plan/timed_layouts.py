@@ -1,0 +1,141 @@
+"""Placements scored in predicted GPU time: the cost model decides how many slots an expert gets.
+
+Legend: G GPUs, E experts, S local slots per GPU, R replicas; loads are rows per micro-batch.
+
+Time is not linear in rows, so the replica count that balances tokens is not always the one that
+balances time. With large GEMMs even slots win (many replicas, every slot about the same rows);
+with small ones every active slot costs a tile and a group, and fewer active groups win (fewer
+replicas, slots left empty). Instead of a rule for that, `time_aware_slots` builds candidates
+that spend 100%, 50%, 25% and 0% of the spare slots (beyond one per expert) on extra replicas of
+the hottest experts (largest load per replica first), samples the GPUs of every replica group,
+and keeps the candidate whose time-aware plan (`schedule(..., cost=)`) has the lowest predicted
+slowest-GPU time under the forecast. Scores are relative to an ideal fair share
+(`ideal_time_us`): 1.0 = as fast as total rows / G on every GPU, spread evenly over the best
+number of its slots.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import numpy.typing as npt
+
+from micromoe.plan.checks import FloatArray, IntArray, as_expected_loads, positive_int
+from micromoe.plan.placement import Placement
+from micromoe.plan.schedule import schedule
+from micromoe.plan.slot_layout import SlotLayout
+from micromoe.plan.slots import packed_slots, replica_counts_for
+from micromoe.plan.timed import SlotCostModel, check_cost_model, cost_tables, gpu_constant_us
+
+SPARE_FRACTIONS = (1.0, 0.5, 0.25, 0.0)
+
+
+def forecast_rows(forecast: npt.ArrayLike) -> IntArray:
+    """int64 [E]: forecast loads (float rows per micro-batch) rounded to whole rows."""
+    return np.rint(as_expected_loads(forecast, "forecast")).astype(np.int64)
+
+
+def ideal_time_us(rows_E: IntArray, num_gpus: int, slots_per_gpu: int, cost: SlotCostModel) -> float:
+    """Predicted time of one GPU that runs its fair share, ceil(total / G) rows, split evenly over
+    the best number k of slots, ceil(experts with load / G) <= k <= S (every such expert needs
+    a slot somewhere): the fastest any GPU could be if every GPU did the same."""
+    per_gpu = -(-int(rows_E.sum()) // num_gpus)
+    fewest = min(slots_per_gpu, max(1, -(-int(np.count_nonzero(rows_E)) // num_gpus)))
+    f = cost_tables(cost, per_gpu + 1).f_us
+    m = float(cost.max_row_us)
+    best = np.inf
+    for k in range(fewest, slots_per_gpu + 1):
+        base, extra = divmod(per_gpu, k)
+        top = base + (1 if extra else 0)
+        best = min(best, float((k - extra) * f[base] + extra * f[base + 1]) + m * top)
+    return gpu_constant_us(cost, slots_per_gpu) + best
+
+
+def predicted_max_us(rows_E: IntArray, placement: SlotLayout, cost: SlotCostModel) -> float:
+    """Predicted slowest-GPU time of the time-aware plan for per-expert loads `rows_E` (the rows
+    all start on GPU 0: locality does not change the time)."""
+    counts = np.zeros((placement.num_gpus, placement.num_experts), dtype=np.int64)
+    counts[0] = rows_E
+    return float(schedule(counts, placement, cost=cost).predicted_us.max())
+
+
+def time_score(forecast: npt.ArrayLike, placement: SlotLayout, cost: SlotCostModel) -> float:
+    """Predicted slowest-GPU time / ideal fair share (`ideal_time_us`) under the forecast (>= ~1,
+    lower is better)."""
+    rows = forecast_rows(forecast)
+    if rows.size != placement.num_experts:
+        raise ValueError(f"forecast has {rows.size} experts, the placement {placement.num_experts}")
+    ideal = ideal_time_us(rows, placement.num_gpus, placement.slots_per_gpu, cost)
+    return predicted_max_us(rows, placement, cost) / ideal
+
+
+def time_aware_slots(
+    forecast: npt.ArrayLike,
+    num_gpus: int,
+    slots_per_gpu: int,
+    cost: SlotCostModel,
+    *,
+    seed: int = 0,
+    num_samples: int = 8,
+    spare_fractions: tuple[float, ...] = SPARE_FRACTIONS,
+) -> tuple[IntArray, float, int]:
+    """The candidate layout with the lowest predicted slowest-GPU time under `forecast`.
+
+    Args:
+        forecast: float [E] >= 0; expected rows per expert per micro-batch (scale matters).
+        num_gpus, slots_per_gpu: the group's G and S (E <= G * S).
+        cost: the cost model.
+        seed, num_samples: GPU sampling of each candidate's replica groups (deterministic).
+        spare_fractions: shares of the G * S - E spare slots given to extra replicas.
+
+    Returns:
+        (slot_expert int64 [G, S] with -1 for empty slots, its time score, its replica total R).
+    """
+    check_cost_model(cost)
+    loads = as_expected_loads(forecast, "forecast")
+    g, s = positive_int(num_gpus, "num_gpus"), positive_int(slots_per_gpu, "slots_per_gpu")
+    positive_int(num_samples, "num_samples")
+    if loads.size > g * s:
+        raise ValueError(f"{loads.size} experts do not fit in {g} GPUs x {s} slots")
+    rows = forecast_rows(loads)
+    ideal = ideal_time_us(rows, g, s, cost)
+    rng = np.random.default_rng(seed)
+    best, best_t = None, np.inf
+    for frac in spare_fractions:
+        if not 0.0 <= frac <= 1.0:
+            raise ValueError(f"spare_fractions must lie in [0, 1], got {frac}")
+        for _ in range(num_samples):
+            if frac == 1.0:
+                slots = packed_slots(loads, g, s, rng)  # every slot used (the token builder's packing)
+            else:
+                spare = round(frac * (g * s - loads.size))
+                slots = _capped_slots(loads, g, s, loads.size + spare, rng)
+            t = predicted_max_us(rows, Placement.from_slots(slots, loads.size), cost)
+            if t < best_t:
+                best, best_t = slots, t
+    assert best is not None
+    return best, best_t / ideal, int((best >= 0).sum())
+
+
+def _capped_slots(loads: FloatArray, g: int, s: int, total: int, rng: np.random.Generator) -> IntArray:
+    """`total` replicas (hottest per replica first), first-fit decreasing into slot indices of
+    width G, GPUs of each group at random; slots left over stay empty (-1)."""
+    reps = replica_counts_for(loads, total, g)
+    order = sorted(range(loads.size), key=lambda e: (-reps[e], -loads[e], e))
+    free = [g] * s
+    columns: list[list[tuple[int, int]]] = [[] for _ in range(s)]
+    for e in order:
+        r = int(reps[e])
+        j = next((j for j in range(s) if free[j] >= r), None)
+        if j is None:  # shrink to the widest free column
+            j = max(range(s), key=lambda k: (free[k], -k))
+            r = free[j]
+        columns[j].append((e, r))
+        free[j] -= r
+    slots = np.full((g, s), -1, dtype=np.int64)
+    for j, column in enumerate(columns):
+        perm = rng.permutation(g)
+        at = 0
+        for e, r in column:
+            slots[perm[at : at + r], j] = e
+            at += r
+    return slots

@@ -1,0 +1,155 @@
+"""Time-aware adaptive replacement: scores in predicted time, replica budgets chosen by the cost
+model, and the replacement rules (cold start, realized trigger, hysteresis, logged reasons)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from micromoe.plan import Placement, schedule
+from micromoe.plan.cost import CostModel
+from micromoe.plan.forecast import ReplacementPolicy, decide_replacement, initial_placement, placement_score
+from micromoe.plan.timed_layouts import forecast_rows, ideal_time_us, time_aware_slots
+
+# small GEMMs: every active slot costs much more than its rows; large GEMMs: rows and the tail dominate
+SMALL = CostModel(fixed_us=10.0, max_row_us=0.0, tile=128, c_row=0.01, c_tile=30.0, c_active=30.0)
+LARGE = CostModel(fixed_us=10.0, max_row_us=0.2, tile=16, c_row=0.5, c_tile=0.0, c_active=0.0)
+ZIPF = np.arange(1, 33, dtype=np.float64) ** -1.0
+
+
+def _rows(total: float, w=ZIPF) -> np.ndarray:
+    return w / w.sum() * total
+
+
+def test_time_score_is_plan_time_over_fair_share():
+    p = Placement.symmetric(8, 32, 2)
+    f = _rows(32 * 500)
+    rows = forecast_rows(f)
+    counts = np.zeros((8, 32), dtype=np.int64)
+    counts[0] = rows
+    plan = schedule(counts, p, cost=LARGE)
+    ideal = ideal_time_us(rows, 8, 8, LARGE)
+    assert placement_score(f, p, cost=LARGE) == pytest.approx(plan.predicted_us.max() / ideal)
+    # the fair share is no slower than any plan's mean GPU time
+    assert ideal <= plan.predicted_us.mean() + 1e-9
+
+
+def test_the_model_decides_how_many_slots_an_expert_gets():
+    slots_small, _, reps_small = time_aware_slots(_rows(32 * 200), 8, 8, SMALL, num_samples=4)
+    slots_large, _, reps_large = time_aware_slots(_rows(32 * 4000), 8, 8, LARGE, num_samples=4)
+    assert reps_large == 64  # large GEMMs: every slot used, hot experts split evenly
+    assert reps_small < 64  # small GEMMs: fewer active groups win, slots left empty
+    for slots in (slots_small, slots_large):
+        Placement.from_slots(slots, 32)  # valid: local-slot rule, every expert placed
+
+
+def test_time_aware_replacement_beats_symmetric_under_skew():
+    p = Placement.symmetric(8, 32, 2)
+    f = _rows(32 * 4000, np.arange(1, 33, dtype=np.float64) ** -1.5)
+    d = decide_replacement(f, p, cost=LARGE, num_samples=16, seed=1)
+    assert d.replace and d.new_score <= d.current_score - 0.01
+    assert d.new_score == pytest.approx(placement_score(f, d.placement, cost=LARGE))
+    assert "threshold" in d.reason
+    flat = np.full(32, 4000.0)
+    keep = decide_replacement(flat, p, cost=LARGE)
+    assert not keep.replace and keep.placement is p and keep.reason.startswith("kept")
+    again = decide_replacement(f, p, cost=LARGE, num_samples=16, seed=1)
+    np.testing.assert_array_equal(again.placement.slot_expert, d.placement.slot_expert)
+
+
+def test_initial_placement_uses_history():
+    p = Placement.symmetric(8, 32, 2)
+    skewed = _rows(32 * 1000, np.arange(1, 33, dtype=np.float64) ** -1.5)
+    first = initial_placement(skewed, p, cost=LARGE, num_samples=8)
+    assert first.replace and first.placement != p and "history" in first.reason
+    none = initial_placement(None, p)
+    assert not none.replace and none.placement is p
+
+
+def _policy(**kw) -> ReplacementPolicy:
+    opts = dict(interval=1000, threshold=1.02, trigger_after=3, cooldown=4, warmup=2, num_samples=8)
+    opts.update(kw)
+    return ReplacementPolicy(1, 32, **opts)
+
+
+HOT_A = np.arange(1, 33, dtype=np.float64) ** -1.5 * 1e4
+HOT_B = HOT_A[::-1].copy()
+FLAT = np.full(32, 300.0)
+
+
+def test_cold_start_after_warmup_only_without_history():
+    pol = _policy()
+    sym = Placement.symmetric(8, 32, 2)
+    assert pol.start(0, sym) is sym
+    assert not pol.observe(0, HOT_A).replace  # 1 of 2 warm-up micro-batches
+    r = pol.observe(0, HOT_A)
+    assert r.replace and r.reason.startswith("cold start") and pol.placement(0) is r.placement
+    assert [e.rule for e in pol.events] == ["cold-start"]
+    # with a history the layer starts load-aware and never cold-starts
+    pol2 = _policy()
+    start = pol2.start(0, sym, history=HOT_A)
+    assert start != sym and [e.rule for e in pol2.events] == ["history"]
+    assert not any(pol2.observe(0, HOT_A).replace for _ in range(3))
+
+
+def test_realized_trigger_needs_k_consecutive_micro_batches():
+    sym = Placement.symmetric(8, 32, 2)
+    pol = _policy(warmup=1, cooldown=0)
+    pol.start(0, sym, history=FLAT)  # flat history: stays symmetric, no cold start
+    assert pol.placement(0) == sym
+    # k - 1 bad micro-batches, then a balanced one: the count restarts
+    flags = [pol.observe(0, x).replace for x in (HOT_A, HOT_A, FLAT, HOT_A, HOT_A)]
+    assert not any(flags)
+    r = pol.observe(0, HOT_A)  # the 3rd consecutive bad one
+    assert r.replace and r.reason.startswith("realized score")
+    assert pol.events[-1].rule == "realized" and pol.events[-1].micro_batch == 6
+    # a realized score passed by the caller is what counts
+    pol2 = _policy(warmup=1, cooldown=0)
+    pol2.start(0, sym, history=FLAT)
+    assert not any(pol2.observe(0, HOT_A, realized=1.0).replace for _ in range(5))
+
+
+def test_hysteresis_against_flapping():
+    sym = Placement.symmetric(8, 32, 2)
+    pol = _policy(trigger_after=1, cooldown=3, warmup=1)
+    pol.start(0, sym, history=FLAT)
+    taken = [i for i in range(1, 25) if pol.observe(0, HOT_A if (i // 2) % 2 else HOT_B).replace]
+    assert taken and all(b - a > 3 for a, b in zip(taken, taken[1:], strict=False))
+    # stable loads after a replacement: no further replacement (the gain rule)
+    pol = _policy(trigger_after=1, cooldown=0, warmup=1)
+    pol.start(0, sym, history=FLAT)
+    taken = [pol.observe(0, HOT_A).replace for _ in range(12)]
+    assert sum(taken) == 1
+    assert all(e.reason for e in pol.events)
+
+
+def test_policy_in_time_is_deterministic_and_logs_reasons():
+    def run():
+        pol = ReplacementPolicy(
+            1, 32, cost=LARGE, interval=4, trigger_after=2, cooldown=2, warmup=2, num_samples=8
+        )
+        pol.start(0, Placement.symmetric(8, 32, 2))
+        rng = np.random.default_rng(0)
+        out = []
+        for i in range(12):
+            w = (HOT_A if i < 6 else HOT_B) * rng.lognormal(0, 0.2, 32) / 1e4 * 4000
+            r = pol.observe(0, w)
+            out.append((r.replace, r.placement.slot_expert.tobytes()))
+        return out, pol.events
+
+    a, ev_a = run()
+    b, ev_b = run()
+    assert a == b and ev_a == ev_b and ev_a
+    assert ev_a[0].rule == "cold-start"
+    assert all(e.reason and e.new_score < e.old_score for e in ev_a)
+
+
+def test_policy_argument_errors():
+    with pytest.raises(ValueError, match="trigger_after"):
+        ReplacementPolicy(1, 4, trigger_after=0)
+    with pytest.raises(ValueError, match="cooldown"):
+        ReplacementPolicy(1, 4, cooldown=-1)
+    with pytest.raises(ValueError, match="start"):
+        ReplacementPolicy(1, 4).observe(0, np.ones(4))
+    with pytest.raises(ValueError, match="cost must be"):
+        ReplacementPolicy(1, 4, cost="h200")
