@@ -231,10 +231,8 @@ def predict_quota_us(quota: npt.ArrayLike, placement: SlotLayout, cost: SlotCost
     q = np.asarray(quota, dtype=np.int64)
     tables = cost_tables(cost, int(q.max()) if q.size else 0)
     p = placement
-    off = np.zeros(p.num_gpus)
-    return predict_times(q, off, tables.f_us, tables.m_us, p.gpu_ptr, p.gpu_replica) + gpu_constant_us(
-        cost, p
-    )
+    times = predict_times(q, np.zeros(p.num_gpus), tables.f_us, tables.m_us, p.gpu_ptr, p.gpu_replica)
+    return times + gpu_constant_us(cost, p.slots_per_gpu)
 
 
 def gpu_constant_us(cost: SlotCostModel, slots_per_gpu: int) -> float:
