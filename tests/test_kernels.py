@@ -128,4 +128,4 @@ def test_lazy_counts_flag_bad_expert_ids():
     _, _, meta = fast_dispatch(x, expert, torch.ones(3, 2), 3, 1)
     assert meta.counts.ready()
     with pytest.raises(ValueError, match="out of range"):
-        meta.counts.slot_load
+        _ = meta.counts.slot_load

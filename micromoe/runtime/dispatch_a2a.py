@@ -38,6 +38,7 @@ from micromoe.runtime.dispatch_local import (
     sort_by_expert,
     weighted_sum_of_choices,
 )
+from micromoe.runtime.idle import HostWaitProbe
 from micromoe.runtime.permute import gather_rows, permute_rows, scatter_rows
 from micromoe.runtime.rows import RankRoute, rank_row_map
 
@@ -86,6 +87,7 @@ class AllToAllDispatcher(LocalDispatcher, abc.ABC):
         self.mark("count_exchange")
         tk_of_row, row_of_tk, x_sorted = sort_by_expert(x, expert)  # overlaps the host wait
         self.mark("permute")
+        idle = HostWaitProbe(x.device)
         counts_GV = pending.wait()  # host sync (counts only; the permutation keeps the GPU busy)
         raise_if_flagged(counts_GV, e, self.rank, None)
         counts_GE = counts_GV[:, :e]
@@ -93,6 +95,7 @@ class AllToAllDispatcher(LocalDispatcher, abc.ABC):
         route, plan = self._route(counts_GE)
         row_map = rank_row_map(route, counts_GE.shape[0], self.slot_expert, e, grouped_gemm_align(x))
         route_s = time.perf_counter() - t0
+        idle.stop()  # the next line queues GPU work again
         send_pos, send_inv, group_pos, rows = row_indices_on(row_map, x.device)
         x_send = x_sorted if send_pos is None else permute_rows(x_sorted, send_pos, send_inv)
         self.mark("route")
@@ -102,7 +105,17 @@ class AllToAllDispatcher(LocalDispatcher, abc.ABC):
         tokens = scatter_rows(x_recv, group_pos, row_map.num_grouped)
         self.mark("slot_sort")
         meta = DispatchMeta(
-            tk_of_row, row_of_tk, weight, row_map, send_pos, send_inv, group_pos, counts_GE, plan, route_s
+            tk_of_row,
+            row_of_tk,
+            weight,
+            row_map,
+            send_pos,
+            send_inv,
+            group_pos,
+            counts_GE,
+            plan,
+            route_s,
+            idle,
         )
         return tokens, rows, meta
 

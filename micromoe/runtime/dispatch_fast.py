@@ -82,6 +82,19 @@ class FastMeta:
     weight: torch.Tensor
     counts: LazyCounts
 
+    # the stats interface of `DispatchMeta`; counts are read (a host sync) only on access
+    plan = None
+    route_s = 0.0
+    gpu_idle_ms = 0.0  # no host wait on this path
+
+    @property
+    def slot_load(self) -> npt.NDArray[np.int64]:
+        return self.counts.slot_load
+
+    @property
+    def counts_ge(self) -> npt.NDArray[np.int64]:
+        return self.counts.counts_ge
+
 
 def device_rows(
     expert_TK: torch.Tensor, num_experts: int, align: int

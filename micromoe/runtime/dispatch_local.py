@@ -5,7 +5,8 @@ grouped GEMM its slot-major rows, and `combine(out, meta)` sums each token's top
 weighted by its gates. They hold configuration only: all per-call state travels in the frozen
 `DispatchMeta`. Everything is differentiable (gather-only index ops; the distributed dispatchers
 add an autograd-aware all-to-all). The hierarchy grows by capability:
-- `LocalDispatcher` (here): sort rows by expert, pad each slot's block, no communication;
+- `LocalDispatcher` (here): sort rows by expert, pad each slot's block, no communication; on
+  CUDA with Triton it takes the fast path of `dispatch_fast.py` (no host sync, fused kernels);
 - `AllToAllDispatcher` (`dispatch_a2a.py`, abstract): adds the count all-gather with error bits,
   the host-side row map and the all-to-all over a dispatch group; subclasses only route:
   - `EPDispatcher` (`dispatch_ep.py`): plain expert parallelism, one replica per expert;
@@ -28,6 +29,8 @@ import torch
 from micromoe.plan import Plan, positive_int
 from micromoe.runtime.comm import copy_counts_to_host
 from micromoe.runtime.dispatch_checks import ERR_CALLER, check_shapes, count_vector, raise_if_flagged
+from micromoe.runtime.dispatch_fast import FAST_ALIGN, FastMeta, fast_combine, fast_dispatch, uses_fast_path
+from micromoe.runtime.idle import HostWaitProbe
 from micromoe.runtime.permute import gather_rows, gather_tokens, permute_rows, scatter_rows
 from micromoe.runtime.rows import RowMap, local_row_map, range_shift
 
@@ -53,6 +56,7 @@ class DispatchMeta:
         counts_ge: int64 [G, E]; the gathered counts (counts[src, e]); G = 1 for a single device.
         plan: the planner's plan (MicroEP) or None.
         route_s: host seconds spent routing (planner + row map) for this call.
+        idle: the probe around this call's host wait for the counts (`gpu_idle_ms`).
     """
 
     tk_of_row: torch.Tensor
@@ -65,6 +69,17 @@ class DispatchMeta:
     counts_ge: npt.NDArray[np.int64]
     plan: Plan | None
     route_s: float
+    idle: HostWaitProbe | None = None
+
+    @property
+    def slot_load(self) -> npt.NDArray[np.int64]:
+        """int64 [S]: real rows each local slot computed."""
+        return self.row_map.slot_load
+
+    @property
+    def gpu_idle_ms(self) -> float:
+        """GPU idle time the host wait for the counts caused (reading it waits for the GPU)."""
+        return 0.0 if self.idle is None else self.idle.gpu_idle_ms
 
 
 class LocalDispatcher:
@@ -73,15 +88,27 @@ class LocalDispatcher:
     Args:
         num_experts: E.
         timer: optional phase timer (benchmarks); `mark` is called at each phase boundary.
+        fast_path: take the fast path where it runs (CUDA with Triton); False keeps the
+            reference pipeline everywhere (checks, benchmarks). Both compute the same function.
+        fast_align: the fast path's rows per expert group are padded to a multiple of this.
     """
 
-    def __init__(self, num_experts: int, *, timer: PhaseTimer | None = None) -> None:
+    def __init__(
+        self,
+        num_experts: int,
+        *,
+        timer: PhaseTimer | None = None,
+        fast_path: bool = True,
+        fast_align: int = FAST_ALIGN,
+    ) -> None:
         self.num_experts = positive_int(num_experts, "num_experts")
         self.timer = timer
+        self.fast_path = bool(fast_path)
+        self.fast_align = positive_int(fast_align, "fast_align")
 
     def dispatch(
         self, x: torch.Tensor, expert: torch.Tensor, weight: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor, DispatchMeta]:
+    ) -> tuple[torch.Tensor, torch.Tensor, DispatchMeta | FastMeta]:
         """Put each (token, choice) row into the slot of its expert.
 
         Args:
@@ -94,31 +121,52 @@ class LocalDispatcher:
                 grouped GEMM's alignment with zero rows.
             rows: int64 [S] on x's device; rows per local slot (padded).
             meta: the record `combine` consumes.
-        Raises ValueError if the input is invalid (bad shapes, expert ids, non-finite gates).
+        Raises ValueError if the input is invalid (bad shapes, expert ids, non-finite gates). On
+        the fast path, bad expert ids and non-finite gates are found on the device and raised
+        when the counts are read (`meta.slot_load`, the layer's stats): no host sync here.
         """
         self.check_inputs(x, expert, weight)
         e = self.num_experts
         self.mark("start")
+        if self.fast_path and uses_fast_path(x):
+            tokens, rows, fast_meta = fast_dispatch(x, expert, weight, e, self.fast_align)
+            self.mark("permute")
+            return tokens, rows, fast_meta
         pending = copy_counts_to_host(count_vector(expert, weight, e).unsqueeze(0))  # no collective
         tk_of_row, row_of_tk, x_sorted = sort_by_expert(x, expert)
         self.mark("permute")
+        idle = HostWaitProbe(x.device)
         counts_GV = pending.wait()  # host sync (counts only; the permutation keeps the GPU busy)
         raise_if_flagged(counts_GV, e, 0, None)
         t0 = time.perf_counter()
         row_map = local_row_map(counts_GV[0, :e], grouped_gemm_align(x))
         route_s = time.perf_counter() - t0
+        idle.stop()  # the next line queues GPU work again
         _, _, group_pos, rows = row_indices_on(row_map, x.device)
         self.mark("route")
         tokens = scatter_rows(x_sorted, group_pos, row_map.num_grouped)
         self.mark("slot_sort")
         meta = DispatchMeta(
-            tk_of_row, row_of_tk, weight, row_map, None, None, group_pos, counts_GV[:, :e], None, route_s
+            tk_of_row,
+            row_of_tk,
+            weight,
+            row_map,
+            None,
+            None,
+            group_pos,
+            counts_GV[:, :e],
+            None,
+            route_s,
+            idle,
         )
         return tokens, rows, meta
 
-    def combine(self, out: torch.Tensor, meta: DispatchMeta) -> torch.Tensor:
+    def combine(self, out: torch.Tensor, meta: DispatchMeta | FastMeta) -> torch.Tensor:
         """[N, H] expert outputs (dispatch's row order) -> [T, H]: sum_k gate_k * expert_k(x)."""
-        y = weighted_sum_of_choices(gather_rows(out, meta.group_pos), meta)
+        if isinstance(meta, FastMeta):
+            y = fast_combine(out, meta)  # one fused gather-weight-sum pass
+        else:
+            y = weighted_sum_of_choices(gather_rows(out, meta.group_pos), meta)
         self.mark("combine")
         return y
 

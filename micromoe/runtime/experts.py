@@ -1,9 +1,10 @@
 """Expert FFNs of one rank as grouped GEMMs over its local slots.
 
 Legend: S local slots, N rows (slot-major: slot 0's rows, then slot 1's, ...), H hidden, F expert
-FFN hidden. On CUDA with bf16, each projection is one `torch._grouped_mm` over all slots (the rows
-per slot must be multiples of 8; the dispatchers pad them). Elsewhere a per-slot loop computes the
-same function (the CPU reference path; never used on the GPU fast path).
+FFN hidden. On CUDA with bf16, each projection is one `torch._grouped_mm` over all slots, with
+device-side group offsets (the dispatchers pad each slot's rows to a multiple of 8), and the SwiGLU
+between them is one fused kernel each way (`kernels.swiglu`). Elsewhere a per-slot loop and plain
+torch ops compute the same function (the CPU reference path; never used on the GPU fast path).
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from micromoe.runtime.kernels import swiglu, uses_triton
+
 
 def grouped_mm(x: torch.Tensor, w: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     """out[rows of slot s] = x[rows of slot s] @ w[s].
@@ -21,7 +24,8 @@ def grouped_mm(x: torch.Tensor, w: torch.Tensor, rows: torch.Tensor) -> torch.Te
     Args:
         x: [N, K], slot-major rows.
         w: [S, K, M].
-        rows: int64 [S] on x's device; rows per slot, summing to N.
+        rows: int32/int64 [S] on x's device; rows per slot, summing to N (on CUDA at most N:
+            rows past the last group belong to no slot and their output is undefined).
 
     Returns:
         [N, M], differentiable in x and w.
@@ -59,6 +63,7 @@ class GroupedSwiGLU(nn.Module):
         kw = {"device": device, "dtype": dtype}
         self.w_gate_up = nn.Parameter(torch.empty(num_slots, hidden, 2 * ffn_hidden, **kw))
         self.w_down = nn.Parameter(torch.empty(num_slots, ffn_hidden, hidden, **kw))
+        self.fused_swiglu = True  # False: plain torch ops everywhere (reference runs)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -66,7 +71,11 @@ class GroupedSwiGLU(nn.Module):
         nn.init.normal_(self.w_down, std=1.0 / math.sqrt(self.ffn_hidden))
 
     def forward(self, x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-        """x [N, H] slot-major, rows int64 [S] -> [N, H]."""
+        """x [N, H] slot-major, rows int32/int64 [S] -> [N, H]."""
         h = grouped_mm(x, self.w_gate_up, rows)
-        gate, up = h.split(self.ffn_hidden, dim=1)
-        return grouped_mm(F.silu(gate) * up, self.w_down, rows)
+        if self.fused_swiglu and uses_triton(h):
+            act = swiglu(h)  # one pass each way instead of split + silu + multiply
+        else:
+            gate, up = h.split(self.ffn_hidden, dim=1)
+            act = F.silu(gate) * up
+        return grouped_mm(act, self.w_down, rows)

@@ -27,12 +27,14 @@ except ImportError:  # pragma: no cover - depends on the installation
 
 # Triton's interpreter runs the kernels on CPU tensors (kernel debugging without a GPU).
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+_KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _TILE = 4096  # elements per program: 32 per thread at 4 warps, 16-byte vectors
 
 
 def uses_triton(t: torch.Tensor) -> bool:
-    """True when ops on `t` run the Triton kernels (CUDA and Triton installed)."""
-    return HAVE_TRITON and (t.is_cuda or _INTERPRET)
+    """True when ops on `t` run the Triton kernels (CUDA, Triton installed, a 16/32-bit float
+    dtype: the kernels accumulate in float32, so float64 keeps the torch body)."""
+    return HAVE_TRITON and (t.is_cuda or _INTERPRET) and t.dtype in _KERNEL_DTYPES
 
 
 def _acc(dtype: torch.dtype) -> torch.dtype:

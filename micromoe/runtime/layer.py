@@ -17,7 +17,8 @@ import torch
 from torch import nn
 
 from micromoe.plan import Plan, positive_int
-from micromoe.runtime.dispatch_local import LocalDispatcher
+from micromoe.runtime.dispatch_fast import FastMeta
+from micromoe.runtime.dispatch_local import DispatchMeta, LocalDispatcher
 from micromoe.runtime.experts import GroupedSwiGLU
 from micromoe.runtime.router import TopKRouter
 
@@ -53,21 +54,44 @@ class MoEConfig:
 
 @dataclass(frozen=True)
 class MoEStats:
-    """Counters of the last forward pass (for logging and tests).
+    """Counters of the last forward pass (for logging and tests), read from its dispatch record.
+
+    Read lazily: on the single-device fast path the counts reach the host only when `slot_load`
+    or `counts_ge` is read (a host sync then, which also raises a deferred input error), and
+    `gpu_idle_ms` waits for the GPU; read them after the step's own sync.
 
     Attributes:
         aux_loss: scalar tensor (add it to the training loss).
-        slot_load: int64 [S]; (token, expert) rows each local slot computed.
-        counts_ge: int64 [G, E]; rows per (source rank, expert) in the dispatch group.
-        plan: the MicroEP plan, None for other dispatchers.
-        route_s: host seconds spent routing.
+        meta: the dispatcher's record of the call.
     """
 
     aux_loss: torch.Tensor
-    slot_load: npt.NDArray[np.int64]
-    counts_ge: npt.NDArray[np.int64]
-    plan: Plan | None
-    route_s: float
+    meta: DispatchMeta | FastMeta
+
+    @property
+    def slot_load(self) -> npt.NDArray[np.int64]:
+        """int64 [S]; (token, expert) rows each local slot computed."""
+        return self.meta.slot_load
+
+    @property
+    def counts_ge(self) -> npt.NDArray[np.int64]:
+        """int64 [G, E]; rows per (source rank, expert) in the dispatch group."""
+        return self.meta.counts_ge
+
+    @property
+    def plan(self) -> Plan | None:
+        """The MicroEP plan, None for other dispatchers."""
+        return self.meta.plan
+
+    @property
+    def route_s(self) -> float:
+        """Host seconds spent routing."""
+        return self.meta.route_s
+
+    @property
+    def gpu_idle_ms(self) -> float:
+        """GPU idle time this layer's host wait for the counts caused (0 without a wait)."""
+        return self.meta.gpu_idle_ms
 
 
 class MoELayer(nn.Module):
@@ -118,7 +142,5 @@ class MoELayer(nn.Module):
         out_NH = self.experts(tokens_NH, rows_S)
         self.dispatcher.mark("experts")
         y_TH = self.dispatcher.combine(out_NH, meta)
-        self.last_stats = MoEStats(
-            sel.aux_loss, meta.row_map.slot_load, meta.counts_ge, meta.plan, meta.route_s
-        )
+        self.last_stats = MoEStats(sel.aux_loss, meta)
         return y_TH.reshape(x.shape)
