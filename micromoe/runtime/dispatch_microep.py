@@ -12,6 +12,7 @@ import numpy.typing as npt
 import torch.distributed as dist
 
 from micromoe.plan import Placement, Plan, positive_int, schedule
+from micromoe.runtime.cost_select import CostSpec, load_cost_spec
 from micromoe.runtime.dispatch_a2a import AllToAllDispatcher
 from micromoe.runtime.dispatch_local import PhaseTimer
 from micromoe.runtime.rows import RankRoute, planned_route
@@ -27,6 +28,9 @@ class MicroEPDispatcher(AllToAllDispatcher):
         gpus_per_node: GPUs per node, for the planner's same-node preference (optional; must
             divide G).
         timer: optional phase timer (benchmarks).
+        cost_model: plan for predicted GPU time with this expert-GEMM cost model (a
+            `plan.cost.CostModel`, a bundled name or a JSON path; `apply_expert_parallel` also
+            takes "bundled" and "auto"); None plans tokens.
     """
 
     def __init__(
@@ -37,8 +41,10 @@ class MicroEPDispatcher(AllToAllDispatcher):
         *,
         gpus_per_node: int | None = None,
         timer: PhaseTimer | None = None,
+        cost_model: CostSpec = None,
     ) -> None:
         super().__init__(group, rank, placement, timer=timer)
+        self.cost_model = load_cost_spec(cost_model)
         if gpus_per_node is not None:
             gpus_per_node = positive_int(gpus_per_node, "gpus_per_node")
             if placement.num_gpus % gpus_per_node:
@@ -49,5 +55,5 @@ class MicroEPDispatcher(AllToAllDispatcher):
         self.gpus_per_node = gpus_per_node
 
     def _route(self, counts_GE: npt.NDArray[np.int64]) -> tuple[RankRoute, Plan | None]:
-        plan = schedule(counts_GE, self.placement, gpus_per_node=self.gpus_per_node)
+        plan = schedule(counts_GE, self.placement, gpus_per_node=self.gpus_per_node, cost=self.cost_model)
         return planned_route(plan, self.rank), plan

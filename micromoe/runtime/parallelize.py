@@ -10,6 +10,7 @@ from typing import Literal
 import torch
 from torch import nn
 
+from micromoe.runtime.cost_select import CostSpec, resolve_cost_model
 from micromoe.runtime.dispatch_ep import EPDispatcher
 from micromoe.runtime.dispatch_local import PhaseTimer
 from micromoe.runtime.dispatch_microep import MicroEPDispatcher
@@ -26,6 +27,7 @@ def apply_expert_parallel(
     *,
     gpus_per_node: int | None = None,
     timer: PhaseTimer | None = None,
+    cost_model: CostSpec = None,
 ) -> MoELayer:
     """Shard `layer`'s experts to this rank's local slots and swap in a distributed dispatcher.
 
@@ -41,6 +43,9 @@ def apply_expert_parallel(
         gpus_per_node: for MicroEP's same-node routing preference.
         timer: optional phase timer handed to the dispatcher (benchmarks): `timer.mark(name)` at
             each phase boundary of dispatch and combine.
+        cost_model: MicroEP only: plan for predicted GPU time (`runtime.cost_select`): a
+            `plan.cost.CostModel`, a bundled name or path, "bundled" (this GPU and the layer's
+            shape) or "auto" (calibrated at start-up, ~2 s, collective over the MicroEP group).
     """
     p, cfg = groups.placement, layer.cfg
     if p.num_experts != cfg.num_experts:
@@ -50,10 +55,22 @@ def apply_expert_parallel(
     if dispatcher == "ep":
         if groups.layout.merge != 1:
             raise ValueError(f"the 'ep' dispatcher needs merge factor d=1, got d={groups.layout.merge}")
+        if cost_model is not None:
+            raise ValueError(
+                "cost_model plans MicroEP's replica split; the 'ep' dispatcher has none: drop it"
+            )
         new = EPDispatcher(groups.microep, groups.microep_rank, p, timer=timer)
     elif dispatcher == "microep":
+        cost = resolve_cost_model(
+            cost_model,
+            hidden=cfg.hidden,
+            ffn=cfg.ffn_hidden,
+            device=layer.experts.w_down.device,
+            group=groups.microep,
+            num_slots=p.slots_per_gpu,
+        )
         new = MicroEPDispatcher(
-            groups.microep, groups.microep_rank, p, gpus_per_node=gpus_per_node, timer=timer
+            groups.microep, groups.microep_rank, p, gpus_per_node=gpus_per_node, timer=timer, cost_model=cost
         )
     else:
         raise ValueError(f"unknown dispatcher {dispatcher!r}; use 'ep' or 'microep'")

@@ -1,0 +1,71 @@
+"""Which expert-GEMM cost model a MicroEP dispatcher plans with.
+
+A spec is one of:
+  - None: plan tokens (the exact token optimum);
+  - a `micromoe.plan.cost.CostModel`;
+  - "bundled": the model shipped for this GPU and the layer's hidden/FFN shape;
+  - "auto": calibrated at start-up on this GPU (about 2 s, `runtime.calibrate.calibrate_cost_model`);
+  - any other string: a bundled name ("h200-4096x1536") or a JSON path (`plan.cost.load`).
+
+Every rank of a MicroEP group must plan with the identical model (a different plan on one rank
+deadlocks the all-to-all), so "auto" calibrates on the group's first rank only and broadcasts the
+fitted coefficients; the other specs read the same file or object on every rank.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from micromoe.plan import cost as cost_models
+from micromoe.plan.cost import CostModel
+from micromoe.plan.timed import check_cost_model
+from micromoe.runtime.calibrate import calibrate_cost_model
+
+CostSpec = CostModel | str | None
+AUTO_BUDGET_S = 2.0
+
+
+def load_cost_spec(spec: CostSpec) -> CostModel | None:
+    """A model from a spec that needs no GPU or group (None, a model, a bundled name or a path)."""
+    if spec is None:
+        return None
+    if isinstance(spec, str):
+        if spec in ("auto", "bundled"):
+            raise ValueError(
+                f"cost_model={spec!r} needs the layer's shape and device: pass it to apply_expert_parallel"
+            )
+        return cost_models.load(spec)
+    return check_cost_model(spec)
+
+
+def resolve_cost_model(
+    spec: CostSpec,
+    *,
+    hidden: int,
+    ffn: int,
+    device: torch.device,
+    group: dist.ProcessGroup | None,
+    num_slots: int,
+) -> CostModel | None:
+    """The model for `spec` (module docstring). "auto" is collective over `group` (every rank of
+    it must call this together); the other specs are local."""
+    if spec == "bundled":
+        if device.type != "cuda":
+            raise ValueError("cost_model='bundled' picks the model of this GPU; the layer is not on a GPU")
+        return cost_models.load(cost_models.bundled_name(torch.cuda.get_device_name(device), hidden, ffn))
+    if spec != "auto":
+        return load_cost_spec(spec)
+    first = group is None or dist.get_rank(group) == 0
+    box: list[dict | None] = [None]
+    if first:
+        box[0] = calibrate_cost_model(
+            hidden, ffn, device, budget_s=AUTO_BUDGET_S, num_slots=num_slots
+        ).to_json()
+    if group is not None:
+        src = dist.get_global_rank(group, 0)
+        # collective (MicroEP group): the first rank's fitted model to every rank
+        dist.broadcast_object_list(
+            box, src=src, group=group, device=device if device.type == "cuda" else None
+        )
+    return CostModel.from_json(box[0], where="start-up calibration")
