@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from micromoe.allocator import tune_allocator
 from micromoe.plan import Placement
 from micromoe.runtime import MoEConfig, MoELayer, ParallelLayout, apply_expert_parallel, build_process_groups
+from micromoe.runtime.timeouts import init_distributed
 
 SKEWS = (0.0, 0.5, 1.0, 1.5)
 
@@ -324,13 +325,16 @@ def main() -> None:
     ap.add_argument("--iters", type=int, default=40, help="timed iterations per variant and skew")
     ap.add_argument("--warmup", type=int, default=8)
     ap.add_argument("--tokens", type=int, default=8192, help="tokens per GPU")
+    ap.add_argument(
+        "--timeout", type=float, default=600.0, help="seconds before a stalled collective fails (default 600)"
+    )
     args = ap.parse_args()
     os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
     tune_allocator()  # MicroEP schedules every micro-batch: keep the planner's arrays off fresh pages
     local_rank = int(os.environ["LOCAL_RANK"])  # set by torchrun
     torch.cuda.set_device(local_rank)
     device = torch.device("cuda", local_rank)
-    dist.init_process_group("nccl", device_id=device)
+    init_distributed("nccl", args.timeout, device_id=device)  # every group gets this timeout
     rank, world = dist.get_rank(), dist.get_world_size()
     cfg = MoEConfig(hidden=2048, ffn_hidden=4096, num_experts=16, top_k=2)
     t0 = time.time()

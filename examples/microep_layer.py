@@ -1,13 +1,21 @@
 """A MicroEP MoE layer trained for a few steps on skewed routing, one process per device.
 
     torchrun --nproc_per_node=4 examples/microep_layer.py          # CPU (gloo) or one GPU each (NCCL)
+    torchrun --nproc_per_node=4 examples/microep_layer.py --timeout 60
 
-DP = 4 ranks, EP = 2, merge factor d = 2: one MicroEP group of 4 GPUs holding 8 experts twice
-(symmetric placement). Each step prints, on rank 0, how skewed the routing is (hottest expert's
+Needs 2, 4, 8 or 16 ranks: the 8 experts x 2 replicas = 16 slots must split evenly over the ranks,
+and EP = ranks / 2. Any other count stops with that message. With 4 ranks: DP = 4, EP = 2, merge
+factor d = 2: one MicroEP group of 4 GPUs holding 8 experts twice (symmetric placement).
+`--timeout` (seconds, default 300) bounds every collective: if a rank stalls or dies, the others
+stop with an error naming the timeout (and, on rank 0, the rank that did not respond). Each step prints, on rank 0, how skewed the routing is (hottest expert's
 load over the mean expert load) and the largest per-GPU load of MicroEP's plan over the mean.
 """
 
 from __future__ import annotations
+
+import argparse
+import os
+import sys
 
 import torch
 import torch.distributed as dist
@@ -22,16 +30,50 @@ from micromoe.runtime import (
     build_process_groups,
     sync_gradients,
 )
+from micromoe.runtime.timeouts import DEFAULT_TIMEOUT_S, CollectiveTimeout, init_distributed
+
+NUM_EXPERTS, REPLICAS = 8, 2
+SUPPORTED_RANKS = (2, 4, 8, 16)  # the 16 expert slots split evenly, and EP = ranks / 2 >= 1
 
 
 def main() -> None:
+    ap = argparse.ArgumentParser(
+        description="Train a MicroEP MoE layer for a few steps (run under torchrun)."
+    )
+    ap.add_argument(
+        "--timeout",
+        type=float,
+        default=DEFAULT_TIMEOUT_S,
+        help=f"seconds before a stalled collective fails (default {DEFAULT_TIMEOUT_S:g})",
+    )
+    args = ap.parse_args()
     tune_allocator()  # MicroEP schedules every micro-batch: keep the planner's arrays off fresh pages
     cuda = torch.cuda.is_available()
-    dist.init_process_group("nccl" if cuda else "gloo")
+    try:
+        watchdog = init_distributed("nccl" if cuda else "gloo", args.timeout)
+    except ValueError as exc:
+        sys.exit(f"microep_layer.py: error: {exc}")
     rank, world = dist.get_rank(), dist.get_world_size()
+    if world not in SUPPORTED_RANKS:
+        dist.destroy_process_group()
+        sys.exit(
+            f"microep_layer.py: error: needs 2, 4, 8 or 16 ranks ({NUM_EXPERTS} experts x {REPLICAS} replicas "
+            f"split evenly, EP = ranks / 2), got {world}; run torchrun --nproc_per_node=4"
+        )
+    try:
+        with watchdog.guard("a training step"):
+            train(rank, world, cuda)
+    except CollectiveTimeout as exc:
+        print(f"microep_layer.py: error: {exc}", file=sys.stderr, flush=True)
+        os._exit(1)  # no clean shutdown: a peer is gone
+    dist.destroy_process_group()
+
+
+def train(rank: int, world: int, cuda: bool) -> None:
+    """Three steps of the layer on Zipf-skewed routing; rank 0 prints the balance of each."""
     device = torch.device("cuda", rank % torch.cuda.device_count()) if cuda else torch.device("cpu")
     layout = ParallelLayout(world_size=world, dp=world, ep=world // 2, merge=2)
-    placement = Placement.symmetric(layout.microep_size, num_experts=8, replicas=2)
+    placement = Placement.symmetric(layout.microep_size, num_experts=NUM_EXPERTS, replicas=REPLICAS)
     groups = build_process_groups(layout, placement, rank)
 
     torch.manual_seed(0)  # every rank builds the same full layer, then keeps its slots
@@ -57,7 +99,6 @@ def main() -> None:
                 f"step {step}: loss {loss.item():.4f}  hottest expert {load.max() / load.mean():.2f}x the mean;"
                 f" MicroEP max/mean GPU load {plan.max_load / (load.sum() / world):.4f}"
             )
-    dist.destroy_process_group()
 
 
 if __name__ == "__main__":

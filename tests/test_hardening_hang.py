@@ -1,6 +1,7 @@
 """A stopped rank ends a gloo job in bounded time with an error naming the timeout and the rank.
 
-Four gloo processes with a 10 s timeout run a few steps of collectives; rank 2 sends itself
+Four gloo processes with a 10 s timeout train a MicroEP layer (its process groups built by
+`build_process_groups`, which must inherit the timeout, not torch's 30 minutes); rank 2 sends itself
 SIGSTOP at step 2. The other three must exit non-zero within 60 s (not torch's default 30 min),
 each with a message naming the 10 s timeout, and rank 0's naming rank 2 as the one that stalled.
 """
@@ -10,18 +11,29 @@ from __future__ import annotations
 import os
 import signal
 import socket
+import subprocess
 import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
-import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from micromoe.plan import Placement
+from micromoe.runtime import (
+    MoEConfig,
+    MoELayer,
+    ParallelLayout,
+    apply_expert_parallel,
+    build_process_groups,
+    sync_gradients,
+)
 from micromoe.runtime.timeouts import CollectiveTimeout, as_timeout, init_distributed
 
 WORLD, STOPPED, TIMEOUT_S, BOUND_S = 4, 2, 10.0, 60.0
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def _free_port() -> int:
@@ -31,19 +43,23 @@ def _free_port() -> int:
 
 
 def _worker(rank: int, port: int, out_dir: str) -> None:
+    """Training steps of a MicroEP layer (all-gather of counts, all-to-alls, replica all-reduces)."""
     torch.set_num_threads(1)
     watchdog = init_distributed(
         "gloo", TIMEOUT_S, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD
     )
+    layout = ParallelLayout(world_size=WORLD, dp=WORLD, ep=WORLD // 2, merge=2)
+    groups = build_process_groups(layout, Placement.symmetric(WORLD, 8, 2), rank)  # world's timeout
+    torch.manual_seed(0)
+    layer = MoELayer(MoEConfig(hidden=16, ffn_hidden=32, num_experts=8, top_k=2))
+    apply_expert_parallel(layer, groups, "microep")
     try:
         with watchdog.guard("a training step"):
             for step in range(6):
                 if rank == STOPPED and step == 2:
                     os.kill(os.getpid(), signal.SIGSTOP)
-                t = torch.full((1024,), float(rank))
-                dist.all_reduce(t)  # every rank, same order
-                gathered = [torch.empty(8) for _ in range(WORLD)]
-                dist.all_gather(gathered, torch.full((8,), float(step)))
+                layer(torch.randn(32, 16)).pow(2).mean().backward()
+                sync_gradients(layer, groups)
     except CollectiveTimeout as exc:
         Path(out_dir, f"rank{rank}.err").write_text(str(exc))
         os._exit(3)  # no clean shutdown: a peer is gone
@@ -89,3 +105,21 @@ def test_timeout_must_be_a_positive_number(bad: object) -> None:
 
 def test_timeout_accepts_seconds() -> None:
     assert as_timeout(2.5).total_seconds() == 2.5
+
+
+def test_parallel_layout_takes_numpy_integers() -> None:
+    layout = ParallelLayout(np.int64(8), dp=np.int64(8), ep=np.int32(4), merge=np.int64(2))
+    assert layout.world_size == 8 and type(layout.world_size) is int
+
+
+def _torchrun(nproc: int, *args: str) -> subprocess.CompletedProcess[str]:
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}"]
+    cmd += [f"--master_port={_free_port()}", str(ROOT / "examples" / "microep_layer.py"), *args]
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=240, cwd=ROOT)
+
+
+def test_example_refuses_an_unsupported_rank_count() -> None:
+    out = _torchrun(3, "--timeout", "30")
+    assert out.returncode != 0
+    assert "needs 2, 4, 8 or 16 ranks" in out.stderr and "got 3" in out.stderr

@@ -13,6 +13,7 @@ import torch.distributed as dist
 
 from micromoe.plan import Placement
 from micromoe.runtime.layout import ParallelLayout
+from micromoe.runtime.timeouts import world_timeout
 
 
 @dataclass(frozen=True)
@@ -81,12 +82,13 @@ def build_process_groups(layout: ParallelLayout, placement: Placement, rank: int
         )
     layout.microep_rank(rank)  # validates the rank
     cache: dict[tuple[int, ...], dist.ProcessGroup | None] = {}
+    timeout = world_timeout()  # subgroups do not inherit it by themselves (torch: 30 min)
 
     def group_of(ranks: list[int]) -> dist.ProcessGroup | None:
         # collective over the world (every rank calls new_group with the same ranks, in order)
         key = tuple(ranks)
         if key not in cache:
-            cache[key] = dist.new_group(list(key))
+            cache[key] = dist.new_group(list(key), timeout=timeout)
         return cache[key] if rank in key else None
 
     # the same groups in the same order on every rank: DP, MicroEP groups, replica groups (plain EP

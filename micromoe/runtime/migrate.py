@@ -40,6 +40,7 @@ from micromoe.plan import Placement
 from micromoe.runtime.dispatch_microep import MicroEPDispatcher
 from micromoe.runtime.groups import ProcessGroups, ReplicaGroup
 from micromoe.runtime.layer import MoELayer
+from micromoe.runtime.timeouts import world_timeout
 
 GroupCache = dict[tuple[int, ...], "dist.ProcessGroup | None"]
 _PARAMS = ("w_gate_up", "w_down")
@@ -272,7 +273,7 @@ def _new_groups(groups: ProcessGroups, placement: Placement, cache: GroupCache |
         ranks = tuple(layout.replica_ranks(placement, expert))
         if ranks not in cache:
             # collective (world): every rank creates the same new group in the same order
-            group = dist.new_group(list(ranks))
+            group = dist.new_group(list(ranks), timeout=world_timeout())  # the world's timeout
             cache[ranks] = group if rank in ranks else None
         slot = int(placement.expert_slot[expert])
         replicas.append(ReplicaGroup(expert, slot, ranks, cache[ranks]))
@@ -289,7 +290,11 @@ def _new_groups(groups: ProcessGroups, placement: Placement, cache: GroupCache |
 def _rebuild_dispatcher(layer: MoELayer, groups: ProcessGroups) -> MicroEPDispatcher:
     old = layer.dispatcher
     new = MicroEPDispatcher(
-        groups.microep, groups.microep_rank, groups.placement, gpus_per_node=old.gpus_per_node, timer=old.timer
+        groups.microep,
+        groups.microep_rank,
+        groups.placement,
+        gpus_per_node=old.gpus_per_node,
+        timer=old.timer,
     )
     return new
 

@@ -2,7 +2,9 @@
 ranks that stalled when a collective runs past it.
 
 torch's default is 30 minutes, and `dist.new_group` does not inherit the timeout given to
-`init_process_group`: every group must be created with it (`build_process_groups(timeout=...)`).
+`init_process_group`: `build_process_groups` and the migration's new groups pass `world_timeout()`,
+the default group's own timeout, so one setting (`init_distributed(timeout_s=...)` or
+`dist.init_process_group(timeout=...)`) bounds every collective.
 `init_distributed` starts the default group with the timeout and returns a `Watchdog`, whose `guard`
 turns a timed-out collective into a `CollectiveTimeout` that says which timeout was hit and (on
 rank 0) which ranks failed to answer a monitored barrier on a separate gloo group: a stopped, hung
@@ -18,6 +20,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
 
+import torch
 import torch.distributed as dist
 
 DEFAULT_TIMEOUT_S = 300.0  # a few minutes: long enough for a slow CPU step, short next to 30 min
@@ -48,6 +51,21 @@ def init_distributed(backend: str, timeout_s: float = DEFAULT_TIMEOUT_S, **kwarg
     # its own group, so the probe could not use that one
     probe = dist.new_group(backend="gloo", timeout=timeout)
     return Watchdog(rank=dist.get_rank(), timeout_s=float(timeout_s), probe=probe)
+
+
+def world_timeout() -> timedelta:
+    """The timeout the default process group was created with, for the subgroups built after it.
+
+    torch has no public getter, so this reads the backend's options and falls back to
+    DEFAULT_TIMEOUT_S (never torch's 30 minutes) if that ever changes.
+    """
+    try:
+        device = torch.device("cuda" if dist.get_backend() == "nccl" else "cpu")
+        backend = dist.distributed_c10d._get_default_group()._get_backend(device)
+        timeout = backend.options._timeout
+    except (AttributeError, RuntimeError, ValueError):
+        return timedelta(seconds=DEFAULT_TIMEOUT_S)
+    return timeout if isinstance(timeout, timedelta) else timedelta(seconds=DEFAULT_TIMEOUT_S)
 
 
 def is_stall_error(exc: BaseException) -> bool:
