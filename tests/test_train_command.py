@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import json
+from importlib import resources
+from pathlib import Path
 
 import pytest
 
 from micromoe.cli import main
+from micromoe.sim import load_trace
 from micromoe.train.config import resolve
 
 TINY = [
@@ -93,3 +96,10 @@ def test_two_process_run_writes_log_report_and_routing(tmp_path):
     assert "plain EP" in (out / "report.md").read_text()
     assert len(routing.read_text().splitlines()) == 3  # steps x layers x micro-batches
     assert not (out / "checkpoints").exists()
+
+
+def test_bundled_routing_log_of_a_tiny_run_replays():
+    trace = load_trace(Path(str(resources.files("micromoe") / "data" / "traces" / "tiny_routing.jsonl")))
+    # 200 steps x 1 micro-batch, 4 MoE layers, 4 source ranks, 8 experts; 8 x 64 tokens x top-2 per rank
+    assert trace.counts.shape == (200, 4, 4, 8)
+    assert (trace.counts.sum(axis=3) == 8 * 64 * 2).all()

@@ -80,7 +80,7 @@ class TrainConfig:
 
 # training defaults per model preset (between TrainConfig's defaults and the flags)
 RUN_PRESETS: dict[str, dict[str, Any]] = {
-    "tiny": {"micro_batch": 8, "lr": 3e-3, "min_lr": 3e-4, "warmup_steps": 20, "max_steps": 300},
+    "tiny": {"micro_batch": 8, "lr": 3e-3, "min_lr": 3e-4, "warmup_steps": 20, "max_steps": 500},
     "small": {"micro_batch": 32, "lr": 6e-4, "min_lr": 6e-5, "warmup_steps": 50, "max_steps": 1000},
     "gpt-32x1.3b": {"micro_batch": 4, "lr": 3e-4, "min_lr": 3e-5, "warmup_steps": 200, "max_steps": 10000},
     "mixtral-8x7b": {"micro_batch": 1, "lr": 3e-4, "min_lr": 3e-5, "warmup_steps": 200, "max_steps": 10000},
