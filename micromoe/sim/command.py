@@ -180,7 +180,9 @@ def _add_output_arguments(parser: argparse.ArgumentParser) -> None:
         "--plot", metavar="OUT.png", default=None, help="draw ratio distributions and per-layer means"
     )
     out.add_argument(
-        "--no-progress", action="store_true", help="no progress bar (it is shown only on a terminal anyway)"
+        "--no-progress",
+        action="store_true",
+        help="no progress bar (terminal) or periodic progress lines (pipes, CI)",
     )
 
 

@@ -16,12 +16,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-from tqdm import tqdm
 
 from micromoe.plan.cost import CostModel
 from micromoe.sim.balancers import Balancer, GroupConfig, make_balancers
 from micromoe.sim.metrics import Samples, mean_bound, traffic
 from micromoe.sim.predicted import even_split_times, predict_quota
+from micromoe.sim.progress import Progress, make_progress
 from micromoe.sim.workload import Workload
 
 
@@ -46,12 +46,13 @@ def simulate(
     """Run `names` (see balancers.BALANCERS) on every workload.
 
     The first `warmup` micro-batches of each workload are run (adaptive balancers learn from them)
-    but not measured. progress: None = a progress bar only on a terminal. With a `cost_model`,
-    every balancer's plans are also scored in predicted expert time (Samples.time_*_us; 'bound'
-    gets a perfectly even split over E * d / G slots per GPU).
+    but not measured. progress: None = a progress bar on a terminal, else a one-line log message
+    every few seconds (`progress.py`). With a `cost_model`, every balancer's plans are also scored
+    in predicted expert time (Samples.time_*_us; 'bound' gets a perfectly even split over
+    E * d / G slots per GPU).
     """
     total = sum(w.num_micro_batches for w in workloads)
-    bar = tqdm(total=total, desc="simulate", unit="mb", disable=None if progress is None else not progress)
+    bar = make_progress(total, progress)
     try:
         return [_run_one(w, names, cfg, bar, warmup, cost_model) for w in workloads]
     finally:
@@ -59,7 +60,7 @@ def simulate(
 
 
 def _run_one(
-    w: Workload, names: list[str], cfg: GroupConfig, bar: tqdm, warmup: int, cost: CostModel | None = None
+    w: Workload, names: list[str], cfg: GroupConfig, bar: Progress, warmup: int, cost: CostModel | None = None
 ) -> WorkloadResult:
     if w.num_gpus != cfg.num_gpus:
         raise ValueError(f"{w.name}: workload has {w.num_gpus} source GPUs, the group {cfg.num_gpus}")
