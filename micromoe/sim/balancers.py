@@ -19,6 +19,10 @@ import numpy as np
 
 from micromoe.plan import LoadTracker, Placement, decide_replacement, schedule
 from micromoe.plan.checks import IntArray, positive_int
+from micromoe.plan.cost import CostModel
+from micromoe.plan.forecast import ReplacementPolicy
+from micromoe.plan.timed import check_cost_model
+from micromoe.plan.timed_layouts import ideal_time_us
 from micromoe.sim.eplb import eplb_slots, even_quota
 from micromoe.sim.lplb import LplbSolver, Topology, default_topology, lplb_layout, topology_neighbours
 from micromoe.sim.workload import Workload
@@ -38,6 +42,9 @@ class GroupConfig:
         lplb_topology: the graph LPLB copies along (None: its default for G).
         ar_interval: microep-ar re-checks a layer's placement every this many micro-batches.
         seed: non-negative seed of the replacement search.
+        cost_model: expert-GEMM cost model; when given, microep and microep-ar plan for predicted
+            GPU time (`schedule(..., cost=)`) and microep-ar replaces by predicted time
+            (`plan.forecast.ReplacementPolicy`: starts from the history, realized trigger, hysteresis).
     """
 
     num_gpus: int
@@ -46,6 +53,7 @@ class GroupConfig:
     lplb_topology: Topology | None = None
     ar_interval: int = 4
     seed: int = 0
+    cost_model: CostModel | None = None
 
     def __post_init__(self) -> None:
         g = positive_int(self.num_gpus, "--gpus")
@@ -60,6 +68,8 @@ class GroupConfig:
         positive_int(self.ar_interval, "--ar-interval")
         if isinstance(self.seed, bool) or not isinstance(self.seed, (int, np.integer)) or self.seed < 0:
             raise ValueError(f"--seed must be an integer >= 0, got {self.seed!r}")
+        if self.cost_model is not None:
+            check_cost_model(self.cost_model)
 
 
 class Balancer(ABC):
@@ -157,7 +167,11 @@ class MicroEP(Balancer):
         _warm_up(base)
 
     def decide(self, layer: int, counts: IntArray) -> IntArray:
-        return schedule(counts, self.placements[layer], gpus_per_node=self.cfg.gpus_per_node).quota
+        plan = schedule(
+            counts, self.placements[layer], gpus_per_node=self.cfg.gpus_per_node, cost=self.cfg.cost_model
+        )
+        self.last_plan = plan
+        return plan.quota
 
     def info(self) -> dict[str, Any]:
         return {"slots": int(self.placements[0].num_replicas_total)}
@@ -166,7 +180,9 @@ class MicroEP(Balancer):
 class MicroEPAdaptive(MicroEP):
     """MicroEP with adaptive replacement: every `ar_interval` micro-batches a layer's placement is
     rescored on the moving-average forecast of the loads seen so far and replaced when worse than
-    the threshold (the new one serves from the next micro-batch on; migration cost not modelled)."""
+    the threshold (the new one serves from the next micro-batch on; migration cost not modelled).
+    With a cost model, `ReplacementPolicy` decides in predicted time and starts every layer from
+    its history (scaled to the rows of a micro-batch, known in advance as batch size x top-k)."""
 
     name = "microep-ar"
 
@@ -175,8 +191,31 @@ class MicroEPAdaptive(MicroEP):
         self.placements = list(self.placements)
         self._tracker = LoadTracker(workload.num_layers, workload.num_experts)
         self.replacements = 0
+        self._policy = None
+        cost = self.cfg.cost_model
+        if cost is not None:
+            self._policy = ReplacementPolicy(
+                workload.num_layers,
+                workload.num_experts,
+                cost=cost,
+                interval=self.cfg.ar_interval,
+                seed=self.cfg.seed,
+            )
+            for l in range(workload.num_layers):
+                hist = workload.history[l]
+                rows = float(workload.counts[0, l].sum()) if workload.num_micro_batches else 0.0
+                scaled = hist * (rows / hist.sum()) if hist.sum() > 0 and rows > 0 else None
+                self.placements[l] = self._policy.start(l, self.placements[l], history=scaled)
 
     def observe(self, layer: int, loads: IntArray) -> None:
+        if self._policy is not None:
+            p, plan, cost = self.placements[layer], self.last_plan, self.cfg.cost_model
+            ideal = ideal_time_us(np.asarray(loads, dtype=np.int64), p.num_gpus, p.slots_per_gpu, cost)
+            r = self._policy.observe(layer, loads, realized=float(plan.predicted_us.max()) / ideal)
+            if r.replace:
+                self.placements[layer] = r.placement
+                self.replacements += 1
+            return
         self._tracker.observe(layer, loads)
         if self._tracker.observations(layer) % self.cfg.ar_interval:
             return
@@ -188,7 +227,13 @@ class MicroEPAdaptive(MicroEP):
             self.replacements += 1
 
     def info(self) -> dict[str, Any]:
-        return {**super().info(), "replacements": self.replacements, "ar_interval": self.cfg.ar_interval}
+        out = {**super().info(), "replacements": self.replacements, "ar_interval": self.cfg.ar_interval}
+        if self._policy is not None:
+            out["replacement_log"] = [
+                {"layer": e.layer, "micro_batch": e.micro_batch, "rule": e.rule, "reason": e.reason}
+                for e in self._policy.events
+            ]
+        return out
 
 
 def make_balancers(names: list[str], cfg: GroupConfig) -> list[Balancer]:
