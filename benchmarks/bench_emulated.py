@@ -32,8 +32,10 @@ from typing import Any
 
 import numpy as np
 
+from micromoe.plan import Placement, schedule
 from micromoe.plan.cost import CostModel, bundled_name, load
-from micromoe.sim.balancers import BALANCERS, GroupConfig, make_balancers
+from micromoe.plan.forecast import ReplacementPolicy
+from micromoe.sim.balancers import BALANCERS, Balancer, GroupConfig, MicroEP, make_balancers
 from micromoe.sim.traces import load_trace
 from micromoe.sim.workload import Workload, workload_from_aggregate, workload_from_zipf
 
@@ -117,16 +119,72 @@ def gpu_slot_rows(balancer: Any, layer: int, quota_EG: np.ndarray, slots_per_gpu
     return out
 
 
+class TimedMicroEP(MicroEP):
+    """MicroEP on the symmetric placement, each micro-batch planned in predicted time."""
+
+    name = "microep-t"
+
+    def __init__(self, cfg: GroupConfig, cost: CostModel) -> None:
+        super().__init__(cfg)
+        self.cost = cost
+
+    def decide(self, layer: int, counts: np.ndarray) -> np.ndarray:
+        return schedule(counts, self.placements[layer], cost=self.cost).quota
+
+
+class TimedMicroEPAdaptive(Balancer):
+    """Time-aware MicroEP-AR: `ReplacementPolicy` with the cost model (starts load-aware from the
+    workload's history, the same history EPLB gets) and time-aware plans."""
+
+    name = "microep-ar-t"
+
+    def __init__(self, cfg: GroupConfig, cost: CostModel) -> None:
+        super().__init__(cfg)
+        self.cost = cost
+
+    def setup(self, workload: Workload) -> None:
+        g, e, d = self.cfg.num_gpus, workload.num_experts, self.cfg.replicas
+        base = Placement.symmetric(g, e, d)
+        self.policy = ReplacementPolicy(workload.num_layers, e, cost=self.cost, seed=self.cfg.seed)
+        rows = workload.counts[0].sum(axis=(1, 2))  # rows per micro-batch: tokens x top-k x G, fixed
+        for l in range(workload.num_layers):
+            h = workload.history[l]
+            self.policy.start(l, base, history=h / max(h.sum(), 1e-300) * rows[l])
+        self._slots = g * base.slot_expert.shape[1]
+
+    def decide(self, layer: int, counts: np.ndarray) -> np.ndarray:
+        return schedule(counts, self.policy.placement(layer), cost=self.cost).quota
+
+    def observe(self, layer: int, loads: np.ndarray) -> None:
+        self.policy.observe(layer, loads)
+
+    def info(self) -> dict[str, Any]:
+        return {"slots": self._slots, "replacements": len(self.policy.events)}
+
+
+TIMED = {c.name: c for c in (TimedMicroEP, TimedMicroEPAdaptive)}
+
+
 def balancer_names() -> list[str]:
-    return [b for b in BALANCERS if b != "bound"]
+    return [b for b in BALANCERS if b != "bound"] + list(TIMED)
+
+
+def make_all(names: list[str], cfg: GroupConfig, cost: CostModel | None) -> list[Balancer]:
+    """The sim's balancers plus the time-aware variants (which need a cost model)."""
+    out = make_balancers([n for n in names if n not in TIMED], cfg)
+    if cost is not None:
+        out += [TIMED[n](cfg, cost) for n in names if n in TIMED]
+    return out
 
 
 def plan_case(spec: CaseSpec, args: argparse.Namespace) -> dict[str, Any]:
     """Run every balancer over the workload; keep the rows of K evenly spread (micro-batch, layer)."""
     w = build_workload(spec, args)
     cfg = GroupConfig(num_gpus=spec.gpus, replicas=args.replicas, seed=args.seed)
-    names = [n for n in balancer_names() if n in args.balancers]
-    balancers = make_balancers(names, cfg)
+    names = [n for n in balancer_names() if n in args.balancers.split(",")]
+    cost = _model_for((spec.hidden, spec.ffn), args.gpu_name, args.models)
+    balancers = make_all(names, cfg, cost)
+    names = [b.name for b in balancers]
     for b in balancers:
         b.setup(w)
     picks = _picks(w.num_micro_batches, w.num_layers, args.samples)
@@ -157,6 +215,7 @@ def plan_case(spec: CaseSpec, args: argparse.Namespace) -> dict[str, Any]:
         "rows": rows,
         "token_ratio": token_ratio,
         "info": json.loads(json.dumps(info, default=str)),
+        "planner_model": cost.meta.get("name") if cost else None,
     }
 
 
@@ -245,7 +304,8 @@ def run_timing(plans: dict[str, Any], args: argparse.Namespace) -> dict[str, Any
     for case in plans["cases"]:
         spec = case["spec"]
         shape = (spec["hidden"], spec["ffn"])
-        model = _model_for(shape, device, args)
+        gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+        model = _model_for(shape, gpu, args.models)
         if shape not in timers:
             timers.clear()
             if device.type == "cuda":
@@ -268,12 +328,10 @@ def run_timing(plans: dict[str, Any], args: argparse.Namespace) -> dict[str, Any
     return {"hardware": env, "config": plans["config"], "commit": _commit(), "cases": results}
 
 
-def _model_for(shape: tuple[int, int], device: Any, args: argparse.Namespace) -> CostModel | None:
-    import torch
-
-    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+def _model_for(shape: tuple[int, int], gpu: str, models: str | None) -> CostModel | None:
+    """The cost model of this GPU and shape: from the `models` folder, else bundled, else None."""
     name = bundled_name(gpu, *shape)
-    for cand in ([Path(args.models) / f"{name}.json"] if args.models else []) + [name]:
+    for cand in ([Path(models) / f"{name}.json"] if models else []) + [name]:
         try:
             m = load(cand)
             return CostModel(**{**m.__dict__, "meta": {**m.meta, "name": str(cand)}})
@@ -348,6 +406,9 @@ def main() -> int:
     ap.add_argument("--reps", type=int, default=5, help="timed repetitions per GPU (median)")
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--models", default=None, help="folder of cost-model JSON files (default: bundled)")
+    ap.add_argument(
+        "--gpu-name", default="NVIDIA H200", help="plan: whose cost models the time-aware planners use"
+    )
     args = ap.parse_args()
     if args.phase in ("plan", "all"):
         plans = make_plans(args)

@@ -40,6 +40,7 @@ def main() -> int:
     ap.add_argument("--models-dir", type=Path, help="also write each model as <dir>/<name>.json")
     args = ap.parse_args()
     if args.install:
+        BUNDLED_DIR.mkdir(parents=True, exist_ok=True)
         for name, entry in json.loads(args.install.read_text()).items():
             CostModel.from_json(entry["model"]).save(BUNDLED_DIR / f"{name}.json")
             print("installed", name)

@@ -2,7 +2,9 @@
 
 Legend: S local slots of a GPU, N rows. A *sample* is one GPU's rows per local slot; its time is
 the forward+backward of `GroupedSwiGLU` (bf16 on CUDA via `torch._grouped_mm`, fp32 on CPU) at
-those rows, the median of a few repetitions after a warm-up (CUDA events on the GPU).
+those rows, the median of a few repetitions after a warm-up. On the GPU: CUDA events, with a spin
+kernel queued first so the host is ahead and the time is the GPU's execution, not the host's
+launch latency (which a training step hides); on the CPU: this process's CPU time, one thread.
 
 The designed samples span slot counts, row totals and shapes of the split: even, Dirichlet(0.3 /
 1 / 3), big slots plus tiny fragments, half or a quarter of the slots used, one hot slot, one slot,
@@ -30,6 +32,10 @@ ALIGN = ROW_ALIGN  # rows per slot are padded to this by the dispatchers (CUDA g
 TILES = (64, 128, 256)  # candidate row tiles of the slot term; the best in-sample fit is kept
 KINDS = ("even", "dir0.3", "dir1", "fragments", "half", "hot", "dir3", "quarter", "single", "offtile")
 MIN_SAMPLES = 12
+# GPU cycles of the spin kernel queued ahead of each run (about 1.5 ms at 2 GHz, about twice the
+# host's launch time of one forward+backward): the timed kernels then run back to back, as in a
+# training step where the host is ahead, instead of waiting for their launches
+SLEEP_CYCLES_PER_RUN = 3_000_000
 
 
 @dataclass(frozen=True)
@@ -150,6 +156,8 @@ class ExpertTimer:
             raise ValueError(f"sample of {n} rows exceeds the timer's max_rows {self.x.shape[0]}")
         rows_t = torch.as_tensor(rows, dtype=torch.int64, device=self.device)
         x, gy = self.x[:n].detach().requires_grad_(True), self.grad[:n]
+        if self.device.type == "cuda":
+            torch.cuda._sleep(SLEEP_CYCLES_PER_RUN * (warmup + reps))  # host runs ahead of the GPU
         spans = [self._run(layer, x, gy, rows_t) for _ in range(warmup + reps)][warmup:]
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)  # host sync: read every rep's events at once
