@@ -10,7 +10,15 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from micromoe.plan.cost import CostModel, bundled_name, fit_cost_model, load, nnls, relative_errors
+from micromoe.plan.cost import (
+    CostModel,
+    bundled_models,
+    bundled_name,
+    fit_cost_model,
+    load,
+    nnls,
+    relative_errors,
+)
 
 TRUE = CostModel(fixed_us=40.0, max_row_us=0.004, tile=128, c_slot=0.7, c_row=0.02, c_tile=1.5, c_active=6.0)
 
@@ -196,3 +204,14 @@ def test_predict_is_monotone_in_each_slot():
         more = rows.copy()
         more[:, s] += 1
         assert np.all(TRUE.predict(more) >= base)
+
+
+def test_bundled_models_load_and_match_their_names():
+    names = bundled_models()
+    assert "h200-4096x1536" in names and len(names) >= 7
+    for name in names:
+        m = load(name)
+        assert name == bundled_name(m.meta["gpu"], m.meta["hidden"], m.meta["ffn"])
+        assert m.meta["heldout"]["samples"] > 0
+        even = np.array([[n] * 16 for n in (0, 8, 512, 4096)])
+        assert np.all(np.diff(m.predict(even)) > 0)
