@@ -21,6 +21,7 @@ from micromoe.plan import LoadTracker, Placement, decide_replacement, schedule
 from micromoe.plan.checks import IntArray, positive_int
 from micromoe.plan.cost import CostModel
 from micromoe.plan.forecast import ReplacementPolicy
+from micromoe.plan.slot_layout import SlotLayout
 from micromoe.plan.timed import check_cost_model
 from micromoe.plan.timed_layouts import ideal_time_us
 from micromoe.sim.eplb import eplb_slots, even_quota
@@ -96,6 +97,13 @@ class Balancer(ABC):
         """Extra facts for the report (slots used, replacements made, ...)."""
         return {}
 
+    def placement(self, layer: int) -> SlotLayout | None:
+        """The replica layout behind `layer`'s decisions, for the report's "own opt" (the LP optimum
+        of the balancer's own placement); None when every decision already is that optimum (plain
+        EP has no choice, MicroEP schedules exactly)."""
+        del layer
+        return None
+
 
 class ExpertParallel(Balancer):
     """Plain EP: `Placement.expert_parallel`, GPU g holds experts g*E/G .. (g+1)*E/G - 1, no replicas."""
@@ -125,9 +133,18 @@ class Eplb(Balancer):
         g, e = self.cfg.num_gpus, workload.num_experts
         slots_per_gpu = _slots_per_gpu(e, g, self.cfg.replicas)
         self._slots = [eplb_slots(workload.history[l], g, slots_per_gpu) for l in range(workload.num_layers)]
+        self._num_experts = e
+        self._layouts: dict[int, SlotLayout] = {}
 
     def decide(self, layer: int, counts: IntArray) -> IntArray:
         return even_quota(counts.sum(axis=0), self._slots[layer])
+
+    def placement(self, layer: int) -> SlotLayout:
+        if layer not in self._layouts:  # built once per layer, outside the timed decision
+            hosts = np.zeros((self.cfg.num_gpus, self._num_experts), dtype=bool)
+            hosts[np.arange(self.cfg.num_gpus)[:, None], self._slots[layer]] = True
+            self._layouts[layer] = _host_layout(hosts)
+        return self._layouts[layer]
 
     def info(self) -> dict[str, Any]:
         return {"slots": int(self._slots[0].size)}
@@ -146,9 +163,19 @@ class Lplb(Balancer):
             orig, copy = lplb_layout(workload.history[l], g, self.topology, self.cfg.gpus_per_node)
             self._solvers.append(LplbSolver(orig, copy, g))
         self._slots = 2 * workload.num_experts
+        self._layouts: dict[int, SlotLayout] = {}
 
     def decide(self, layer: int, counts: IntArray) -> IntArray:
         return self._solvers[layer].quota(counts.sum(axis=0))
+
+    def placement(self, layer: int) -> SlotLayout:
+        if layer not in self._layouts:  # built once per layer, outside the timed decision
+            solver = self._solvers[layer]
+            hosts = np.zeros((self.cfg.num_gpus, solver.orig_gpu.size), dtype=bool)
+            experts = np.arange(solver.orig_gpu.size)
+            hosts[solver.orig_gpu, experts] = hosts[solver.copy_gpu, experts] = True
+            self._layouts[layer] = _host_layout(hosts)
+        return self._layouts[layer]
 
     def info(self) -> dict[str, Any]:
         return {"slots": self._slots, "topology": self.topology}
@@ -257,6 +284,14 @@ def _slots_per_gpu(num_experts: int, num_gpus: int, replicas: int) -> int:
             f"evenly over {num_gpus} GPUs; any --replicas d with experts x d divisible by --gpus works"
         )
     return num_experts * replicas // num_gpus
+
+
+def _host_layout(hosts_GE: np.ndarray) -> SlotLayout:
+    """A slot layout with the given host sets (bool [G, E]): expert e sits in slot e of every GPU
+    that hosts it, so any host sets obey the local-slot rule and the planner's density lemma gives
+    their LP optimum (which depends only on the host sets)."""
+    num_experts = hosts_GE.shape[1]
+    return SlotLayout.from_slots(np.where(hosts_GE, np.arange(num_experts), -1), num_experts=num_experts)
 
 
 def _warm_up(p: Placement) -> None:

@@ -24,7 +24,9 @@ class Samples:
     """Per-sample records of one balancer on one workload; every array is [M, L].
 
     time_max_us / time_mean_us: the cost model's predicted slowest-GPU and mean GPU expert time
-    (float64; zero when the run has no cost model).
+    (float64; zero when the run has no cost model). own_opt: ceil of the LP optimum of the
+    balancer's own placement for the sample's loads, the least max load that placement allows
+    (equal to max_load for plain EP and MicroEP; ceil(total / G) for 'bound').
     """
 
     max_load: IntArray
@@ -34,6 +36,7 @@ class Samples:
     sched_ns: IntArray
     time_max_us: FloatArray
     time_mean_us: FloatArray
+    own_opt: IntArray
 
     @classmethod
     def empty(cls, num_micro_batches: int, num_layers: int) -> Samples:
@@ -43,7 +46,7 @@ class Samples:
         def f() -> FloatArray:
             return np.zeros((num_micro_batches, num_layers), dtype=np.float64)
 
-        return cls(z(), z(), z(), z(), z(), f(), f())
+        return cls(z(), z(), z(), z(), z(), f(), f(), z())
 
     @classmethod
     def concat(cls, parts: list[Samples]) -> Samples:
@@ -95,6 +98,7 @@ def summarize(s: Samples, num_gpus: int, gpus_per_node: int | None) -> dict[str,
     """
     has_tokens = s.total.ravel() > 0
     ratios = s.ratios(num_gpus).ravel()[has_tokens]
+    own_opt_ratios = (s.own_opt.ravel() * num_gpus / np.maximum(s.total.ravel(), 1))[has_tokens]
     bound = mean_bound(s.total, num_gpus)
     total = int(s.total.sum())
     sched_us = s.sched_ns.ravel() / 1e3
@@ -104,6 +108,8 @@ def summarize(s: Samples, num_gpus: int, gpus_per_node: int | None) -> dict[str,
         "p99_ratio": _stat(ratios, lambda r: np.percentile(r, 99)),
         "max_ratio": _stat(ratios, np.max),
         "at_bound": _stat((s.max_load == bound).ravel()[has_tokens], np.mean),
+        "own_opt_mean_ratio": _stat(own_opt_ratios, np.mean),
+        "at_own_opt": _stat((s.max_load == s.own_opt).ravel()[has_tokens], np.mean),
         "sched_us_median": float(np.median(sched_us)),
         "sched_us_p99": float(np.percentile(sched_us, 99)),
         "remote_share": float(s.remote.sum() / total) if total else 0.0,

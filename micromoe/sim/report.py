@@ -50,9 +50,17 @@ def _nan_to_none(x: Any) -> Any:
     return x
 
 
+LEGEND = (
+    "bound = ceil(total / G), the least max load of any placement. own opt = ceil of the LP optimum of "
+    "the balancer's own placement (the least max load it allows; mean over samples, / mean GPU load); "
+    "at own opt = share of samples that reach it. ep and microep are always at their own optimum."
+)
+
+
 def format_table(results: dict[str, dict[str, Any]], *, nodes: bool) -> str:
     """One row per balancer: max/mean statistics, share at the bound, scheduling time, traffic."""
-    head = ["balancer", "mean", "p50", "p99", "worst", "at bound", "sched us p50", "sched us p99", "remote"]
+    head = ["balancer", "mean", "p50", "p99", "worst", "at bound", "own opt", "at own opt"]
+    head += ["sched us p50", "sched us p99", "remote"]
     if nodes:
         head.append("off-node")
     timed_cols = all("time_ms_mean" in r for r in results.values())
@@ -68,6 +76,8 @@ def format_table(results: dict[str, dict[str, Any]], *, nodes: bool) -> str:
             f"{r['p99_ratio']:.4f}",
             f"{r['max_ratio']:.4f}",
             f"{100 * r['at_bound']:.1f}%",
+            f"{r['own_opt_mean_ratio']:.4f}",
+            f"{100 * r['at_own_opt']:.1f}%",
             f"{r['sched_us_median']:.1f}" if timed else "-",
             f"{r['sched_us_p99']:.1f}" if timed else "-",
             f"{100 * r['remote_share']:.1f}%" if timed else "-",
@@ -101,7 +111,7 @@ def format_report(report: dict[str, Any]) -> str:
         lines += ["", f"== all workloads pooled ({unit})", format_table(report["results"], nodes=nodes)]
         lines += ["", "== mean max/mean by workload", format_matrix(report)]
         lines += ["", "== share of samples at the bound by workload", format_matrix(report, "at_bound")]
-    return "\n".join(lines)
+    return "\n".join([*lines, "", LEGEND])
 
 
 def _align(rows: list[list[str]]) -> str:

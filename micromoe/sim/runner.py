@@ -13,10 +13,12 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from fractions import Fraction
 from typing import Any
 
 import numpy as np
 
+from micromoe.plan import lp_optimum_fraction
 from micromoe.plan.cost import CostModel
 from micromoe.sim.balancers import Balancer, GroupConfig, make_balancers
 from micromoe.sim.metrics import Samples, mean_bound, traffic
@@ -85,7 +87,7 @@ def _run_one(
         totals = w.counts.sum(axis=(2, 3))
         bound = Samples.empty(w.num_micro_batches, w.num_layers)
         bound.total[:] = totals
-        bound.max_load[:] = mean_bound(totals, cfg.num_gpus)
+        bound.max_load[:] = bound.own_opt[:] = mean_bound(totals, cfg.num_gpus)
         if cost is not None:
             even = even_split_times(cost, totals, cfg.num_gpus, w.num_experts * cfg.replicas // cfg.num_gpus)
             bound.time_max_us[:] = bound.time_mean_us[:] = even
@@ -118,12 +120,18 @@ def _step(
     assert np.array_equal(quota_EG.sum(axis=1), loads), f"{b.name} lost or duplicated tokens"
     assert quota_EG.min() >= 0, f"{b.name} produced a negative quota"
     s.max_load[m, l] = quota_EG.sum(axis=0).max()
+    layout = b.placement(l)  # None: the decision already is its placement's optimum
+    s.own_opt[m, l] = s.max_load[m, l] if layout is None else _ceil(lp_optimum_fraction(loads, layout))
     s.total[m, l] = loads.sum()
     s.remote[m, l], s.remote_node[m, l] = traffic(counts, quota_EG, gpn)
     if scorer is not None:
         t = scorer(quota_EG)
         s.time_max_us[m, l], s.time_mean_us[m, l] = t.max(), t.mean()
     b.observe(l, loads)
+
+
+def _ceil(x: Fraction) -> int:
+    return -(-x.numerator // x.denominator)
 
 
 def pooled(results: list[WorkloadResult]) -> dict[str, Samples]:
