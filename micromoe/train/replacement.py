@@ -27,8 +27,9 @@ import numpy.typing as npt
 import torch
 import torch.distributed as dist
 
-from micromoe.plan import LoadTracker, decide_replacement
-from micromoe.runtime.migrate import GroupCache, migrate_layer
+from micromoe.plan import LoadTracker, Replacement, decide_replacement
+from micromoe.plan.timed import SlotCostModel
+from micromoe.runtime.migrate import GroupCache, MigrationStats, migrate_layer
 from micromoe.train.parallel import ParallelState
 
 log = logging.getLogger("micromoe.train")
@@ -67,6 +68,8 @@ class AdaptiveReplacement:
         min_gain: the new placement must lower the score by at least this much.
         seed: seeds the asymmetric placement sampler (with the step and layer).
         num_samples: layouts sampled per new placement.
+        cost: a per-slot GEMM time model: score placements by predicted slowest-GPU time over the
+            fair share instead of T*/mean (time-aware replacement; see `plan.timed`).
     """
 
     def __init__(
@@ -79,6 +82,7 @@ class AdaptiveReplacement:
         min_gain: float = 0.01,
         seed: int = 0,
         num_samples: int = 32,
+        cost: SlotCostModel | None = None,
     ) -> None:
         if not parallel.distributed or not parallel.groups:
             raise ValueError("adaptive replacement needs a distributed run with MoE layers (--nproc >= 2)")
@@ -93,7 +97,7 @@ class AdaptiveReplacement:
             raise ValueError(f"--replace-threshold must be >= 1.0 (1.0 = perfect balance), got {threshold}")
         self.parallel = parallel
         self.interval, self.threshold, self.min_gain = interval, threshold, min_gain
-        self.seed, self.num_samples = seed, num_samples
+        self.seed, self.num_samples, self.cost = seed, num_samples, cost
         num_layers = len(parallel.groups)
         self.num_experts = parallel.groups[0].placement.num_experts
         self.tracker = LoadTracker(num_layers, self.num_experts, decay=decay)
@@ -127,7 +131,7 @@ class AdaptiveReplacement:
             )
         events = []
         for i, layer in enumerate(layers):
-            if loads_le is None or not np.isfinite(loads_le[i]).all():
+            if not np.isfinite(loads_le[i]).all():
                 continue
             self.tracker.observe(i, loads_le[i])
             groups = self.parallel.groups[i]
@@ -138,6 +142,7 @@ class AdaptiveReplacement:
                 min_gain=self.min_gain,
                 seed=self.seed + 7919 * step + i,
                 num_samples=self.num_samples,
+                cost=self.cost,
             )
             self.checks.append(
                 {"step": step, "layer": i, "score": decision.current_score, "replace": decision.replace}
@@ -148,12 +153,12 @@ class AdaptiveReplacement:
                 layer, groups, decision.placement, optimizer=optimizer, group_cache=self._cache
             )
             self.parallel.groups[i] = new_groups
-            events.append(_event(step, i, decision, stats, self.threshold))
+            events.append(_event(step, i, decision, stats))
             if self.parallel.rank == 0:
                 log.info("step %d: MoE layer %d re-placed: %s", step, i, events[-1]["reason"])
         return events
 
-    def _gather_loads(self) -> npt.NDArray[np.float64] | None:
+    def _gather_loads(self) -> npt.NDArray[np.float64]:
         """float64 [L, E]: mean per-micro-batch load of one MicroEP group since the last check,
         identical on every rank; NaN rows for layers that saw no micro-batch."""
         dev = self.parallel.device
@@ -185,14 +190,11 @@ class AdaptiveReplacement:
         self._micro[:] = np.asarray(state["micro"], dtype=np.int64)
 
 
-def _event(step: int, layer: int, decision, stats, threshold: float) -> dict[str, Any]:
+def _event(step: int, layer: int, decision: Replacement, stats: MigrationStats) -> dict[str, Any]:
     return {
         "step": step,
         "layer": layer,
-        "reason": (
-            f"forecast score {decision.current_score:.3f} > threshold {threshold:.3f}; "
-            f"the new placement scores {decision.new_score:.3f}"
-        ),
+        "reason": f"interval check on the load forecast (moving average): {decision.reason}",
         "old_score": decision.current_score,
         "new_score": decision.new_score,
         "bytes": stats.bytes_moved,
@@ -201,9 +203,17 @@ def _event(step: int, layer: int, decision, stats, threshold: float) -> dict[str
     }
 
 
-def build_replacement(interval: int, threshold: float, parallel: ParallelState, *, seed: int = 0) -> Replacer:
+def build_replacement(
+    interval: int,
+    threshold: float,
+    parallel: ParallelState,
+    *,
+    seed: int = 0,
+    cost: SlotCostModel | None = None,
+) -> Replacer:
     """The hook for a run: `interval` steps between checks (0 = off), `threshold` the score above
-    which a layer is re-placed, `parallel` the run's ParallelState."""
+    which a layer is re-placed, `parallel` the run's ParallelState, `cost` an optional GEMM time
+    model for time-aware scores."""
     if interval == 0:
         return NoReplacement()
-    return AdaptiveReplacement(parallel, interval=interval, threshold=threshold, seed=seed)
+    return AdaptiveReplacement(parallel, interval=interval, threshold=threshold, seed=seed, cost=cost)
