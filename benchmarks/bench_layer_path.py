@@ -24,6 +24,7 @@ import platform
 import statistics
 import sys
 import tempfile
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -135,8 +136,12 @@ def build_torchtitan(layer: MoELayer, expert_TK: torch.Tensor) -> torch.nn.Modul
 # timing
 
 
-def time_reps(step: Callable[[], None], reps: int, warmup: int, *, sync_each: bool) -> list[float]:
-    """ms per rep from CUDA events around `step` (which resets grads, runs fwd+bwd)."""
+def time_reps(
+    step: Callable[[], None], reps: int, warmup: int, *, sync_each: bool, host_ms: list[float] | None = None
+) -> list[float]:
+    """ms per rep from CUDA events around `step` (which resets grads, runs fwd+bwd). With
+    `sync_each`, `host_ms` collects the host time to issue each rep (the CPU overhead: the
+    device queue is empty at the start, so the host never waits for it)."""
     for _ in range(warmup):
         step()
     torch.cuda.synchronize()
@@ -144,9 +149,12 @@ def time_reps(step: Callable[[], None], reps: int, warmup: int, *, sync_each: bo
     for a, b in ev:
         if sync_each:
             torch.cuda.synchronize()
+        t0 = time.perf_counter()
         a.record()
         step()
         b.record()
+        if host_ms is not None:
+            host_ms.append((time.perf_counter() - t0) * 1e3)
     torch.cuda.synchronize()
     return [a.elapsed_time(b) for a, b in ev]
 
@@ -237,12 +245,14 @@ def bench_shape(shape: Shape, reps: int, with_tt: bool, peak: float, align1: boo
         step()
         grads[name] = (fwd(x.detach()).float(), x.grad.float().clone())
         ms = time_reps(step, reps, 3, sync_each=False)
-        ms_sync = time_reps(step, max(5, reps // 2), 1, sync_each=True)
+        host_ms: list[float] = []
+        ms_sync = time_reps(step, max(5, reps // 2), 1, sync_each=True, host_ms=host_ms)
         prof = profile_kernels(step, 5)
         layer_ms = statistics.median(ms)
         prefix = "layer" if name == "ours" else name
         row[f"{prefix}_ms"] = layer_ms
         row[f"{prefix}_sync_ms"] = statistics.median(ms_sync)
+        row[f"{prefix}_host_issue_ms"] = statistics.median(host_ms)
         row[f"{prefix}_gemm_ms"] = prof["gemm_ms"]
         row[f"{prefix}_busy_ms"] = prof["busy_ms"]
         row[f"{prefix}_gpu_idle_ms"] = max(0.0, layer_ms - prof["busy_ms"])

@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 from micromoe.runtime.dispatch_fast import device_rows, fast_combine, fast_dispatch
 from micromoe.runtime.experts import grouped_mm
 from micromoe.runtime.kernels import combine_tokens, permute_tokens, swiglu
+from micromoe.runtime.router import TopKRouter
 
 
 def _random_pos(t: int, k: int, num_rows: int, g: torch.Generator) -> torch.Tensor:
@@ -80,8 +81,9 @@ def test_device_rows_layout(t, e, k, align, seed):
     g = torch.Generator().manual_seed(seed)
     expert = torch.stack([torch.randperm(e, generator=g)[:k] for _ in range(t)]) if t else torch.zeros(0, k)
     expert = expert.long()
-    pos, rows, n = device_rows(expert, e, align)
+    pos, rows, n, bounds = device_rows(expert, e, align)
     counts = torch.bincount(expert.reshape(-1), minlength=e)
+    assert bounds.tolist() == [0, *torch.cumsum(counts, 0).tolist()]
     assert rows.tolist() == [(-(-c // align)) * align for c in counts.tolist()]
     assert n >= int(rows.sum()) and n == t * k + e * (align - 1)
     assert len(set(pos.tolist())) == t * k  # injective
@@ -122,10 +124,40 @@ def test_fast_path_pipeline_matches_dense(align):
     assert meta.counts.slot_load.tolist() == torch.bincount(expert.reshape(-1), minlength=e).tolist()
 
 
-def test_lazy_counts_flag_bad_expert_ids():
+@pytest.mark.parametrize("align", [1, 8])
+def test_lazy_counts_flag_bad_input_when_read(align):
     x = torch.randn(3, 4)
-    expert = torch.tensor([[0, 1], [1, 7], [2, 0]])  # 7 is out of range for 3 experts
-    _, _, meta = fast_dispatch(x, expert, torch.ones(3, 2), 3, 1)
-    assert meta.counts.ready()
-    with pytest.raises(ValueError, match="out of range"):
-        _ = meta.counts.slot_load
+    ok = torch.tensor([[0, 1], [1, 2], [2, 0]])
+    _, _, meta = fast_dispatch(x, ok, torch.ones(3, 2), 3, align)
+    assert meta.slot_load.tolist() == [2, 2, 2] and meta.counts_ge.shape == (1, 3)
+    for bad in ([[0, 1], [1, 7], [2, 0]], [[0, 1], [-1, 2], [2, 0]]):  # ids out of [0, 3)
+        tokens, _, meta = fast_dispatch(x, torch.tensor(bad), torch.ones(3, 2), 3, align)
+        assert tokens.shape[0] == 6 + 3 * (align - 1)  # dispatch itself never syncs or raises
+        with pytest.raises(ValueError, match="out of range"):
+            _ = meta.slot_load
+    w = torch.ones(3, 2)
+    w[1, 0] = float("nan")
+    _, _, meta = fast_dispatch(x, ok, w, 3, align)
+    with pytest.raises(ValueError, match="non-finite"):
+        _ = meta.counts_ge
+
+
+def test_lean_router_gates_equal_normalized_softmax():
+    """The router's CUDA-only lean path (gates from the K chosen logits) on CPU, against the full
+    path: same experts, same gates and same gradients."""
+    torch.manual_seed(4)
+    router = TopKRouter(8, 6, 2)
+    x = torch.randn(30, 8, dtype=torch.float64, requires_grad=True)
+    router = router.double()
+    full = router(x)
+    logits = x @ router.weight.t()
+    for forced in (None, full.expert):
+        lean = router._lean(logits, forced, x.dtype)
+        assert torch.equal(lean.expert, full.expert) and lean.probs is None
+        torch.testing.assert_close(lean.weight, full.weight, rtol=1e-6, atol=1e-7)
+    g_full = torch.autograd.grad(full.weight.pow(2).sum(), (x, router.weight))
+    g_lean = torch.autograd.grad(
+        router._lean(x @ router.weight.t(), None, x.dtype).weight.pow(2).sum(), (x, router.weight)
+    )
+    for a, b in zip(g_lean, g_full, strict=True):  # both paths round the softmax to float32
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

@@ -5,9 +5,8 @@ the reference pipeline of `dispatch_local.py`. Both compute the same function.
 
 Every index is computed on the device: a stable sort of the flat expert ids gives each
 (token, choice) its row; `searchsorted` on the sorted ids gives the per-expert group ends that
-the grouped GEMM takes as device offsets. The host never sees a count on the way: the count and
-error vector is copied to pinned memory behind an event (`LazyCounts`) and read only when someone
-asks (stats, or the next forward's deferred input check).
+the grouped GEMM takes as device offsets. The host never sees a count on the way: counts and the
+input verdict stay on the device (`LazyCounts`) until someone reads them (stats).
 
 Legend: T tokens, K top-k, H hidden, E experts (= local slots), N rows of the grouped buffer.
 """
@@ -20,11 +19,10 @@ import numpy as np
 import numpy.typing as npt
 import torch
 
-from micromoe.runtime.comm import PendingCounts, copy_counts_to_host
-from micromoe.runtime.dispatch_checks import count_vector, raise_if_flagged
+from micromoe.runtime.dispatch_checks import raise_if_flagged
 from micromoe.runtime.kernels import combine_tokens, permute_tokens, uses_triton
 
-FAST_ALIGN = 8  # rows per expert group padded to this (16-byte groups for the weight gradient)
+FAST_ALIGN = 1  # no group padding: torch's grouped GEMM takes any group size for our layouts
 
 
 def uses_fast_path(x: torch.Tensor) -> bool:
@@ -33,27 +31,34 @@ def uses_fast_path(x: torch.Tensor) -> bool:
 
 
 class LazyCounts:
-    """The count and error vector of one dispatch on its way to the host (no sync until read).
+    """Rows per expert and the input verdict of one dispatch, kept on the device until read.
+
+    Nothing is copied on the hot path: reading (`slot_load`, `counts_ge`) copies the small
+    vectors to the host (a host sync, waiting for the work queued so far) and raises ValueError
+    for bad expert ids or non-finite gates, like the reference path's count check.
 
     Args:
-        pending: the started copy of the int64 [1, E+2] vector (`count_vector`).
+        bounds: int32 [E+1] on the device; bounds[j] = number of flat expert ids < j.
+        finite: bool scalar tensor; whether the gate weights were all finite.
+        num_rows: T*K.
         num_experts: E.
-        align: the group padding of the dispatch (slot rows = counts rounded up to it).
     """
 
-    def __init__(self, pending: PendingCounts, num_experts: int, align: int) -> None:
-        self._pending, self.num_experts, self.align = pending, num_experts, align
+    def __init__(self, bounds: torch.Tensor, finite: torch.Tensor, num_rows: int, num_experts: int) -> None:
+        self._bounds, self._finite = bounds, finite
+        self.num_rows, self.num_experts = num_rows, num_experts
         self._host: npt.NDArray[np.int64] | None = None
 
-    def ready(self) -> bool:
-        """True when reading costs no wait (the copy has landed)."""
-        ev = self._pending.event
-        return self._host is not None or ev is None or ev.query()
-
     def counts_GV(self) -> npt.NDArray[np.int64]:
-        """int64 [1, E+2]; waits for the copy (host sync) and raises ValueError on bad input."""
+        """int64 [1, E+2]: the reference path's count vector (rows per expert, ids out of range,
+        error bits); raises ValueError on bad input."""
         if self._host is None:
-            self._host = self._pending.wait()  # host sync, only when someone reads the counts
+            both = torch.cat([self._bounds.long(), self._finite.long().view(1)])
+            b = both.cpu().numpy()  # host sync, only when someone reads the counts
+            e, n = self.num_experts, self.num_rows
+            out_of_range = b[0] + n - b[e]
+            self._host = np.concatenate([np.diff(b[: e + 1]), [out_of_range, 1 - b[e + 1]]])[None]
+            self._host = self._host.astype(np.int64)  # ERR_NONFINITE = 1 when not finite
         raise_if_flagged(self._host, self.num_experts, 0, None)
         return self._host
 
@@ -70,19 +75,18 @@ class LazyCounts:
 
 @dataclass(frozen=True)
 class FastMeta:
-    """What `fast_combine` needs from `fast_dispatch`.
+    """What `fast_combine` needs from `fast_dispatch`, and the stats interface of `DispatchMeta`.
 
     Attributes:
         pos: int32 [T*K]; grouped row of flat (token, choice) t*K + k.
         weight: [T, K] gate weights (carry the router's gradient).
-        counts: the lazily copied count and error vector.
+        counts: the counts, read lazily.
     """
 
     pos: torch.Tensor
     weight: torch.Tensor
     counts: LazyCounts
 
-    # the stats interface of `DispatchMeta`; counts are read (a host sync) only on access
     plan = None
     route_s = 0.0
     gpu_idle_ms = 0.0  # no host wait on this path
@@ -98,42 +102,41 @@ class FastMeta:
 
 def device_rows(
     expert_TK: torch.Tensor, num_experts: int, align: int
-) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """(pos int32 [T*K], rows int32 [E], N): the grouped layout, computed on the device.
+) -> tuple[torch.Tensor, torch.Tensor, int, torch.Tensor]:
+    """(pos int32 [T*K], rows int32 [E], N, bounds int32 [E+1]): the grouped layout, on the device.
 
     Rows are grouped by expert (stable: by token, then choice, inside one expert); expert e's
     block starts at sum(rows[:e]) and has counts[e] real rows, then zero padding up to rows[e]
     (a multiple of `align`). N = T*K + E*(align-1) bounds sum(rows) without a host sync; rows
-    past sum(rows) belong to no group. Expert ids outside [0, E) are clamped (the count vector
-    flags them) so no index leaves the buffer.
+    past sum(rows) belong to no group. bounds[j] = number of ids < j (one `searchsorted` on the
+    sorted ids): counts and the out-of-range count come from it. Out-of-range ids give garbage
+    rows (flagged when the counts are read) but every index stays inside the buffers.
     """
     n, e = expert_TK.numel(), num_experts
     dev = expert_TK.device
-    keys = expert_TK.reshape(-1).clamp(0, e - 1).to(torch.int32)
-    sorted_keys, order = torch.sort(keys, stable=True)
-    experts = torch.arange(e, device=dev, dtype=torch.int32)
-    ends = torch.searchsorted(sorted_keys, experts, right=True, out_int32=True)  # inclusive cumsum
-    pos = torch.empty(n, device=dev, dtype=torch.int32)
-    if align == 1:
-        rows = torch.diff(ends, prepend=ends.new_zeros(1))
-        pos.scatter_(0, order, torch.arange(n, device=dev, dtype=torch.int32))
-        return pos, rows, n
-    counts = torch.diff(ends, prepend=ends.new_zeros(1))
-    rows = (counts + (align - 1)) // align * align
-    shift = torch.cumsum(rows, 0, dtype=torch.int32) - ends - (rows - counts)  # padded start - start
-    row_sorted = torch.arange(n, device=dev, dtype=torch.int32) + shift[sorted_keys]
-    pos.scatter_(0, order, row_sorted)
-    return pos, rows, n + e * (align - 1)
+    sorted_keys, order = torch.sort(expert_TK.reshape(-1).to(torch.int32), stable=True)
+    ids = torch.arange(e + 1, device=dev, dtype=torch.int32)
+    bounds = torch.searchsorted(sorted_keys, ids, out_int32=True)
+    rows = torch.diff(bounds)
+    row_sorted = torch.arange(n, device=dev, dtype=torch.int32)
+    if align > 1:
+        rows = (rows + (align - 1)) // align * align
+        # padded start - sorted start; bounds[0] (ids < 0, bad input only) keeps every row >= 0
+        shift = torch.cumsum(rows, 0, dtype=torch.int32) - rows - (bounds[:-1] - bounds[:1])
+        row_sorted += shift[sorted_keys.clamp(0, e - 1)]
+    pos = torch.empty(n, device=dev, dtype=torch.int32).scatter_(0, order, row_sorted)
+    return pos, rows, n + e * (align - 1), bounds
 
 
 def fast_dispatch(
     x_TH: torch.Tensor, expert_TK: torch.Tensor, weight_TK: torch.Tensor, num_experts: int, align: int
 ) -> tuple[torch.Tensor, torch.Tensor, FastMeta]:
     """(tokens [N, H], rows int32 [E] on the device, meta): one permute pass, no host sync."""
-    pending = copy_counts_to_host(count_vector(expert_TK, weight_TK, num_experts).unsqueeze(0))
-    pos, rows, num_rows = device_rows(expert_TK, num_experts, align)
+    pos, rows, num_rows, bounds = device_rows(expert_TK, num_experts, align)
+    finite = torch.isfinite(weight_TK.sum())  # NaN/inf propagate into the sum
     tokens = permute_tokens(x_TH, pos, expert_TK.shape[1], num_rows)
-    return tokens, rows, FastMeta(pos, weight_TK, LazyCounts(pending, num_experts, align))
+    counts = LazyCounts(bounds, finite, expert_TK.numel(), num_experts)
+    return tokens, rows, FastMeta(pos, weight_TK, counts)
 
 
 def fast_combine(out_NH: torch.Tensor, meta: FastMeta) -> torch.Tensor:

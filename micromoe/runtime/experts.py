@@ -18,7 +18,9 @@ from torch import nn
 from micromoe.runtime.kernels import swiglu, uses_triton
 
 
-def grouped_mm(x: torch.Tensor, w: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+def grouped_mm(
+    x: torch.Tensor, w: torch.Tensor, rows: torch.Tensor, *, offs: torch.Tensor | None = None
+) -> torch.Tensor:
     """out[rows of slot s] = x[rows of slot s] @ w[s].
 
     Args:
@@ -26,12 +28,15 @@ def grouped_mm(x: torch.Tensor, w: torch.Tensor, rows: torch.Tensor) -> torch.Te
         w: [S, K, M].
         rows: int32/int64 [S] on x's device; rows per slot, summing to N (on CUDA at most N:
             rows past the last group belong to no slot and their output is undefined).
+        offs: optional int32 [S] = cumsum(rows) on x's device (CUDA path; lets two projections
+            share one cumsum).
 
     Returns:
         [N, M], differentiable in x and w.
     """
     if x.is_cuda and x.dtype == torch.bfloat16 and w.dtype == torch.bfloat16:
-        offs = torch.cumsum(rows, 0, dtype=torch.int32)  # group end offsets, stays on device
+        if offs is None:
+            offs = torch.cumsum(rows, 0, dtype=torch.int32)  # group end offsets, stays on device
         return torch._grouped_mm(x, w, offs=offs)
     sizes = rows.tolist()  # host sync on CUDA (fallback path only; free on CPU)
     parts = [xs @ w[s] for s, xs in enumerate(torch.split(x, sizes))]
@@ -72,10 +77,11 @@ class GroupedSwiGLU(nn.Module):
 
     def forward(self, x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         """x [N, H] slot-major, rows int32/int64 [S] -> [N, H]."""
-        h = grouped_mm(x, self.w_gate_up, rows)
+        offs = torch.cumsum(rows, 0, dtype=torch.int32) if x.is_cuda else None  # on the device
+        h = grouped_mm(x, self.w_gate_up, rows, offs=offs)
         if self.fused_swiglu and uses_triton(h):
             act = swiglu(h)  # one pass each way instead of split + silu + multiply
         else:
             gate, up = h.split(self.ffn_hidden, dim=1)
             act = F.silu(gate) * up
-        return grouped_mm(act, self.w_down, rows)
+        return grouped_mm(act, self.w_down, rows, offs=offs)

@@ -124,19 +124,18 @@ if HAVE_TRITON:
         KP: tl.constexpr,
         BH: tl.constexpr,
         HAS_W: tl.constexpr,
-    ):
+    ):  # KP is unused here (one signature for the three token kernels)
+        # the K rows are summed in registers (unrolled, K loads in flight): no cross-thread reduction
         t = tl.program_id(0)
         cols = tl.program_id(1) * BH + tl.arange(0, BH)
         cmask = cols < H
-        ks = tl.arange(0, KP)
-        kmask = ks < K
-        row = tl.load(pos_ptr + t * K + ks, mask=kmask, other=0).to(tl.int64)
-        m2 = kmask[:, None] & cmask[None, :]
-        tile = tl.load(rows_ptr + row[:, None] * H + cols[None, :], mask=m2, other=0.0).to(tl.float32)
-        if HAS_W:
-            w = tl.load(w_ptr + t * K + ks, mask=kmask, other=0.0).to(tl.float32)
-            tile = tile * w[:, None]
-        acc = tl.sum(tile, axis=0)
+        acc = tl.zeros([BH], dtype=tl.float32)
+        for k in tl.static_range(K):
+            row = tl.load(pos_ptr + t * K + k).to(tl.int64)
+            v = tl.load(rows_ptr + row * H + cols, mask=cmask, other=0.0).to(tl.float32)
+            if HAS_W:
+                v = v * tl.load(w_ptr + t * K + k).to(tl.float32)
+            acc += v
         tl.store(out_ptr + t.to(tl.int64) * H + cols, acc.to(out_ptr.dtype.element_ty), mask=cmask)
 
     @triton.jit
@@ -223,6 +222,7 @@ def _gather_sum(rows: torch.Tensor, pos: torch.Tensor, k: int, weight: torch.Ten
     kp, bh = _token_blocks(h, k)
     if t:
         w = weight if weight is not None else pos  # placeholder pointer, never read
+        bh = min(_pow2(h), 2048)  # one row block per program, K rows summed in registers
         grid = (t, triton.cdiv(h, bh))
         _gather_sum_kernel[grid](rows, pos, w, out, h, K=k, KP=kp, BH=bh, HAS_W=weight is not None)
     return out

@@ -18,13 +18,14 @@ class RouterOutput:
     Attributes:
         expert: int64 [T, K]; chosen experts (distinct per token).
         weight: float [T, K]; gate weights (differentiable).
-        probs: float32 [T, E]; softmax of the router logits.
+        probs: float32 [T, E]; softmax of the router logits (None on the lean CUDA path, which
+            never materializes it: see `TopKRouter.forward`).
         aux_loss: scalar; coef * E * sum_e f_e * P_e (Switch-style), 0 when coef is 0.
     """
 
     expert: torch.Tensor
     weight: torch.Tensor
-    probs: torch.Tensor
+    probs: torch.Tensor | None
     aux_loss: torch.Tensor
 
 
@@ -69,12 +70,14 @@ class TopKRouter(nn.Module):
         """x [T, H] -> RouterOutput. `forced_expert` int64 [T, K] overrides the selection (benchmarks
         and tests); the gates still come from the router's probabilities, so gradients flow."""
         logits_TE = x @ self.weight.t()
+        if forced_expert is not None and forced_expert.shape != (x.shape[0], self.top_k):
+            raise ValueError(
+                f"forced_expert must be [T={x.shape[0]}, K={self.top_k}], got {tuple(forced_expert.shape)}"
+            )
+        if x.is_cuda and self.normalize and self.aux_loss_coef == 0 and self.expert_bias is None:
+            return self._lean(logits_TE, forced_expert, x.dtype)
         probs_TE = torch.softmax(logits_TE.float(), dim=-1)
         if forced_expert is not None:
-            if forced_expert.shape != (x.shape[0], self.top_k):
-                raise ValueError(
-                    f"forced_expert must be [T={x.shape[0]}, K={self.top_k}], got {tuple(forced_expert.shape)}"
-                )
             expert_TK = forced_expert
         else:
             score_TE = probs_TE if self.expert_bias is None else probs_TE + self.expert_bias
@@ -84,6 +87,22 @@ class TopKRouter(nn.Module):
             weight_TK = weight_TK / weight_TK.sum(dim=-1, keepdim=True)
         aux_loss = self._aux_loss(probs_TE, expert_TK)
         return RouterOutput(expert_TK, weight_TK.to(x.dtype), probs_TE, aux_loss)
+
+    def _lean(
+        self, logits_TE: torch.Tensor, forced_expert: torch.Tensor | None, dtype: torch.dtype
+    ) -> RouterOutput:
+        """The same gates from the K chosen logits only: with normalized gates, p_k / sum_j p_j =
+        softmax over the chosen logits, and softmax is monotone, so top-k of the logits picks
+        what top-k of the probabilities picks. No [T, E] float32 tensor either way."""
+        if forced_expert is not None:
+            expert_TK = forced_expert
+        else:
+            expert_TK = torch.topk(logits_TE.detach(), self.top_k, dim=-1).indices
+        chosen_TK = logits_TE.gather(1, expert_TK.clamp(0, self.num_experts - 1))
+        weight_TK = torch.softmax(chosen_TK.float(), dim=-1)
+        return RouterOutput(
+            expert_TK, weight_TK.to(dtype), None, logits_TE.new_zeros((), dtype=torch.float32)
+        )
 
     def _aux_loss(self, probs_TE: torch.Tensor, expert_TK: torch.Tensor) -> torch.Tensor:
         if self.aux_loss_coef == 0 or probs_TE.shape[0] == 0:
