@@ -174,9 +174,15 @@ def profile_kernels(step: Callable[[], None], reps: int) -> dict:
         prof.export_chrome_trace(str(path))
         trace = json.loads(path.read_text())
     per_name: dict[str, list[float]] = {}
+    cpu_ops: dict[str, float] = {}
+    runtime_calls = 0
     intervals = []
     for evt in trace.get("traceEvents", []):
-        if evt.get("cat") not in ("kernel", "gpu_memcpy", "gpu_memset") or "dur" not in evt:
+        cat = evt.get("cat")
+        if cat == "cpu_op" and "dur" in evt:
+            cpu_ops[evt["name"]] = cpu_ops.get(evt["name"], 0.0) + evt["dur"] / 1e3
+        runtime_calls += cat in ("cuda_runtime", "cuda_driver")
+        if cat not in ("kernel", "gpu_memcpy", "gpu_memset") or "dur" not in evt:
             continue
         per_name.setdefault(evt["name"], []).append(evt["dur"] / 1e3)
         intervals.append((evt["ts"] / 1e3, (evt["ts"] + evt["dur"]) / 1e3))
@@ -190,6 +196,10 @@ def profile_kernels(step: Callable[[], None], reps: int) -> dict:
         "top": [
             {"name": n[:160], "ms_per_rep": sum(v) / reps, "calls_per_rep": len(v) / reps} for n, v in top
         ],
+        "runtime_calls_per_rep": runtime_calls / reps,
+        "top_cpu_ops_ms_per_rep": {
+            n: ms / reps for n, ms in sorted(cpu_ops.items(), key=lambda kv: -kv[1])[:20]
+        },
     }
 
 
@@ -258,6 +268,8 @@ def bench_shape(shape: Shape, reps: int, with_tt: bool, peak: float, align1: boo
         row[f"{prefix}_gpu_idle_ms"] = max(0.0, layer_ms - prof["busy_ms"])
         row[f"{prefix}_launches"] = prof["launches_per_rep"]
         row[f"{prefix}_top_kernels"] = prof["top"]
+        row[f"{prefix}_runtime_calls"] = prof["runtime_calls_per_rep"]
+        row[f"{prefix}_top_cpu_ops"] = prof["top_cpu_ops_ms_per_rep"]
         if isinstance(mod, MoELayer):
             row[f"{prefix}_host_wait_idle_ms"] = mod.last_stats.gpu_idle_ms
     row["gemm_ms"], row["gpu_idle_ms"] = row.pop("layer_gemm_ms"), row.pop("layer_gpu_idle_ms")
