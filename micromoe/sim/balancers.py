@@ -228,9 +228,10 @@ class MicroEPAdaptive(MicroEP):
                 interval=self.cfg.ar_interval,
                 seed=self.cfg.seed,
             )
+            first = workload.first_micro_batch() if workload.num_micro_batches else None
             for l in range(workload.num_layers):
                 hist = workload.history[l]
-                rows = float(workload.counts[0, l].sum()) if workload.num_micro_batches else 0.0
+                rows = float(first[l].sum()) if first is not None else 0.0
                 scaled = hist * (rows / hist.sum()) if hist.sum() > 0 and rows > 0 else None
                 self.placements[l] = self._policy.start(l, self.placements[l], history=scaled)
 

@@ -257,6 +257,7 @@ def _build_workloads(args: argparse.Namespace) -> tuple[list[Workload], dict[str
         noise=args.noise,
         drift=args.drift,
         seed=args.seed,
+        stream=True,  # sample each micro-batch when it is run: memory holds one, not all M
     )
     if args.zipf is not None:
         workloads, config = _zipf_workloads(args, gpus, sampling)

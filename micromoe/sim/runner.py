@@ -76,15 +76,16 @@ def _run_one(
     samples = {b.name: Samples.empty(w.num_micro_batches, w.num_layers) for b in balancers}
     scorers = {b.name: _scorer(b, cost, cfg.num_gpus) for b in balancers}
     bar.set_postfix_str(w.name)
-    for m in range(w.num_micro_batches):
+    totals = np.zeros((w.num_micro_batches, w.num_layers), dtype=np.int64)
+    for m, counts_LGE in enumerate(w.micro_batches()):  # one micro-batch in memory at a time
+        totals[m] = counts_LGE.sum(axis=(1, 2))
         for l in range(w.num_layers):
-            counts = w.counts[m, l]
+            counts = counts_LGE[l]
             loads = counts.sum(axis=0)
             for b in balancers:
                 _step(b, samples[b.name], m, l, counts, loads, cfg.gpus_per_node, scorers[b.name])
         bar.update(1)
     if "bound" in names:
-        totals = w.counts.sum(axis=(2, 3))
         bound = Samples.empty(w.num_micro_batches, w.num_layers)
         bound.total[:] = totals
         bound.max_load[:] = bound.own_opt[:] = mean_bound(totals, cfg.num_gpus)

@@ -21,6 +21,7 @@ With drift = noise = 0 every micro-batch is a pure multinomial sample of p_l.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -38,29 +39,58 @@ class Workload:
 
     top_k: 0 for a replayed routing log (its counts already include every choice); layer_ids: the
     model's layer id of each row l (a routing log's own ids; None means 0..L-1).
+    A *streamed* workload has counts=None and `stream`, a function that regenerates the same
+    micro-batches (int64 [L, G, E] each, in order) on every call, and `stream_shape` (M, L, G, E):
+    memory holds one micro-batch instead of all M. `micro_batches()` iterates either kind.
     """
 
     name: str
-    counts: IntArray
+    counts: IntArray | None
     history: FloatArray
     top_k: int
     layer_ids: tuple[int, ...] | None = None
+    stream: Callable[[], Iterator[IntArray]] | None = None
+    stream_shape: tuple[int, int, int, int] | None = None
+
+    def __post_init__(self) -> None:
+        streamed = self.stream is not None and self.stream_shape is not None
+        assert (self.counts is None) == streamed, "a workload holds counts or streams them, not both"
+
+    def micro_batches(self) -> Iterator[IntArray]:
+        """The micro-batches in order: int64 [L, G, E] each (views of `counts`, or freshly sampled)."""
+        if self.counts is not None:
+            return iter(self.counts)
+        assert self.stream is not None
+        return self.stream()
+
+    def first_micro_batch(self) -> IntArray:
+        """int64 [L, G, E]: micro-batch 0."""
+        return next(self.micro_batches())
+
+    @property
+    def shape(self) -> tuple[int, int, int, int]:
+        """(M, L, G, E)."""
+        if self.counts is not None:
+            m, l, g, e = self.counts.shape
+            return int(m), int(l), int(g), int(e)
+        assert self.stream_shape is not None
+        return self.stream_shape
 
     @property
     def num_micro_batches(self) -> int:
-        return int(self.counts.shape[0])
+        return self.shape[0]
 
     @property
     def num_layers(self) -> int:
-        return int(self.counts.shape[1])
+        return self.shape[1]
 
     @property
     def num_gpus(self) -> int:
-        return int(self.counts.shape[2])
+        return self.shape[2]
 
     @property
     def num_experts(self) -> int:
-        return int(self.counts.shape[3])
+        return self.shape[3]
 
 
 def zipf_distribution(
@@ -93,11 +123,55 @@ def sample_counts(
     rng: np.random.Generator,
 ) -> IntArray:
     """Sample int64 [M, L, G, E] counts from per-layer distributions probs [L, E] (see module doc)."""
+    batches = iter_sampled_counts(
+        probs,
+        num_micro_batches=num_micro_batches,
+        num_gpus=num_gpus,
+        tokens_per_gpu=tokens_per_gpu,
+        top_k=top_k,
+        noise=noise,
+        drift=drift,
+        rng=rng,
+    )
+    return np.stack(list(batches))
+
+
+def iter_sampled_counts(
+    probs: npt.ArrayLike,
+    *,
+    num_micro_batches: int,
+    num_gpus: int,
+    tokens_per_gpu: int,
+    top_k: int,
+    noise: float,
+    drift: float,
+    rng: np.random.Generator,
+) -> Iterator[IntArray]:
+    """The micro-batches of `sample_counts` one at a time (int64 [L, G, E] each); checks the
+    arguments now, samples lazily."""
     p = np.asarray(probs, dtype=np.float64)
     _check_sampling(p, num_micro_batches, num_gpus, tokens_per_gpu, top_k, noise, drift)
-    p = p / p.sum(axis=1, keepdims=True)
+    return _sampled(
+        p / p.sum(axis=1, keepdims=True),
+        num_micro_batches,
+        num_gpus,
+        tokens_per_gpu * top_k,
+        noise,
+        drift,
+        rng,
+    )
+
+
+def _sampled(
+    p: FloatArray,
+    num_micro_batches: int,
+    num_gpus: int,
+    draws: int,
+    noise: float,
+    drift: float,
+    rng: np.random.Generator,
+) -> Iterator[IntArray]:
     num_layers, num_experts = p.shape
-    out = np.empty((num_micro_batches, num_layers, num_gpus, num_experts), dtype=np.int64)
     rho = DRIFT_CORRELATION
     z = drift * rng.standard_normal((num_layers, num_experts))
     for m in range(num_micro_batches):
@@ -108,8 +182,7 @@ def sample_counts(
         logw -= logw.max(axis=2, keepdims=True)  # exp stays in range
         q = p[:, None, :] * np.exp(logw)
         q /= q.sum(axis=2, keepdims=True)
-        out[m] = rng.multinomial(tokens_per_gpu * top_k, q)
-    return out
+        yield rng.multinomial(draws, q)
 
 
 def workload_from_aggregate(
@@ -122,20 +195,25 @@ def workload_from_aggregate(
     noise: float,
     drift: float,
     seed: int,
+    stream: bool = False,
 ) -> Workload:
-    """Sample micro-batches from an aggregate trace; its counts are EPLB's history."""
-    rng = np.random.default_rng(seed)
-    counts = sample_counts(
-        trace.counts,
+    """Sample micro-batches from an aggregate trace; its counts are EPLB's history.
+
+    stream=True: sample each micro-batch when the runner reaches it (the same numbers)."""
+    sampling = dict(
         num_micro_batches=num_micro_batches,
         num_gpus=num_gpus,
         tokens_per_gpu=tokens_per_gpu,
         top_k=top_k,
         noise=noise,
         drift=drift,
-        rng=rng,
     )
-    return Workload(trace.name, counts, trace.counts.astype(np.float64), top_k)
+
+    def batches() -> Iterator[IntArray]:
+        return iter_sampled_counts(trace.counts, rng=np.random.default_rng(seed), **sampling)
+
+    history = trace.counts.astype(np.float64)
+    return _sampled_workload(trace.name, batches, history, top_k, stream, num_micro_batches, num_gpus)
 
 
 def workload_from_zipf(
@@ -151,21 +229,45 @@ def workload_from_zipf(
     drift: float,
     seed: int,
     shuffle: bool = True,
+    stream: bool = False,
 ) -> Workload:
-    """Synthetic Zipf(s) loads, the same hot experts on every GPU; history = the Zipf distribution."""
-    rng = np.random.default_rng(seed)
-    probs = zipf_distribution(s, num_experts, num_layers, rng, shuffle=shuffle)
-    counts = sample_counts(
-        probs,
+    """Synthetic Zipf(s) loads, the same hot experts on every GPU; history = the Zipf distribution.
+
+    stream=True: sample each micro-batch when the runner reaches it (the same numbers)."""
+    probs = zipf_distribution(s, num_experts, num_layers, np.random.default_rng(seed), shuffle=shuffle)
+    sampling = dict(
         num_micro_batches=num_micro_batches,
         num_gpus=num_gpus,
         tokens_per_gpu=tokens_per_gpu,
         top_k=top_k,
         noise=noise,
         drift=drift,
-        rng=rng,
     )
-    return Workload(f"zipf s={s:g}", counts, probs, top_k)
+
+    def batches() -> Iterator[IntArray]:
+        rng = np.random.default_rng(seed)
+        zipf_distribution(s, num_experts, num_layers, rng, shuffle=shuffle)  # the same rng state
+        return iter_sampled_counts(probs, rng=rng, **sampling)
+
+    return _sampled_workload(f"zipf s={s:g}", batches, probs, top_k, stream, num_micro_batches, num_gpus)
+
+
+def _sampled_workload(
+    name: str,
+    batches: Callable[[], Iterator[IntArray]],
+    history: FloatArray,
+    top_k: int,
+    stream: bool,
+    num_micro_batches: int,
+    num_gpus: int,
+) -> Workload:
+    """Eager (counts held) or streamed; calling `batches` validates the sampling arguments."""
+    first = batches()
+    if not stream:
+        return Workload(name, np.stack(list(first)), history, top_k)
+    num_layers, num_experts = history.shape
+    shape = (num_micro_batches, num_layers, num_gpus, num_experts)
+    return Workload(name, None, history, top_k, stream=batches, stream_shape=shape)
 
 
 def workload_from_routing(trace: RoutingTrace, *, num_gpus: int | None, top_k: int) -> Workload:
