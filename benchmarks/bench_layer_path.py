@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from micromoe.runtime import MoEConfig, MoELayer
+from micromoe.runtime.dispatch_fast import FAST_ALIGN
 from micromoe.runtime.dispatch_local import LocalDispatcher
 
 
@@ -73,7 +74,7 @@ def zipf_routing(tokens: int, experts: int, top_k: int, skew: float, gen: torch.
     return torch.multinomial(p.expand(tokens, -1), top_k, replacement=False, generator=gen)
 
 
-def build_ours(shape: Shape, device: torch.device, *, fast: bool, align: int = 8) -> MoELayer:
+def build_ours(shape: Shape, device: torch.device, *, fast: bool, align: int = FAST_ALIGN) -> MoELayer:
     torch.manual_seed(0)
     cfg = MoEConfig(hidden=shape.hidden, ffn_hidden=shape.ffn, num_experts=shape.experts, top_k=shape.top_k)
     layer = MoELayer(cfg, device=device, dtype=torch.bfloat16)
@@ -224,7 +225,7 @@ def bf16_peak_tflops(n: int = 8192) -> float:
 # one shape
 
 
-def bench_shape(shape: Shape, reps: int, with_tt: bool, peak: float, align1: bool) -> dict:
+def bench_shape(shape: Shape, reps: int, with_tt: bool, peak: float, align8: bool) -> dict:
     dev = torch.device("cuda")
     gen = torch.Generator().manual_seed(1)
     x = torch.randn(shape.tokens, shape.hidden, generator=gen).to(dev, torch.bfloat16).requires_grad_(True)
@@ -236,9 +237,9 @@ def bench_shape(shape: Shape, reps: int, with_tt: bool, peak: float, align1: boo
     variants["ours"] = (ours, lambda a: ours(a, forced_expert=expert))
     ref = build_ours(shape, dev, fast=False)
     variants["ref"] = (ref, lambda a: ref(a, forced_expert=expert))
-    if align1:
-        a1 = build_ours(shape, dev, fast=True, align=1)
-        variants["ours_align1"] = (a1, lambda a: a1(a, forced_expert=expert))
+    if align8:
+        a8 = build_ours(shape, dev, fast=True, align=8)
+        variants["ours_align8"] = (a8, lambda a: a8(a, forced_expert=expert))
     if with_tt:
         tt = build_torchtitan(ours, expert)
         variants["torchtitan"] = (tt, lambda a: tt(a.unsqueeze(0)).squeeze(0))
@@ -310,7 +311,7 @@ def main() -> int:
     ap.add_argument("--reps", type=int, default=30, help="timed reps per variant (median reported)")
     ap.add_argument("--shapes", default="all", help="'all' or comma-separated shape names")
     ap.add_argument("--no-torchtitan", action="store_true", help="skip the torchtitan comparison")
-    ap.add_argument("--align1", action="store_true", help="also time the fast path without group padding")
+    ap.add_argument("--align8", action="store_true", help="also time the fast path with groups padded to 8")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         print("needs a CUDA device")
@@ -327,7 +328,7 @@ def main() -> int:
     result = {"gpu": torch.cuda.get_device_name(), "versions": versions(with_tt), "bf16_peak_tflops": peak}
     result["rows"] = []
     for shape in shapes:
-        row = bench_shape(shape, args.reps, with_tt, peak, args.align1)
+        row = bench_shape(shape, args.reps, with_tt, peak, args.align8)
         result["rows"].append(row)
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(result, indent=1))
