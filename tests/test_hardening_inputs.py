@@ -15,6 +15,7 @@ import pytest
 from micromoe.cli import main
 from micromoe.plan import Placement, schedule
 from micromoe.plan.checks import MAX_TOTAL
+from micromoe.sim import plot
 from micromoe.sim.traces import load_trace, write_routing_record
 
 SMALL = ["--micro-batches", "2", "--tokens-per-gpu", "64", "--no-progress", "--balancers", "ep,microep,bound"]
@@ -291,3 +292,19 @@ def test_routing_log_replay_reports_its_own_micro_batches(tmp_path: Path, capsys
     config = json.loads(out.read_text())["config"]
     assert config["micro_batches"] == 4 and config["top_k"] is None
     assert "micro_batches=4" in text and "top_k=None" in text
+
+
+def test_routing_log_plot_title_and_layer_ids(
+    tmp_path: Path, capsys, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The plot gets the log's own layer ids and a title without a made-up micro-batch count."""
+    seen: dict = {}
+    monkeypatch.setattr(plot, "plot_results", lambda *a, **kw: seen.update(kw))
+    lines = [
+        {"step": s, "layer": layer, "counts": [[s + 1, 2], [1, layer]]} for s in range(3) for layer in (3, 7)
+    ]
+    log = _routing(tmp_path, lines)
+    rc, _, _ = _run(["--trace", log, "--no-progress", "--plot", str(tmp_path / "p.png")], capsys)
+    assert rc == 0
+    assert seen["layer_ids"] == [3, 7]
+    assert seen["title"].endswith("3 micro-batches") and "top-" not in seen["title"]
