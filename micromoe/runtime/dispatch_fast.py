@@ -39,13 +39,13 @@ class LazyCounts:
 
     Args:
         bounds: int32 [E+1] on the device; bounds[j] = number of flat expert ids < j.
-        finite: bool scalar tensor; whether the gate weights were all finite.
+        weight: [T, K] the call's gate weights (checked for NaN/inf when read).
         num_rows: T*K.
         num_experts: E.
     """
 
-    def __init__(self, bounds: torch.Tensor, finite: torch.Tensor, num_rows: int, num_experts: int) -> None:
-        self._bounds, self._finite = bounds, finite
+    def __init__(self, bounds: torch.Tensor, weight: torch.Tensor, num_rows: int, num_experts: int) -> None:
+        self._bounds, self._weight = bounds, weight
         self.num_rows, self.num_experts = num_rows, num_experts
         self._host: npt.NDArray[np.int64] | None = None
 
@@ -53,7 +53,8 @@ class LazyCounts:
         """int64 [1, E+2]: the reference path's count vector (rows per expert, ids out of range,
         error bits); raises ValueError on bad input."""
         if self._host is None:
-            both = torch.cat([self._bounds.long(), self._finite.long().view(1)])
+            finite = torch.isfinite(self._weight.detach().sum()).long().view(1)  # NaN/inf propagate
+            both = torch.cat([self._bounds.long(), finite])
             b = both.cpu().numpy()  # host sync, only when someone reads the counts
             e, n = self.num_experts, self.num_rows
             out_of_range = b[0] + n - b[e]
@@ -115,17 +116,29 @@ def device_rows(
     n, e = expert_TK.numel(), num_experts
     dev = expert_TK.device
     sorted_keys, order = torch.sort(expert_TK.reshape(-1).to(torch.int32), stable=True)
-    ids = torch.arange(e + 1, device=dev, dtype=torch.int32)
-    bounds = torch.searchsorted(sorted_keys, ids, out_int32=True)
+    bounds = torch.searchsorted(sorted_keys, _arange_i32(e + 1, dev), out_int32=True)
     rows = torch.diff(bounds)
-    row_sorted = torch.arange(n, device=dev, dtype=torch.int32)
+    row_sorted = _arange_i32(n, dev)  # read-only
     if align > 1:
         rows = (rows + (align - 1)) // align * align
         # padded start - sorted start; bounds[0] (ids < 0, bad input only) keeps every row >= 0
         shift = torch.cumsum(rows, 0, dtype=torch.int32) - rows - (bounds[:-1] - bounds[:1])
-        row_sorted += shift[sorted_keys.clamp(0, e - 1)]
+        row_sorted = row_sorted + shift[sorted_keys.clamp(0, e - 1)]
     pos = torch.empty(n, device=dev, dtype=torch.int32).scatter_(0, order, row_sorted)
     return pos, rows, n + e * (align - 1), bounds
+
+
+_ARANGE: dict[tuple[torch.device, int], torch.Tensor] = {}
+
+
+def _arange_i32(n: int, device: torch.device) -> torch.Tensor:
+    """arange(n) int32 on `device`, cached (one launch fewer per call; callers never write it)."""
+    key = (device, n)
+    if key not in _ARANGE:
+        if len(_ARANGE) > 32:
+            _ARANGE.clear()
+        _ARANGE[key] = torch.arange(n, device=device, dtype=torch.int32)
+    return _ARANGE[key]
 
 
 def fast_dispatch(
@@ -133,9 +146,8 @@ def fast_dispatch(
 ) -> tuple[torch.Tensor, torch.Tensor, FastMeta]:
     """(tokens [N, H], rows int32 [E] on the device, meta): one permute pass, no host sync."""
     pos, rows, num_rows, bounds = device_rows(expert_TK, num_experts, align)
-    finite = torch.isfinite(weight_TK.sum())  # NaN/inf propagate into the sum
     tokens = permute_tokens(x_TH, pos, expert_TK.shape[1], num_rows)
-    counts = LazyCounts(bounds, finite, expert_TK.numel(), num_experts)
+    counts = LazyCounts(bounds, weight_TK, expert_TK.numel(), num_experts)
     return tokens, rows, FastMeta(pos, weight_TK, counts)
 
 
