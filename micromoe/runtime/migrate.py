@@ -344,11 +344,17 @@ def _move_bundles(tensors: list[torch.Tensor], plan: TransferPlan, groups: Proce
 
 
 def _slot_checksums(tensors: list[torch.Tensor]) -> torch.Tensor:
-    """int64 [S, 2]: two position-weighted byte sums per slot (equal bytes -> equal sums)."""
-    views = [_as_bytes(t).to(torch.int64) for t in tensors]
-    flat = torch.cat(views, dim=1)
-    weight = torch.arange(flat.shape[1], device=flat.device) % 65521 + 1
-    return torch.stack([flat.sum(1), (flat * weight).sum(1)], dim=1)
+    """int64 [S, 2]: a word sum and a position-weighted word sum per slot over all tensors (equal
+    bytes give equal sums). One slot of one tensor at a time: the temporaries stay one slot big."""
+    sums = torch.zeros((tensors[0].shape[0], 2), dtype=torch.int64, device=tensors[0].device)
+    for t in tensors:
+        b = _as_bytes(t)
+        words = b.view(torch.int32) if b.shape[1] % 4 == 0 else b.to(torch.int32)
+        weight = (torch.arange(words.shape[1], device=b.device) % 65521 + 1).to(torch.int32)
+        sums[:, 0] += words.sum(dim=1, dtype=torch.int64)
+        for j in range(words.shape[0]):
+            sums[j, 1] += (words[j] * weight).sum(dtype=torch.int64)  # int32 products wrap alike everywhere
+    return sums
 
 
 @torch.no_grad()
