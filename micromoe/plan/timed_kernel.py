@@ -175,13 +175,18 @@ def local_search(x, local, off, f, m, graph, max_steps):
         x[best_r] -= best_d
         x[best_r2] += best_d
         for g in (ga, gb):
-            t[g] = _gpu_time(g, x, off, f, m, gpu_ptr, gpu_replica)
-            mx[g] = 0
-            for k in range(gpu_ptr[g], gpu_ptr[g + 1]):
-                if x[gpu_replica[k]] > mx[g]:
-                    mx[g] = x[gpu_replica[k]]
+            _refresh(g, t, mx, x, off, f, m, gpu_ptr, gpu_replica)
         steps += 1
     return t, steps
+
+
+@njit_inline
+def _refresh(g, t, mx, x, off, f, m, gpu_ptr, gpu_replica):
+    t[g] = _gpu_time(g, x, off, f, m, gpu_ptr, gpu_replica)
+    mx[g] = 0
+    for k in range(gpu_ptr[g], gpu_ptr[g + 1]):
+        if x[gpu_replica[k]] > mx[g]:
+            mx[g] = x[gpu_replica[k]]
 
 
 @njit
