@@ -25,7 +25,14 @@ from micromoe.plan.slot_layout import SlotLayout
 from micromoe.plan.timed import check_cost_model
 from micromoe.plan.timed_layouts import ideal_time_us
 from micromoe.sim.eplb import eplb_slots, even_quota
-from micromoe.sim.lplb import LplbSolver, Topology, default_topology, lplb_layout, topology_neighbours
+from micromoe.sim.lplb import (
+    LplbIpmSolver,
+    LplbSolver,
+    Topology,
+    default_topology,
+    lplb_layout,
+    topology_neighbours,
+)
 from micromoe.sim.workload import Workload
 
 BALANCERS = ("ep", "eplb", "lplb", "microep", "microep-ar", "bound")
@@ -41,6 +48,8 @@ class GroupConfig:
         replicas: d, replicas per expert (1 <= d <= G, d divides G): E * d slots in all.
         gpus_per_node: GPUs per node (divides G) for node-aware plans and off-node traffic, or None.
         lplb_topology: the graph LPLB copies along (None: its default for G).
+        lplb_solver: "exact" (HiGHS, LPLB's layout at its best) or "ipm" (LPLB's own 5-step
+            interior-point method, `LplbIpmSolver`).
         ar_interval: microep-ar re-checks a layer's placement every this many micro-batches.
         seed: non-negative seed of the replacement search.
         cost_model: expert-GEMM cost model; when given, microep and microep-ar plan for predicted
@@ -52,6 +61,7 @@ class GroupConfig:
     replicas: int
     gpus_per_node: int | None = None
     lplb_topology: Topology | None = None
+    lplb_solver: str = "exact"
     ar_interval: int = 4
     seed: int = 0
     cost_model: CostModel | None = None
@@ -64,6 +74,8 @@ class GroupConfig:
         gpn = self.gpus_per_node
         if gpn is not None and g % positive_int(gpn, "--gpus-per-node"):
             raise ValueError(f"--gpus-per-node {gpn} must be positive and divide the {g} GPUs")
+        if self.lplb_solver not in ("exact", "ipm"):
+            raise ValueError(f"--lplb-solver must be 'exact' or 'ipm', got {self.lplb_solver!r}")
         if self.lplb_topology is not None:
             topology_neighbours(g, self.lplb_topology, gpn)  # ValueError if the graph does not fit G
         positive_int(self.ar_interval, "--ar-interval")
@@ -151,7 +163,7 @@ class Eplb(Balancer):
 
 
 class Lplb(Balancer):
-    """LPLB-style: one copy per expert along a ring/cube, per-micro-batch LP (see `lplb.py`)."""
+    """LPLB-style: one copy per expert along LPLB's directed topology, per-micro-batch LP (`lplb.py`)."""
 
     name = "lplb"
 
@@ -161,7 +173,8 @@ class Lplb(Balancer):
         self._solvers = []
         for l in range(workload.num_layers):
             orig, copy = lplb_layout(workload.history[l], g, self.topology, self.cfg.gpus_per_node)
-            self._solvers.append(LplbSolver(orig, copy, g))
+            solver = LplbIpmSolver if self.cfg.lplb_solver == "ipm" else LplbSolver
+            self._solvers.append(solver(orig, copy, g))
         self._slots = 2 * workload.num_experts
         self._layouts: dict[int, SlotLayout] = {}
 
@@ -178,7 +191,14 @@ class Lplb(Balancer):
         return self._layouts[layer]
 
     def info(self) -> dict[str, Any]:
-        return {"slots": self._slots, "topology": self.topology}
+        out: dict[str, Any] = {
+            "slots": self._slots,
+            "topology": self.topology,
+            "solver": self.cfg.lplb_solver,
+        }
+        if self.cfg.lplb_solver == "ipm":  # micro-batches where LPLB's check rejected the IPM result
+            out["ipm_fallbacks"] = sum(s.fallbacks for s in self._solvers)
+        return out
 
 
 class MicroEP(Balancer):

@@ -157,6 +157,13 @@ def _add_balancer_arguments(parser: argparse.ArgumentParser) -> None:
         "torus when G factorises, else ring)",
     )
     bal.add_argument(
+        "--lplb-solver",
+        choices=("exact", "ipm"),
+        default="exact",
+        help="LPLB's per-micro-batch LP: exact (HiGHS, the layout at its best; default) or ipm (LPLB's "
+        "own 5 interior-point steps, with its fallback to an even split)",
+    )
+    bal.add_argument(
         "--ar-interval",
         type=int,
         default=4,
@@ -198,6 +205,7 @@ def run(args: argparse.Namespace) -> int:
         replicas=args.replicas,
         gpus_per_node=args.gpus_per_node,
         lplb_topology=args.lplb_topology,
+        lplb_solver=args.lplb_solver,
         ar_interval=args.ar_interval,
         seed=args.seed,
     )
@@ -278,6 +286,7 @@ def _build_workloads(args: argparse.Namespace) -> tuple[list[Workload], dict[str
         "drift": args.drift,
         "seed": args.seed,
         "lplb_topology": args.lplb_topology,
+        "lplb_solver": args.lplb_solver,
         "ar_interval": args.ar_interval,
     }
 

@@ -43,6 +43,7 @@ from micromoe.sim.traces import IntArray
 
 Topology = Literal["cube", "hypercube", "torus", "ring"]
 TOPOLOGIES: tuple[str, ...] = get_args(Topology)
+IPM_STEPS = 5  # LPLB's fixed number of interior-point iterations per micro-batch
 
 
 def copy_edges(num_gpus: int, topology: Topology, gpus_per_node: int | None = None) -> IntArray:
@@ -171,3 +172,73 @@ class LplbSolver:
         quota[experts, self.orig_gpu] = load - moved
         quota[experts, self.copy_gpu] += moved
         return quota
+
+
+class LplbIpmSolver:
+    """LPLB's own solver, for comparison: IPM_STEPS affine-scaling interior-point steps on LPLB's
+    per-edge LP, as LPLB runs it on the GPU (here in float64 NumPy).
+
+    The LP (one variable pair per directed copy edge k = (src, dst), with w_k the summed load of
+    the experts copied along k, scaled so the largest expert load is 1): p_k (share kept on src)
+    + q_k (share moved to dst) = 1; for every GPU i, sum of p_k w_k over edges out of i + sum of
+    q_k w_k over edges into i + slack_i - T = 0; minimize T, plus a big-M artificial column
+    (cost 1000) that makes x = 1 feasible. Start from x = 1 and take IPM_STEPS Dikin steps (step
+    0.999 of the way to the boundary). If the result is not clearly feasible (largest scaled
+    direction >= 0.1, artificial >= 1e-4 or residual >= 0.05), LPLB falls back to p = 0.5 on every
+    edge; so does this. Each expert on edge k then moves round((1 - p_k) L_e) tokens to its copy.
+    """
+
+    def __init__(self, orig_gpu: IntArray, copy_gpu: IntArray, num_gpus: int) -> None:
+        self.orig_gpu, self.copy_gpu, self.num_gpus = orig_gpu, copy_gpu, num_gpus
+        pairs, self._edge_of = np.unique(np.stack([orig_gpu, copy_gpu], axis=1), axis=0, return_inverse=True)
+        self._edge_of = self._edge_of.reshape(-1)
+        self._src, self._dst = pairs[:, 0], pairs[:, 1]
+        self.fallbacks = 0  # micro-batches where the IPM result was rejected (p = 0.5 everywhere)
+
+    def quota(self, loads: npt.ArrayLike) -> IntArray:
+        """quota int64 [E, G] for per-expert loads [E] (see the class docstring)."""
+        load = np.asarray(loads, dtype=np.int64)
+        keep = self._kept_shares(load)
+        moved = np.clip(np.floor((1.0 - keep[self._edge_of]) * load + 0.5).astype(np.int64), 0, load)
+        quota = np.zeros((load.size, self.num_gpus), dtype=np.int64)
+        experts = np.arange(load.size)
+        quota[experts, self.orig_gpu] = load - moved
+        quota[experts, self.copy_gpu] += moved
+        return quota
+
+    def _kept_shares(self, load: IntArray) -> npt.NDArray[np.float64]:
+        """p_k for every edge: the IPM's, or 0.5 everywhere when its result is rejected."""
+        n_edges = self._src.size
+        w = np.bincount(self._edge_of, weights=load, minlength=n_edges) / max(int(load.max(initial=0)), 1)
+        a, b, c = self._lp(w)
+        x = np.ones(a.shape[1])
+        d = np.zeros_like(x)
+        for _ in range(IPM_STEPS):
+            ax2 = a * x**2
+            y = np.linalg.solve(ax2 @ a.T, ax2 @ c)
+            d = x * (c - y @ a)
+            if d.max() <= 0:
+                break
+            x = x * (1.0 - 0.999 / d.max() * d)
+        residual = np.abs(a @ x - b).max()
+        if not (d.max() < 0.1 and 0.0 <= x[-1] < 1e-4 and residual < 0.05):
+            self.fallbacks += 1
+            return np.full(n_edges, 0.5)
+        return np.clip(x[:n_edges], 0.0, 1.0)
+
+    def _lp(self, w: npt.NDArray[np.float64]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(A [NC, NV], b [NC], c [NV]) of the standard-form LP, NV = 2 edges + G + 2."""
+        n, g = w.size, self.num_gpus
+        nv, nc = 2 * n + g + 2, g + n
+        a = np.zeros((nc, nv))
+        k = np.arange(n)
+        a[self._src, k] = w  # kept on the original's GPU
+        a[self._dst, n + k] = w  # moved to the copy's GPU
+        a[g + k, k] = a[g + k, n + k] = 1.0  # p_k + q_k = 1
+        a[np.arange(g), 2 * n + np.arange(g)] = 1.0  # slack
+        a[:g, 2 * n + g] = -1.0  # T
+        b = np.concatenate([np.zeros(g), np.ones(n)])
+        a[:, -1] = b - a[:, :-1].sum(axis=1)  # big-M column: A @ 1 = b
+        c = np.zeros(nv)
+        c[-2], c[-1] = 1.0, 1000.0
+        return a, b, c
