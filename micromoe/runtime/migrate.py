@@ -295,6 +295,7 @@ def _rebuild_dispatcher(layer: MoELayer, groups: ProcessGroups) -> MicroEPDispat
         groups.placement,
         gpus_per_node=old.gpus_per_node,
         timer=old.timer,
+        cost_model=old.cost_model,  # the new placement is planned with the same time model
     )
     return new
 
