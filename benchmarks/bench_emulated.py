@@ -317,15 +317,67 @@ def run_timing(plans: dict[str, Any], args: argparse.Namespace) -> dict[str, Any
         t0 = time.perf_counter()
         timed = time_case(case, timers[shape], model, args.reps)
         summary = summarize(case, timed)
+        kept = {k: v for k, v in case.items() if k != "rows"}  # the plans file keeps the rows
         results.append(
-            {**case, **timed, "summary": summary, "model": model.meta.get("name") if model else None}
+            {**kept, **timed, "summary": summary, "model": model.meta.get("name") if model else None}
         )
         print(
             f"\n{spec['name']} ({shape[0]}x{shape[1]}, {spec['gpus']} GPUs, {time.perf_counter() - t0:.0f} s)"
         )
         print(format_table(summary), flush=True)
     env = environment(device)
-    return {"hardware": env, "config": plans["config"], "commit": _commit(), "cases": results}
+    targets = target_rows(results)
+    print("\n" + format_targets(targets))
+    return {
+        "hardware": env,
+        "config": plans["config"],
+        "commit": _commit(),
+        "targets": targets,
+        "cases": results,
+    }
+
+
+def target_rows(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per case, the issue's targets for our adaptive variants against the best peer (EPLB, LPLB)."""
+    rows = []
+    for r in results:
+        s = r["summary"]
+        peers = [p for p in ("eplb", "lplb") if p in s]
+        best = min(peers, key=lambda p: s[p]["critical_us"])
+        for ours in ("microep-ar", "microep-ar-t", "microep-t"):
+            if ours not in s:
+                continue
+            o = s[ours]
+            rows.append(
+                {
+                    "case": r["spec"]["name"],
+                    "variant": ours,
+                    "vs_best_peer": o["critical_us"] / s[best]["critical_us"],
+                    "best_peer": best,
+                    "vs_eplb": o["vs_eplb"],
+                    "time_max_mean": o["time_max_mean"],
+                    "token_max_mean": o["token_max_mean"],
+                    "noise_floor": s["ideal"]["time_max_mean"],
+                    "model_err_all": float(np.median([v["model_median_err"] for v in s.values()])),
+                    "ratio_err_all": float(
+                        np.median([abs(v["predicted_vs_ideal"] - v["vs_ideal_mean"]) for v in s.values()])
+                    ),
+                }
+            )
+    return rows
+
+
+def format_targets(rows: list[dict[str, Any]]) -> str:
+    head = f"{'case':<28}{'variant':<14}{'vs best peer':>13}{'':>6}{'vs eplb':>9}{'t max/mean':>11}"
+    head += f"{'tok max/mean':>13}{'noise floor':>12}{'model err':>10}{'ratio err':>10}"
+    lines = ["targets: vs best peer <= 0.98 (<= 0.90 vs EPLB when noisy), time and token max/mean", head]
+    for r in rows:
+        lines.append(
+            f"{r['case']:<28}{r['variant']:<14}{r['vs_best_peer']:>13.3f}{r['best_peer']:>6}{r['vs_eplb']:>9.3f}"
+            f"{r['time_max_mean']:>11.3f}{r['token_max_mean']:>13.3f}{r['noise_floor']:>12.3f}"
+            f"{r['model_err_all']:>10.3f}{r['ratio_err_all']:>10.3f}"
+        )
+    return "\n".join(lines)
 
 
 def _model_for(shape: tuple[int, int], gpu: str, models: str | None) -> CostModel | None:
