@@ -5,15 +5,18 @@
 Per shape (hidden/FFN, experts, top-k, tokens), bf16, eager, forward + backward with every
 gradient reset between reps, the same weights, inputs and forced Zipf(1.0) routing (no token
 dropping) for every variant:
-- `ours`: `MoELayer` on the single-device fast path (device-side layout, fused kernels);
+- `ours` (columns `layer_*`): `MoELayer` on the single-device fast path (device-side layout,
+  fused kernels, no group padding); `ours_align8` (`--align8`): the same with groups padded to 8;
 - `ref`: the same layer on the reference local pipeline (host-side layout after a count sync);
 - `torchtitan`: torchtitan 0.3.0's `MoE` (its router with the choice forced, local dispatcher,
   grouped experts), when importable.
 Times are medians of per-rep CUDA events with the host free to run ahead (`*_ms`) and with a
-device sync before every rep (`*_sync_ms`: includes the launch latency of the first kernels).
-A profiler pass gives each variant's kernel time per rep, its grouped-GEMM kernel time and its
-top kernels; GPU idle = layer time - busy kernel time. The grouped-GEMM rate is compared with a
-measured dense bf16 matmul peak. Not a test: run it on a GPU.
+device sync before every rep (`*_sync_ms`; `*_host_issue_ms` is then the host time to issue one
+rep: the CPU overhead). A profiler pass (10 reps) gives each variant's busy kernel time per rep,
+its grouped-GEMM kernel time and top kernels, and the GPU idle time inside the profiled reps
+(`gpu_idle_ms`: CUDA-event rep time minus busy kernel time, same reps and clocks;
+`*_ms_minus_busy` subtracts the busy time from the unprofiled median instead). The grouped-GEMM
+rate is compared with a measured dense bf16 matmul peak. Not a test: run it on a GPU.
 """
 
 from __future__ import annotations
@@ -161,15 +164,21 @@ def time_reps(
 
 
 def profile_kernels(step: Callable[[], None], reps: int) -> dict:
-    """Kernel time per rep from a profiler trace: total, grouped GEMM, and the top kernels."""
+    """Kernel time per rep from a profiler trace: total (busy), grouped GEMM, the top kernels;
+    and the GPU idle time inside the same reps: CUDA-event time of each rep minus the busy time
+    of its kernels (same run, same clocks), plus the idle of the whole profiled span."""
     from torch.profiler import ProfilerActivity, profile
 
     step()
     torch.cuda.synchronize()
+    ev = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(reps)]
     with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
-        for _ in range(reps):
+        for a, b in ev:
+            a.record()
             step()
+            b.record()
         torch.cuda.synchronize()
+    rep_ms = [a.elapsed_time(b) for a, b in ev]
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "trace.json"
         prof.export_chrome_trace(str(path))
@@ -188,10 +197,14 @@ def profile_kernels(step: Callable[[], None], reps: int) -> dict:
         per_name.setdefault(evt["name"], []).append(evt["dur"] / 1e3)
         intervals.append((evt["ts"] / 1e3, (evt["ts"] + evt["dur"]) / 1e3))
     busy = _union_ms(intervals) / reps
+    span = (max(e for _, e in intervals) - min(s for s, _ in intervals)) / reps if intervals else 0.0
     gemm = sum(sum(v) for n, v in per_name.items() if any(key in n.lower() for key in GEMM_KEYS)) / reps
     top = sorted(per_name.items(), key=lambda kv: -sum(kv[1]))[:25]
     return {
         "busy_ms": busy,
+        "profiled_rep_ms": statistics.median(rep_ms),
+        "idle_in_reps_ms": max(0.0, sum(rep_ms) / reps - busy),
+        "idle_in_span_ms": max(0.0, span - busy),
         "gemm_ms": gemm,
         "launches_per_rep": sum(len(v) for v in per_name.values()) / reps,
         "top": [
@@ -258,7 +271,7 @@ def bench_shape(shape: Shape, reps: int, with_tt: bool, peak: float, align8: boo
         ms = time_reps(step, reps, 3, sync_each=False)
         host_ms: list[float] = []
         ms_sync = time_reps(step, max(5, reps // 2), 1, sync_each=True, host_ms=host_ms)
-        prof = profile_kernels(step, 5)
+        prof = profile_kernels(step, 10)
         layer_ms = statistics.median(ms)
         prefix = "layer" if name == "ours" else name
         row[f"{prefix}_ms"] = layer_ms
@@ -266,7 +279,10 @@ def bench_shape(shape: Shape, reps: int, with_tt: bool, peak: float, align8: boo
         row[f"{prefix}_host_issue_ms"] = statistics.median(host_ms)
         row[f"{prefix}_gemm_ms"] = prof["gemm_ms"]
         row[f"{prefix}_busy_ms"] = prof["busy_ms"]
-        row[f"{prefix}_gpu_idle_ms"] = max(0.0, layer_ms - prof["busy_ms"])
+        row[f"{prefix}_gpu_idle_ms"] = prof["idle_in_reps_ms"]
+        row[f"{prefix}_idle_in_span_ms"] = prof["idle_in_span_ms"]
+        row[f"{prefix}_profiled_ms"] = prof["profiled_rep_ms"]
+        row[f"{prefix}_ms_minus_busy"] = max(0.0, layer_ms - prof["busy_ms"])
         row[f"{prefix}_launches"] = prof["launches_per_rep"]
         row[f"{prefix}_top_kernels"] = prof["top"]
         row[f"{prefix}_runtime_calls"] = prof["runtime_calls_per_rep"]
