@@ -163,16 +163,18 @@ def time_reps(
     return [a.elapsed_time(b) for a, b in ev]
 
 
-def profile_kernels(step: Callable[[], None], reps: int) -> dict:
+def profile_kernels(step: Callable[[], None], reps: int, *, cpu: bool = False) -> dict:
     """Kernel time per rep from a profiler trace: total (busy), grouped GEMM, the top kernels;
     and the GPU idle time inside the same reps: CUDA-event time of each rep minus the busy time
-    of its kernels (same run, same clocks), plus the idle of the whole profiled span."""
+    of its kernels (same run, same clocks), plus the idle of the whole profiled span. `cpu`
+    also traces CPU-side ops (their summary), at the price of more host overhead."""
     from torch.profiler import ProfilerActivity, profile
 
     step()
     torch.cuda.synchronize()
     ev = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(reps)]
-    with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
+    activities = [ProfilerActivity.CUDA, ProfilerActivity.CPU] if cpu else [ProfilerActivity.CUDA]
+    with profile(activities=activities) as prof:
         for a, b in ev:
             a.record()
             step()
