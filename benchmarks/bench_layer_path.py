@@ -198,6 +198,8 @@ def profile_kernels(step: Callable[[], None], reps: int, *, cpu: bool = False) -
             continue
         per_name.setdefault(evt["name"], []).append(evt["dur"] / 1e3)
         intervals.append((evt["ts"] / 1e3, (evt["ts"] + evt["dur"]) / 1e3))
+    if not intervals and not cpu:  # some profiler builds record kernels only with CPU tracing on
+        return profile_kernels(step, reps, cpu=True)
     busy = _union_ms(intervals) / reps
     span = (max(e for _, e in intervals) - min(s for s, _ in intervals)) / reps if intervals else 0.0
     gemm = sum(sum(v) for n, v in per_name.items() if any(key in n.lower() for key in GEMM_KEYS)) / reps
