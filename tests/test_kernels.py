@@ -14,8 +14,10 @@ from _dist import dense_moe, forced_routing, rel_err
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from micromoe.runtime import MoEConfig, MoELayer
 from micromoe.runtime.dispatch_fast import device_rows, fast_combine, fast_dispatch
 from micromoe.runtime.experts import grouped_mm
+from micromoe.runtime.idle import HostWaitProbe
 from micromoe.runtime.kernels import combine_tokens, permute_tokens, swiglu
 from micromoe.runtime.router import TopKRouter
 
@@ -161,3 +163,16 @@ def test_lean_router_gates_equal_normalized_softmax():
     )
     for a, b in zip(g_lean, g_full, strict=True):  # both paths round the softmax to float32
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_host_wait_probe_and_layer_stats_on_cpu():
+    """On CPU the reference path runs: its stats read eagerly, and no GPU idle is reported."""
+    probe = HostWaitProbe(torch.device("cpu")).stop()
+    assert probe.gpu_idle_ms == 0.0 and probe.host_s >= 0.0
+    torch.manual_seed(5)
+    layer = MoELayer(MoEConfig(hidden=8, ffn_hidden=6, num_experts=4, top_k=2))
+    expert = torch.tensor([[0, 1], [1, 3], [3, 0]])
+    layer(torch.randn(3, 8), forced_expert=expert)
+    stats = layer.last_stats
+    assert stats.gpu_idle_ms == 0.0 and stats.plan is None and stats.route_s >= 0.0
+    assert stats.slot_load.tolist() == [2, 2, 0, 2] and stats.counts_ge.tolist() == [[2, 2, 0, 2]]
