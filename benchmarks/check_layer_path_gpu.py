@@ -6,7 +6,7 @@
    and bf16, odd sizes, with the caching allocator's free blocks poisoned with NaN first (an
    unwritten output element shows up as NaN).
 2. The layer on the fast path against the same layer on the reference pipeline (same weights,
-   inputs and forced Zipf routing), bf16: output and every gradient; and both against the test
+   inputs and forced Zipf routing), bf16: output and every gradient; and the fast path against the test
    suite's float32 dense reference (bf16 weights upcast), output and every gradient.
 3. The fast path without group padding (align 1, what torchtitan's local path does), in a child
    process: a grouped GEMM that rejects unaligned groups may kill the CUDA context.
