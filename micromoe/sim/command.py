@@ -176,7 +176,7 @@ def _add_balancer_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="also score every balancer in predicted expert time with this cost model: a bundled "
         f"name ({', '.join(bundled_models()) or 'see micromoe/data/cost_models'}) or a file from "
-        "`micromoe calibrate`",
+        "`micromoe calibrate`; microep and microep-ar then also plan and re-place by it",
     )
 
 
@@ -208,6 +208,7 @@ def run(args: argparse.Namespace) -> int:
         lplb_solver=args.lplb_solver,
         ar_interval=args.ar_interval,
         seed=args.seed,
+        cost_model=cost,  # microep and microep-ar also plan with it (the others only get scored)
     )
     log.info(
         "simulating %d workload(s) x %d micro-batches on %d GPUs",
