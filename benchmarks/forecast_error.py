@@ -1,15 +1,16 @@
-"""How much per-layer expert loads vary between micro-batches of a real training run, and what
-that variation costs a placement chosen from a forecast (EPLB) against per-micro-batch balancing.
+"""What the between-micro-batch variation of expert loads in a training run costs a placement
+built from a forecast (EPLB), against per-micro-batch balancing (MicroEP); complements
+`routing_variability.py` (shares' spread and skew).
 
 Reads a `micromoe train --record-routing` log (JSON lines: step, micro_batch, layer, counts[G][E]
 of one MicroEP group) and reports per layer:
-- share_cv: coefficient of variation over micro-batches of each expert's share of the layer's
-  rows (median over experts);
-- within_step_sd / between_step_sd: with gradient accumulation, the std of an expert's share
-  between micro-batches of the same step (weights unchanged: data noise only) and the std of the
-  step means (adds the drift of the router as it trains), median over experts;
+- within_step_sd / between_step_sd / iid_token_sd: with gradient accumulation, the std of an
+  expert's share between micro-batches of the same step (weights unchanged: data noise only), the
+  std of the step means (adds the router's drift as it trains), and what the within-step std
+  would be if tokens chose experts independently (binomial), median over experts;
 - tv_next / tv_window: total-variation distance of a micro-batch's share vector from the previous
-  micro-batch's and from the mean of the previous `--window` micro-batches (the forecast);
+  micro-batch's and from the mean of the previous `--window` micro-batches (the forecast): the
+  share of rows a perfect forecaster of that kind would misplace;
 - max/mean GPU load per micro-batch, mean over micro-batches, on G GPUs with `--replicas` slots
   per expert: plain EP; EPLB placed for the previous window (even split over replicas, as EPLB
   runs); EPLB placed for the micro-batch itself (a perfect forecast); MicroEP on the symmetric
@@ -18,12 +19,13 @@ of one MicroEP group) and reports per layer:
 The gap between EPLB-window and EPLB-oracle is what the variation costs a forecast placement;
 the gap from there to MicroEP is what fine-grained balancing buys.
 
-    PYTHONPATH=. python benchmarks/routing_variation.py micromoe/data/traces/tiny_routing.jsonl
+    PYTHONPATH=. python benchmarks/forecast_error.py micromoe/data/traces/tiny_routing.jsonl
 """
 
 from __future__ import annotations
 
 import argparse
+import gzip
 import json
 from collections import defaultdict
 from pathlib import Path
@@ -43,7 +45,8 @@ def read_log(path: Path) -> tuple[int, dict[int, list[tuple[int, int, npt.NDArra
     over the sources)."""
     out: dict[int, list[tuple[int, int, npt.NDArray[np.int64]]]] = defaultdict(list)
     num_gpus = 0
-    for line in path.read_text().splitlines():
+    text = gzip.decompress(path.read_bytes()).decode() if path.suffix == ".gz" else path.read_text()
+    for line in text.splitlines():
         if line.strip():
             rec = json.loads(line)
             counts = np.asarray(rec["counts"], dtype=np.int64)
@@ -59,19 +62,23 @@ def tv(p: FloatArray, q: FloatArray) -> float:
     return 0.5 * float(np.abs(p - q).sum())
 
 
-def variation(records: list[tuple[int, int, npt.NDArray[np.int64]]], window: int) -> dict[str, float]:
+def variation(
+    records: list[tuple[int, int, npt.NDArray[np.int64]]], window: int, top_k: int
+) -> dict[str, float]:
     steps = np.array([r[0] for r in records])
     loads = np.stack([r[2] for r in records]).astype(np.float64)
     shares = loads / loads.sum(axis=1, keepdims=True)
     out = {"micro_batches": len(records), "rows_per_micro_batch": float(loads.sum(axis=1).mean())}
-    out["share_cv"] = float(np.median(shares.std(axis=0) / shares.mean(axis=0)))
-    out["hottest_share_x_E"] = float((shares.max(axis=1) * shares.shape[1]).mean())
     uniq = np.unique(steps)
     if len(records) > len(uniq):  # gradient accumulation: several micro-batches per step
         within = np.mean([shares[steps == s].var(axis=0) for s in uniq], axis=0)
         step_means = np.stack([shares[steps == s].mean(axis=0) for s in uniq])
         out["within_step_sd"] = float(np.median(np.sqrt(within)))
         out["between_step_sd"] = float(np.median(step_means.std(axis=0)))
+        # the same spread if every token chose independently: count_e ~ Binomial(T, q_e), q_e = k * share_e
+        q = np.clip(top_k * shares.mean(axis=0), 0.0, 1.0)
+        tokens = loads.sum(axis=1).mean() / top_k
+        out["iid_token_sd"] = float(np.median(np.sqrt(q * (1 - q) / tokens) / top_k))
     out["tv_next"] = float(np.mean([tv(shares[i], shares[i - 1]) for i in range(1, len(shares))]))
     out["tv_window"] = float(
         np.mean([tv(shares[i], shares[i - window : i].mean(axis=0)) for i in range(window, len(shares))])
@@ -105,9 +112,12 @@ def balance(
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("log", type=Path, help="routing log (JSON lines) of micromoe train --record-routing")
+    ap.add_argument(
+        "log", type=Path, help="routing log (JSON lines, optionally .gz) of micromoe train --record-routing"
+    )
     ap.add_argument("--window", type=int, default=8, help="micro-batches in the forecast window")
     ap.add_argument("--replicas", type=int, default=2, help="slots per expert for EPLB and MicroEP")
+    ap.add_argument("--top-k", type=int, default=2, help="experts per token of the logged model")
     ap.add_argument("--skip-steps", type=int, default=0, help="ignore the first N optimizer steps")
     ap.add_argument("--json", type=Path, default=None, help="write the table as JSON")
     args = ap.parse_args()
@@ -118,7 +128,7 @@ def main() -> None:
         rows.append(
             {
                 "layer": layer,
-                **variation(recs, args.window),
+                **variation(recs, args.window, args.top_k),
                 **balance(recs, gpus, args.replicas, args.window),
             }
         )
