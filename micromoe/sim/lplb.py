@@ -26,8 +26,9 @@ So every expert has exactly 2 replicas (original + copy) and load moves only alo
 Per micro-batch: minimize T subject to, for every GPU g,
   sum_{e original on g} (L_e - f_e) + sum_{e copied onto g} f_e <= T,  0 <= f_e <= L_e,
 solved exactly by HiGHS (warm-started: only bounds change); the copy takes round(f_e) tokens.
-LPLB itself solves the LP approximately (a few interior-point iterations on the GPU); this
-version gets the exact optimum, so it shows what LPLB's topology allows, not its solver's error.
+LPLB itself solves the LP approximately (5 interior-point iterations on the GPU); `LplbSolver`
+gets the exact optimum, so it shows what LPLB's topology allows, not its solver's error.
+`LplbIpmSolver` (`--lplb-solver ipm`) runs LPLB's own 5 steps instead, for comparison.
 """
 
 from __future__ import annotations
