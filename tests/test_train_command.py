@@ -52,6 +52,7 @@ def test_defaults_then_preset_then_flags():
         (["--max-steps", "0"], "--max-steps must be a positive integer"),
         (["--lr", "0.1", "--min-lr", "0.5"], "min_lr <= lr"),
         (["--seq-len", "1000000"], "too few for sequences"),
+        (["--dispatcher", "ep", "--cost-model", "auto"], "--dispatcher ep has none"),
     ],
 )
 def test_user_mistakes_are_one_line_errors(capsys, argv, message):
@@ -77,8 +78,10 @@ def test_unknown_option_and_preset_exit():
 
 
 def test_two_process_run_writes_log_report_and_routing(tmp_path):
+    """Also plans with a cost model calibrated at start-up (--cost-model auto)."""
     out, routing = tmp_path / "run", tmp_path / "routing.jsonl"
     argv = [*TINY, "--nproc", "2", "--max-steps", "3", "--eval-interval", "2", "--out", str(out)]
+    argv += ["--cost-model", "auto"]
     assert main(["train", *argv, "--record-routing", str(routing), "--no-save"]) == 0
     recs = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in recs] == [0, 1, 2]

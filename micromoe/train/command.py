@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import inspect
 import json
 import logging
 import os
@@ -26,7 +25,6 @@ import torch.multiprocessing as mp
 
 from micromoe.allocator import tune_allocator
 from micromoe.model import PRESETS, ModelConfig, preset
-from micromoe.runtime import apply_expert_parallel
 from micromoe.train import checkpoint as ckpt
 from micromoe.train.config import TrainConfig, resolve
 from micromoe.train.data import TokenData, load_tokens
@@ -144,20 +142,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     q.add_argument(
         "--replace-threshold", type=float, help="adaptive replacement: re-place when the score exceeds this"
     )
-    q.add_argument("--cost-model", help="time-aware scheduling cost model (where the runtime supports it)")
+    q.add_argument(
+        "--cost-model",
+        help="MicroEP plans for predicted GPU time: a bundled cost-model name, a JSON path, 'bundled' (this GPU and layer shape) or 'auto' (calibrated at start-up); also scores placements for --replace-interval",
+    )
     q.add_argument("--timeout", type=float, help="seconds before a stuck collective fails (300)")
 
 
 def resolve_configs(args: argparse.Namespace, world: int, vocab_min: int) -> tuple[TrainConfig, ModelConfig]:
     """TrainConfig and ModelConfig for `world` ranks; ValueError on any inconsistency."""
     flags = dict(vars(args))
-    if (
-        flags.get("cost_model") is not None
-        and "cost_model" not in inspect.signature(apply_expert_parallel).parameters
-    ):
-        raise ValueError(
-            "--cost-model: this runtime's dispatcher does not take a cost model yet; leave it out"
-        )
+    if flags.get("cost_model") is not None and flags.get("dispatcher") == "ep":
+        raise ValueError("--cost-model plans MicroEP's replica split; --dispatcher ep has none: drop it")
     cfg = resolve(args.preset, flags)
     overrides = {field: flags.get(flag) for flag, field in MODEL_FLAGS.items()}
     model_cfg = preset(args.preset, **overrides)

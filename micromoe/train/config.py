@@ -51,6 +51,7 @@ class TrainConfig:
     placement: PlacementKind = "symmetric"
     replace_interval: int = 0
     replace_threshold: float = 1.05
+    cost_model: str | None = None  # MicroEP plans for predicted GPU time (runtime's cost-model spec)
     timeout: float = 300.0
 
     def __post_init__(self) -> None:

@@ -92,7 +92,9 @@ def _plot_balance(plt, records, steps, path: Path) -> None:
     axes[1].axhline(1.0, color="k", lw=0.5)
     axes[1].set_xticks(x)
     axes[1].set_ylim(bottom=0.95)
-    axes[1].set(xlabel="MoE layer", ylabel="mean max/mean GPU load", title="Mean over steps (first 10% excluded)")
+    axes[1].set(
+        xlabel="MoE layer", ylabel="mean max/mean GPU load", title="Mean over steps (first 10% excluded)"
+    )
     axes[1].legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)

@@ -92,10 +92,13 @@ def build_run(
         else:
             placements = [build_placement(cfg, par.layout, model_cfg.num_experts, i) for i in range(num_moe)]
         par.groups = build_groups(par.layout, placements, par.rank)  # collective (world)
-        parallelize_model(model, par.groups, par.dispatcher)
+        parallelize_model(model, par.groups, par.dispatcher, cost_model=cfg.cost_model)
     optimizer = make_optimizer(model, cfg)
     spec = BatchSpec(model_cfg.seq_len, cfg.micro_batch, cfg.grad_accum, par.world)
-    replacer = build_replacement(cfg.replace_interval, cfg.replace_threshold, par)
+    # the dispatchers' resolved cost model also scores placements for adaptive replacement
+    moe = model.moe_layers()
+    cost = getattr(moe[0].dispatcher, "cost_model", None) if moe and cfg.cost_model else None
+    replacer = build_replacement(cfg.replace_interval, cfg.replace_threshold, par, seed=cfg.seed, cost=cost)
     run = Run(cfg, model_cfg, par, model, optimizer, data, spec, replacer, 0, flops_per_token, peak_flops)
     if folder is not None:
         _restore(run, folder, meta)
