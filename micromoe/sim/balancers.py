@@ -221,7 +221,8 @@ class MicroEP(Balancer):
         return plan.quota
 
     def info(self) -> dict[str, Any]:
-        return {"slots": int(self.placements[0].num_replicas_total)}
+        p = self.placements[0]  # slots are memory: a time-aware placement may leave some empty
+        return {"slots": int(p.slot_expert.size), "replicas": int(p.num_replicas_total)}
 
 
 class MicroEPAdaptive(MicroEP):
