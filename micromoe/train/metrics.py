@@ -3,7 +3,8 @@
 Balance is max/mean GPU load (rows computed per GPU) inside one MicroEP group of G = d*EP GPUs.
 The plain-EP counterfactual takes the same counts[src, e] and lets each of the d EP groups of EP
 GPUs compute its own sources' tokens, every expert on its single plain-EP host (the planner with
-a one-replica placement, so the rule is the planner's, not a copy).
+a one-replica placement, so the rule is the planner's, not a copy). Each rank measures its own
+MicroEP group; the log (rank 0) shows the first group's, which is every group's when there is one.
 """
 
 from __future__ import annotations
