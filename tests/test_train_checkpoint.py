@@ -90,6 +90,22 @@ def test_checkpoint_holds_config_placements_and_data_position(tmp_path):
         ckpt.load_rank_state(folder, 3, torch.device("cpu"))
 
 
+def test_compatibility_check_names_the_difference():
+    meta = {
+        "world": 4,
+        "dp": 4,
+        "ep": 2,
+        "merge": 2,
+        "dispatcher": "microep",
+        "placement": "symmetric",
+        "model": {},
+    }
+    ckpt.check_compatible(meta, dict(meta))
+    for key, value in (("world", 8), ("ep", 4), ("placement", "random"), ("dispatcher", "ep")):
+        with pytest.raises(ValueError, match=f"{key}="):
+            ckpt.check_compatible(meta, {**meta, key: value})
+
+
 def test_resume_with_another_model_is_a_clear_error(tmp_path):
     _train(tmp_path, max_steps=1)
     tokens, vocab = load_tokens()

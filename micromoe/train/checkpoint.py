@@ -11,8 +11,9 @@ folder to `step_N` and then atomically replaces `latest`. A process killed at an
 either the previous `latest` or the new one, never a partial checkpoint (leftover `.tmp-*` folders
 are ignored and removed by the next save). Multi-node runs need a shared file system.
 
-Resuming needs the same world size, layout and dispatcher; the placements come from the
-checkpoint (adaptive replacement may have changed them). Anything else raises ValueError.
+Resuming needs the same world size, layout, dispatcher, placement kind and model; the placements
+themselves come from the checkpoint (adaptive replacement may have changed them). Anything else
+raises ValueError (no resharding).
 """
 
 from __future__ import annotations
@@ -98,7 +99,7 @@ def read_meta(folder: Path) -> dict[str, Any]:
 
 def check_compatible(meta: dict[str, Any], now: dict[str, Any]) -> None:
     """Raise ValueError unless the checkpoint's world size, layout, dispatcher and model match."""
-    for key in ("world", "dp", "ep", "merge", "dispatcher", "model"):
+    for key in ("world", "dp", "ep", "merge", "dispatcher", "placement", "model"):
         if meta.get(key) != now.get(key):
             raise ValueError(
                 f"the checkpoint was written with {key}={meta.get(key)!r} but this run has {key}="

@@ -62,6 +62,7 @@ def run_meta(run_cfg: TrainConfig, model_cfg: ModelConfig, par: ParallelState) -
         "ep": lay.ep if lay else 1,
         "merge": lay.merge if lay else 1,
         "dispatcher": par.dispatcher if lay else "local",
+        "placement": run_cfg.placement if lay else "local",
         "model": dataclasses.asdict(model_cfg),
         "train": run_cfg.to_dict(),
     }
