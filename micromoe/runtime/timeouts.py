@@ -25,7 +25,7 @@ import torch
 import torch.distributed as dist
 
 DEFAULT_TIMEOUT_S = 300.0  # a few minutes: long enough for a slow CPU step, short next to 30 min
-_PROBE_S = 10.0  # the monitored barrier that looks for stalled ranks waits at most this long
+_PROBE_S = 30.0  # the monitored barrier that looks for stalled ranks waits at most this long
 
 
 class CollectiveTimeout(RuntimeError):
@@ -118,7 +118,7 @@ class Watchdog:
         try:
             dist.monitored_barrier(
                 group=self.probe,
-                timeout=timedelta(seconds=min(self.timeout_s, _PROBE_S)),
+                timeout=timedelta(seconds=min(2 * self.timeout_s, _PROBE_S)),  # room for late arrivals
                 wait_all_ranks=True,
             )
         except RuntimeError as exc:
