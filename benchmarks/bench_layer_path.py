@@ -197,11 +197,11 @@ def profile_kernels(step: Callable[[], None], reps: int, *, cpu: bool = False) -
         if cat not in ("kernel", "gpu_memcpy", "gpu_memset") or "dur" not in evt:
             continue
         per_name.setdefault(evt["name"], []).append(evt["dur"] / 1e3)
-        intervals.append((evt["ts"] / 1e3, (evt["ts"] + evt["dur"]) / 1e3))
+        intervals.append((evt["ts"] / 1e3, (evt["ts"] + evt["dur"]) / 1e3, evt["name"]))
     if not intervals and not cpu:  # some profiler builds record kernels only with CPU tracing on
         return profile_kernels(step, reps, cpu=True)
-    busy = _union_ms(intervals) / reps
-    span = (max(e for _, e in intervals) - min(s for s, _ in intervals)) / reps if intervals else 0.0
+    busy = _union_ms([(a, b) for a, b, _ in intervals]) / reps
+    span = (max(e for _, e, _ in intervals) - min(s for s, _, _ in intervals)) / reps if intervals else 0.0
     gemm = sum(sum(v) for n, v in per_name.items() if any(key in n.lower() for key in GEMM_KEYS)) / reps
     top = sorted(per_name.items(), key=lambda kv: -sum(kv[1]))[:25]
     return {
@@ -215,10 +215,22 @@ def profile_kernels(step: Callable[[], None], reps: int, *, cpu: bool = False) -
             {"name": n[:160], "ms_per_rep": sum(v) / reps, "calls_per_rep": len(v) / reps} for n, v in top
         ],
         "runtime_calls_per_rep": runtime_calls / reps,
+        "top_gaps_ms_per_rep": _gaps(intervals, reps),
         "top_cpu_ops_ms_per_rep": {
             n: ms / reps for n, ms in sorted(cpu_ops.items(), key=lambda kv: -kv[1])[:20]
         },
     }
+
+
+def _gaps(intervals: list[tuple[float, float, str]], reps: int) -> dict[str, float]:
+    """Idle gaps on the GPU timeline, summed by the kernel that ends before and starts after."""
+    out: dict[str, float] = {}
+    ordered = sorted(intervals)
+    for (_, end, before), (start, _, after) in zip(ordered, ordered[1:], strict=False):
+        if start > end:
+            key = f"{before[:50]} -> {after[:50]}"
+            out[key] = out.get(key, 0.0) + (start - end) / reps
+    return dict(sorted(out.items(), key=lambda kv: -kv[1])[:12])
 
 
 def _union_ms(intervals: list[tuple[float, float]]) -> float:
@@ -291,6 +303,7 @@ def bench_shape(shape: Shape, reps: int, with_tt: bool, peak: float, align8: boo
         row[f"{prefix}_top_kernels"] = prof["top"]
         row[f"{prefix}_runtime_calls"] = prof["runtime_calls_per_rep"]
         row[f"{prefix}_top_cpu_ops"] = prof["top_cpu_ops_ms_per_rep"]
+        row[f"{prefix}_top_gaps"] = prof["top_gaps_ms_per_rep"]
         if isinstance(mod, MoELayer):
             row[f"{prefix}_host_wait_idle_ms"] = mod.last_stats.gpu_idle_ms
     row["gemm_ms"], row["gpu_idle_ms"] = row.pop("layer_gemm_ms"), row.pop("layer_gpu_idle_ms")
