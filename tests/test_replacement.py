@@ -113,6 +113,19 @@ def _check_time_aware_second_move(par, model, opt, world: int) -> None:
             assert len(copies) == 1, f"replicas of layer {i} expert {rg.expert} differ after the second move"
 
 
+def _check_disagreement_refused(par, model, opt) -> None:
+    """Ranks that would choose differently (here: a different threshold on rank 0) all refuse
+    with ValueError instead of hanging in the migration's collectives; nothing moves."""
+    before = list(par.groups)
+    ar = AdaptiveReplacement(par, interval=1, threshold=1.0 if par.rank == 0 else 50.0)
+    for i in range(CFG.num_moe_layers):
+        hot = int(np.argmin(par.groups[i].placement.replica_counts))  # an expert with few replicas
+        ar.observe(i, np.tile(np.where(np.arange(CFG.num_experts) == hot, 100, 1), (4, 1)))  # 93% of rows
+    with pytest.raises(ValueError, match="different placements"):
+        ar.maybe_replace(0, model, opt)
+    assert par.groups == before
+
+
 def _worker(rank: int, world: int) -> dict:
     par, model, opt = _build(rank, world)
     par_ref, ref, ref_opt = _build(rank, world)
@@ -156,6 +169,7 @@ def _worker(rank: int, world: int) -> dict:
             assert len(copies) == 1, f"replicas of layer {i} expert {rg.expert} differ"
     assert ar.maybe_replace(3, model, opt) == [], "no check between intervals"
     _check_time_aware_second_move(par, model, opt, world)
+    _check_disagreement_refused(par, model, opt)
     state = ar.state_dict()
     fresh = AdaptiveReplacement(par, interval=2, threshold=1.02)
     fresh.load_state_dict(state)

@@ -222,7 +222,8 @@ def _all_gather(out: torch.Tensor, mine: torch.Tensor, group: dist.ProcessGroup)
     gather(out.reshape(-1), mine.reshape(-1), group=group)
 
 
-def _placement_hash(placement: Placement) -> int:
+def placement_hash(placement: Placement) -> int:
+    """A signed 64-bit hash of the slot table (for cross-rank agreement checks)."""
     digest = hashlib.blake2b(placement.key(), digest_size=8).digest()
     return int.from_bytes(digest, "little", signed=True)
 
@@ -236,7 +237,7 @@ def _agree(
     device: torch.device,
 ) -> None:
     """Raise ValueError on every rank unless all ranks are valid and agree on everything."""
-    h = 0 if problem else _placement_hash(placement)
+    h = 0 if problem else placement_hash(placement)
     mine = torch.tensor([int(bool(problem)), h, bundle_bytes, step], dtype=torch.int64, device=device)
     world = groups.layout.world_size
     out = mine.new_empty(world * mine.numel())

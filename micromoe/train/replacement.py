@@ -29,7 +29,8 @@ import torch.distributed as dist
 
 from micromoe.plan import LoadTracker, Replacement, decide_replacement
 from micromoe.plan.timed import SlotCostModel
-from micromoe.runtime.migrate import GroupCache, MigrationStats, migrate_layer
+from micromoe.runtime import MoELayer
+from micromoe.runtime.migrate import GroupCache, MigrationStats, migrate_layer, placement_hash
 from micromoe.train.parallel import ParallelState
 
 log = logging.getLogger("micromoe.train")
@@ -129,34 +130,66 @@ class AdaptiveReplacement:
             raise ValueError(
                 f"the model has {len(layers)} MoE layers, the run's groups {len(self.parallel.groups)}"
             )
-        events = []
+        decisions: list[Replacement | None] = []
         for i, layer in enumerate(layers):
-            if not np.isfinite(loads_le[i]).all():
+            decisions.append(self._decide(step, i, layer, loads_le[i]))
+        self._check_agreement(decisions)  # collective inside
+        events = []
+        for i, (layer, decision) in enumerate(zip(layers, decisions, strict=True)):
+            if decision is None or not decision.replace:
                 continue
-            self.tracker.observe(i, loads_le[i])
-            groups = self.parallel.groups[i]
-            decision = decide_replacement(
-                self.tracker.forecast(i),
-                groups.placement,
-                threshold=self.threshold,
-                min_gain=self.min_gain,
-                seed=self.seed + 7919 * step + i,
-                num_samples=self.num_samples,
-                cost=self.cost,
-            )
-            self.checks.append(
-                {"step": step, "layer": i, "score": decision.current_score, "replace": decision.replace}
-            )
-            if not decision.replace:
-                continue
-            new_groups, stats = migrate_layer(
-                layer, groups, decision.placement, optimizer=optimizer, group_cache=self._cache
+            new_groups, stats = migrate_layer(  # collectives inside (world, MicroEP, replica groups)
+                layer,
+                self.parallel.groups[i],
+                decision.placement,
+                optimizer=optimizer,
+                group_cache=self._cache,
             )
             self.parallel.groups[i] = new_groups
             events.append(_event(step, i, decision, stats))
             if self.parallel.rank == 0:
                 log.info("step %d: MoE layer %d re-placed: %s", step, i, events[-1]["reason"])
         return events
+
+    def _decide(
+        self, step: int, i: int, layer: MoELayer, loads: npt.NDArray[np.float64]
+    ) -> Replacement | None:
+        """Layer i's decision on this check (None: it saw no micro-batch). The score is in predicted
+        time when this hook or the layer's dispatcher has a cost model, else T*/mean."""
+        if not np.isfinite(loads).all():
+            return None
+        self.tracker.observe(i, loads)
+        cost = self.cost if self.cost is not None else getattr(layer.dispatcher, "cost_model", None)
+        decision = decide_replacement(
+            self.tracker.forecast(i),
+            self.parallel.groups[i].placement,
+            threshold=self.threshold,
+            min_gain=self.min_gain,
+            seed=self.seed + 7919 * step + i,
+            num_samples=self.num_samples,
+            cost=cost,
+        )
+        self.checks.append(
+            {"step": step, "layer": i, "score": decision.current_score, "replace": decision.replace}
+        )
+        return decision
+
+    def _check_agreement(self, decisions: list[Replacement | None]) -> None:
+        """Raise ValueError on every rank unless all ranks chose the same placements (a difference,
+        e.g. from per-rank cost models, would otherwise hang the migration's collectives)."""
+        mine = [placement_hash(d.placement) if d is not None and d.replace else 0 for d in decisions]
+        world = self.parallel.world
+        local = torch.tensor(mine, dtype=torch.int64, device=self.parallel.device)
+        gathered = [torch.empty_like(local) for _ in range(world)]
+        # collective (world): every rank's chosen placements, as hashes
+        dist.all_gather(gathered, local)
+        table = torch.stack(gathered).cpu().numpy()  # host sync
+        differ = np.flatnonzero((table != table[0]).any(axis=0))
+        if differ.size:
+            raise ValueError(
+                f"adaptive replacement: ranks chose different placements for MoE layers {differ.tolist()} "
+                "(their forecasts or cost models differ); nothing moved. Give every rank the same cost model."
+            )
 
     def _gather_loads(self) -> npt.NDArray[np.float64]:
         """float64 [L, E]: mean per-micro-batch load of one MicroEP group since the last check,
