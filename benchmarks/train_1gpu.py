@@ -30,10 +30,23 @@ from micromoe.train.parallel import ParallelState
 from micromoe.train.trainer import build_run
 
 
-def _run(name: str, micro_batch: int, steps: int, device: torch.device, peak: float | None, out: Path):
+def _run(
+    name: str,
+    micro_batch: int,
+    compile_: bool,
+    steps: int,
+    device: torch.device,
+    peak: float | None,
+    out: Path,
+):
     tokens, vocab = load_tokens()
-    flags = {"out": str(out / f"mb{micro_batch}"), "max_steps": steps, "eval_interval": 0, "save": False}
-    cfg = resolve(name, {**flags, "micro_batch": micro_batch, "warmup_steps": 5})
+    flags = {
+        "out": str(out / f"mb{micro_batch}{compile_}"),
+        "max_steps": steps,
+        "eval_interval": 0,
+        "save": False,
+    }
+    cfg = resolve(name, {**flags, "micro_batch": micro_batch, "warmup_steps": 5, "compile": compile_})
     model_cfg = preset(name)
     par = ParallelState(0, 1, device, None, "ep")
     Path(cfg.out).mkdir(parents=True, exist_ok=True)
@@ -79,6 +92,9 @@ def main() -> None:
     ap.add_argument("--preset", default="small")
     ap.add_argument("--micro-batches", default="8,16", help="micro-batch sizes to try")
     ap.add_argument("--steps", type=int, default=25)
+    ap.add_argument(
+        "--compile", default="on", choices=["on", "off", "both"], help="fuse RoPE (torch.compile)"
+    )
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     tune_allocator()
@@ -88,15 +104,19 @@ def main() -> None:
         print(f"measured bf16 matmul peak: {peak / 1e12:.0f} TFLOP/s", flush=True)
     out = Path(tempfile.mkdtemp(prefix="train1gpu_"))
     rows, best = [], None
-    for mb in (int(v) for v in args.micro_batches.split(",")):
+    compiles = {"on": [True], "off": [False], "both": [False, True]}[args.compile]
+    for mb, comp in ((int(v), c) for v in args.micro_batches.split(",") for c in compiles):
         try:
-            run, records = _run(args.preset, mb, args.steps, device, peak, out)
-        except torch.OutOfMemoryError as exc:
-            rows.append({"micro_batch": mb, "error": f"OOM: {str(exc)[:200]}"})
+            run, records = _run(args.preset, mb, comp, args.steps, device, peak, out)
+        except Exception as exc:  # noqa: BLE001 - an OOM or a compiler failure is a result row
+            rows.append(
+                {"micro_batch": mb, "compile": comp, "error": f"{type(exc).__name__}: {str(exc)[:300]}"}
+            )
             continue
         tail = records[len(records) // 2 :]
         row = {
             "micro_batch": mb,
+            "compile": comp,
             "tokens_per_step": run.spec.global_batch * run.spec.seq_len,
             "tokens_per_s": statistics.median(r["tokens_per_s"] for r in tail),
             "step_ms": 1e3 * statistics.median(r["step_s"] for r in tail),

@@ -53,6 +53,25 @@ def test_rope_scores_depend_only_on_relative_position():
     torch.testing.assert_close(apply_rope(x, table).norm(dim=-1), x.norm(dim=-1))
 
 
+def test_fuse_pointwise_swaps_rope_without_changing_the_math():
+    torch.manual_seed(0)
+    model = MoETransformer(SMALL)
+    idx = torch.randint(0, 64, (2, 16))
+    want = model(idx)[0]
+    calls = []
+
+    def fake_compiler(fn):
+        def wrapped(*args):
+            calls.append(1)
+            return fn(*args)
+
+        return wrapped
+
+    model.fuse_pointwise(compiler=fake_compiler)
+    torch.testing.assert_close(model(idx)[0], want, rtol=0, atol=0)
+    assert len(calls) == 2 * SMALL.num_layers  # q and k of every block
+
+
 def test_param_counts_match_the_formula():
     cfg = ModelConfig(
         vocab_size=64, seq_len=16, num_layers=3, hidden=32, num_heads=4, ffn_hidden=16, num_experts=4,

@@ -13,6 +13,7 @@ heads, hd head dim.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -158,6 +159,7 @@ class Attention(nn.Module):
         self.nh, self.nkv, self.hd = cfg.num_heads, cfg.kv_heads, cfg.dim_head
         self.qkv = nn.Linear(cfg.hidden, (self.nh + 2 * self.nkv) * self.hd, bias=False)
         self.proj = nn.Linear(self.nh * self.hd, cfg.hidden, bias=False)
+        self.rope_fn = apply_rope  # `MoETransformer.fuse_pointwise` may swap in a fused version
 
     def forward(self, x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
         b, t, _ = x.shape  # x [B, T, C]
@@ -165,7 +167,7 @@ class Attention(nn.Module):
         q = q.view(b, t, self.nh, self.hd).transpose(1, 2)  # [B, nh, T, hd]
         k = k.view(b, t, self.nkv, self.hd).transpose(1, 2)  # [B, nkv, T, hd]
         v = v.view(b, t, self.nkv, self.hd).transpose(1, 2)
-        q, k = apply_rope(q, rope[:, :t]), apply_rope(k, rope[:, :t])
+        q, k = self.rope_fn(q, rope[:, :t]), self.rope_fn(k, rope[:, :t])
         if self.nkv != self.nh:  # grouped-query attention: share each K/V head over nh/nkv queries
             k = k.repeat_interleave(self.nh // self.nkv, dim=1)
             v = v.repeat_interleave(self.nh // self.nkv, dim=1)
@@ -230,6 +232,14 @@ class MoETransformer(nn.Module):
                 1 / math.sqrt(2 * self.cfg.num_layers) if name.endswith(("proj.weight", "down.weight")) else 1
             )
             nn.init.normal_(p, std=std * scale)
+
+    def fuse_pointwise(self, compiler: Callable[[Callable], Callable] = torch.compile) -> None:
+        """Run RoPE as one fused kernel forward and one backward (on GPU: `torch.compile`); same
+        math. The MoE layers stay eager (their dispatch syncs with the host)."""
+        rope = compiler(apply_rope)
+        for m in self.modules():
+            if isinstance(m, Attention):
+                m.rope_fn = rope
 
     def moe_layers(self) -> list[MoELayer]:
         """The MoE layers in depth order (index i = MoE layer i, as logged and checkpointed)."""

@@ -105,6 +105,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=None,
         help="bf16 weights on GPU (on by default; CPU runs fp32)",
     )
+    r.add_argument(
+        "--compile",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="on GPU, fuse RoPE with torch.compile (on for the small preset)",
+    )
     r.add_argument("--ckpt-interval", type=int, help="checkpoint every N steps (0 = only at the end)")
     r.add_argument(
         "--save", action=argparse.BooleanOptionalAction, default=None, help="write checkpoints (on)"

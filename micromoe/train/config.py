@@ -38,6 +38,7 @@ class TrainConfig:
     seed: int = 0
     out: str = "runs/train"
     bf16: bool = True  # on GPU; CPU always runs float32
+    compile: bool = False  # on GPU: fuse RoPE with torch.compile
     ckpt_interval: int = 0  # 0 = only at the end
     save: bool = True  # write checkpoints at all
     resume: bool = False
@@ -82,7 +83,14 @@ class TrainConfig:
 # training defaults per model preset (between TrainConfig's defaults and the flags)
 RUN_PRESETS: dict[str, dict[str, Any]] = {
     "tiny": {"micro_batch": 8, "lr": 3e-3, "min_lr": 3e-4, "warmup_steps": 20, "max_steps": 500},
-    "small": {"micro_batch": 32, "lr": 6e-4, "min_lr": 6e-5, "warmup_steps": 50, "max_steps": 1000},
+    "small": {
+        "compile": True,
+        "micro_batch": 32,
+        "lr": 6e-4,
+        "min_lr": 6e-5,
+        "warmup_steps": 50,
+        "max_steps": 1000,
+    },
     "gpt-32x1.3b": {"micro_batch": 4, "lr": 3e-4, "min_lr": 3e-5, "warmup_steps": 200, "max_steps": 10000},
     "mixtral-8x7b": {"micro_batch": 1, "lr": 3e-4, "min_lr": 3e-5, "warmup_steps": 200, "max_steps": 10000},
     "qwen3-30b-a3b": {"micro_batch": 1, "lr": 3e-4, "min_lr": 3e-5, "warmup_steps": 200, "max_steps": 10000},

@@ -82,6 +82,8 @@ def build_run(
     if par.device.type == "cuda" and cfg.bf16:
         for p in model.parameters():  # bf16 weights (grouped GEMMs need them); buffers stay fp32
             p.data = p.data.to(torch.bfloat16)
+    if par.device.type == "cuda" and cfg.compile:
+        model.fuse_pointwise()
     if par.distributed:
         num_moe = model_cfg.num_moe_layers
         if num_moe == 0:
