@@ -27,6 +27,7 @@ import numpy as np
 import numpy.typing as npt
 
 from micromoe.plan.checks import FloatArray, IntArray
+from micromoe.plan.cost import CostModel
 from micromoe.plan.slot_layout import SlotLayout
 from micromoe.plan.timed_kernel import predict_times, timed_plan
 
@@ -78,6 +79,7 @@ class _Tables:
     m_us: float
     m_int: int
     lin: FloatArray  # [2, 2] rows (a, b): f(n) >= a * n + b for n >= 1
+    subadditive: bool  # f(a + b) <= f(a) + f(b): true of CostModel's form (non-negative coefficients)
 
 
 _CACHE: dict[int, tuple[Any, _Tables]] = {}
@@ -119,6 +121,7 @@ def cost_tables(cost: SlotCostModel, max_rows: int) -> _Tables:
         m_us=m_us,
         m_int=int(round(m_us * FIXED_POINT)),
         lin=_linear_minorants(f),
+        subadditive=isinstance(cost, CostModel),
     )
     for a in (tables.f_us, tables.f_int, tables.lin):
         a.setflags(write=False)
@@ -189,6 +192,7 @@ def time_quota(
         tables.m_int,
         tables.m_us,
         tables.lin,
+        tables.subadditive,
         cert,
         p.graph,
         steps_cap,

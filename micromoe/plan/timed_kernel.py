@@ -190,12 +190,12 @@ def _refresh(g, t, mx, x, off, f, m, gpu_ptr, gpu_replica):
 
 
 @njit
-def timed_plan(counts, x, off, off_us, f, f_us, m, m_us, lin, cert, graph, max_steps):
+def timed_plan(counts, x, off, off_us, f, f_us, m, m_us, lin, subadditive, cert, graph, max_steps):
     """The whole time-aware pass in one compiled call (see `timed.time_quota`).
 
     Args: counts int64 [G, E]; x int64 [R] the token quota (modified in place); off/off_us
     int64/float64 [G] per-GPU offsets; f/f_us int64/float64 [N+1] slot-cost tables; m/m_us the
-    max-slot coefficient; lin, cert as in `lower_bound_us`; max_steps per search.
+    max-slot coefficient; lin, subadditive, cert as in `lower_bound_us`; max_steps per search.
     Returns (x [R], predicted_us [G], token_predicted_us [G], lower_bound_us, steps).
     """
     host_ptr, host_gpu, gpu_ptr, gpu_replica, replica_expert = graph
@@ -214,7 +214,7 @@ def timed_plan(counts, x, off, off_us, f, f_us, m, m_us, lin, cert, graph, max_s
         x = x0  # the slowest GPU did not get faster: keep the token plan and its locality
         steps = 0
     out_us = predict_times(x, off_us, f_us, m_us, gpu_ptr, gpu_replica)
-    bound = lower_bound_us(load, off_us, f_us, m_us, lin, cert, graph)
+    bound = lower_bound_us(load, off_us, f_us, m_us, lin, subadditive, cert, graph)
     return x, out_us, token_us, bound, steps
 
 
@@ -304,15 +304,17 @@ def predict_times(x, off_us, f_us, m_us, gpu_ptr, gpu_replica):
 
 
 @njit
-def lower_bound_us(load, off_us, f_us, m_us, lin, cert, graph):
+def lower_bound_us(load, off_us, f_us, m_us, lin, subadditive, cert, graph):
     """A valid lower bound (us, fixed term excluded) on the slowest GPU's time of any plan.
 
     Args: load int64 [E]; off_us float64 [G]; f_us float64 [N+1] (N >= max load); m_us float;
-    lin float64 [2, 2]: rows (a, b) with f(n) >= a * n + b for every n >= 1; cert bool [G]: a GPU
-    set (the token plan's Hall set). The best of:
+    lin float64 [2, 2]: rows (a, b) with f(n) >= a * n + b for every n >= 1; subadditive: f(a + b)
+    <= f(a) + f(b) holds (true of the cost model's form), so no split of an expert's load costs
+    less than f(load); cert bool [G]: a GPU set (the token plan's Hall set). The best of:
       - every GPU set S in {all GPUs, cert}: the experts with all replicas in S run there, each
-        costs >= a * load + b and >= 1 active slot; S's slots hold at most max slots-per-GPU
-        each, so their largest slots sum to >= load / that; the slowest GPU of S is >= the mean;
+        costs >= a * load + b (>= f(load) when subadditive); S's GPUs hold at most max
+        replicas-per-GPU slots each, so their largest slots sum to >= load / that; the slowest
+        GPU of S is >= the mean;
       - every GPU alone: the experts that have only this replica (their whole load, f exact);
       - every expert: one replica gets >= ceil(load / replicas) rows.
     """
@@ -337,6 +339,7 @@ def lower_bound_us(load, off_us, f_us, m_us, lin, cert, graph):
             continue
         inside = 0
         active = 0
+        whole = 0.0  # sum of f(load) over the inside experts
         for e in range(num_e):
             ok = True
             for r in range(host_ptr[e], host_ptr[e + 1]):
@@ -346,8 +349,15 @@ def lower_bound_us(load, off_us, f_us, m_us, lin, cert, graph):
             if ok and load[e] > 0:
                 inside += load[e]
                 active += 1
-        for i in range(lin.shape[0]):
-            v = off_sum + lin[i, 0] * inside + lin[i, 1] * active + m_us * inside / max_slots
+                whole += f_us[load[e]]
+        for i in range(lin.shape[0] + 1):
+            if i < lin.shape[0]:
+                work = lin[i, 0] * inside + lin[i, 1] * active
+            elif subadditive:
+                work = whole
+            else:
+                continue
+            v = off_sum + work + m_us * inside / max_slots
             if v / size > best:
                 best = v / size
     for g in range(num_g):
