@@ -82,14 +82,11 @@ class FastMeta:
         pos: int32 [T*K]; grouped row of flat (token, choice) t*K + k.
         weight: [T, K] gate weights (carry the router's gradient).
         counts: the counts, read lazily.
-        offs: int32 [E] on the device; cumsum of the rows per expert (the grouped GEMM's group
-            ends, handed to the experts so they need no scan of their own).
     """
 
     pos: torch.Tensor
     weight: torch.Tensor
     counts: LazyCounts
-    offs: torch.Tensor
 
     plan = None
     route_s = 0.0
@@ -106,9 +103,8 @@ class FastMeta:
 
 def device_rows(
     expert_TK: torch.Tensor, num_experts: int, align: int
-) -> tuple[torch.Tensor, torch.Tensor, int, torch.Tensor, torch.Tensor]:
-    """(pos int32 [T*K], rows int32 [E], N, bounds int32 [E+1], offs int32 [E]): the grouped
-    layout, on the device; offs = cumsum(rows), the grouped GEMM's group ends.
+) -> tuple[torch.Tensor, torch.Tensor, int, torch.Tensor]:
+    """(pos int32 [T*K], rows int32 [E], N, bounds int32 [E+1]): the grouped layout, on the device.
 
     Rows are grouped by expert (stable: by token, then choice, inside one expert); expert e's
     block starts at sum(rows[:e]) and has counts[e] real rows, then zero padding up to rows[e]
@@ -119,44 +115,29 @@ def device_rows(
     """
     n, e = expert_TK.numel(), num_experts
     dev = expert_TK.device
-    keys = _sort_keys(expert_TK.reshape(-1), e)
-    sorted_keys, order = torch.sort(keys, stable=True)
-    bounds = torch.searchsorted(sorted_keys, _arange(e + 1, dev, keys.dtype), out_int32=True)
+    sorted_keys, order = torch.sort(expert_TK.reshape(-1).to(torch.int32), stable=True)
+    bounds = torch.searchsorted(sorted_keys, _arange_i32(e + 1, dev), out_int32=True)
     rows = torch.diff(bounds)
-    row_sorted = _arange(n, dev, torch.int32)  # read-only
+    row_sorted = _arange_i32(n, dev)  # read-only
     if align > 1:
         rows = (rows + (align - 1)) // align * align
-        ends = torch.cumsum(rows, 0, dtype=torch.int32)
         # padded start - sorted start; bounds[0] (ids < 0, bad input only) keeps every row >= 0
-        shift = ends - rows - (bounds[:-1] - bounds[:1])
-        row_sorted = row_sorted + shift[sorted_keys.long().clamp(0, e - 1)]
-    else:
-        ends = bounds[1:]  # = cumsum(rows) for valid ids (bounds[0] = 0)
+        shift = torch.cumsum(rows, 0, dtype=torch.int32) - rows - (bounds[:-1] - bounds[:1])
+        row_sorted = row_sorted + shift[sorted_keys.clamp(0, e - 1)]
     pos = torch.empty(n, device=dev, dtype=torch.int32).scatter_(0, order, row_sorted)
-    return pos, rows, n + e * (align - 1), bounds, ends
+    return pos, rows, n + e * (align - 1), bounds
 
 
-def _sort_keys(flat: torch.Tensor, num_experts: int) -> torch.Tensor:
-    """The ids in the narrowest type the radix sort takes (1 byte: one pass instead of four);
-    ids outside [0, E) map to keys outside [0, E) (-1 or 255, or E), never onto a valid id."""
-    e = num_experts
-    if e < 255:
-        return flat.clamp(-1, e).to(torch.uint8)  # -1 wraps to 255 >= E
-    if e < 32767:
-        return flat.clamp(-1, e).to(torch.int16)
-    return flat.to(torch.int32)
+_ARANGE: dict[tuple[torch.device, int], torch.Tensor] = {}
 
 
-_ARANGE: dict[tuple[torch.device, int, torch.dtype], torch.Tensor] = {}
-
-
-def _arange(n: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    """arange(n) on `device`, cached (one launch fewer per call; callers never write it)."""
-    key = (device, n, dtype)
+def _arange_i32(n: int, device: torch.device) -> torch.Tensor:
+    """arange(n) int32 on `device`, cached (one launch fewer per call; callers never write it)."""
+    key = (device, n)
     if key not in _ARANGE:
         if len(_ARANGE) > 32:
             _ARANGE.clear()
-        _ARANGE[key] = torch.arange(n, device=device, dtype=dtype)
+        _ARANGE[key] = torch.arange(n, device=device, dtype=torch.int32)
     return _ARANGE[key]
 
 
@@ -164,10 +145,10 @@ def fast_dispatch(
     x_TH: torch.Tensor, expert_TK: torch.Tensor, weight_TK: torch.Tensor, num_experts: int, align: int
 ) -> tuple[torch.Tensor, torch.Tensor, FastMeta]:
     """(tokens [N, H], rows int32 [E] on the device, meta): one permute pass, no host sync."""
-    pos, rows, num_rows, bounds, offs = device_rows(expert_TK, num_experts, align)
+    pos, rows, num_rows, bounds = device_rows(expert_TK, num_experts, align)
     tokens = permute_tokens(x_TH, pos, expert_TK.shape[1], num_rows)
     counts = LazyCounts(bounds, weight_TK, expert_TK.numel(), num_experts)
-    return tokens, rows, FastMeta(pos, weight_TK, counts, offs)
+    return tokens, rows, FastMeta(pos, weight_TK, counts)
 
 
 def fast_combine(out_NH: torch.Tensor, meta: FastMeta) -> torch.Tensor:

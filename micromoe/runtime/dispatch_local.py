@@ -77,11 +77,6 @@ class DispatchMeta:
         return self.row_map.slot_load
 
     @property
-    def offs(self) -> None:
-        """No precomputed group offsets: the experts take the cumsum of the rows themselves."""
-        return None
-
-    @property
     def gpu_idle_ms(self) -> float:
         """GPU idle time the host wait for the counts caused (reading it waits for the GPU)."""
         return 0.0 if self.idle is None else self.idle.gpu_idle_ms

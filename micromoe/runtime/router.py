@@ -10,8 +10,6 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from micromoe.runtime.kernels_gate import chosen_softmax
-
 
 @dataclass(frozen=True)
 class RouterOutput:
@@ -96,12 +94,16 @@ class TopKRouter(nn.Module):
         """The same gates from the K chosen logits only: with normalized gates, p_k / sum_j p_j =
         softmax over the chosen logits, and softmax is monotone, so top-k of the logits picks
         what top-k of the probabilities picks. No [T, E] float32 tensor either way."""
-        if forced_expert is not None:  # clamped inside: bad ids are refused when counts are read
+        if forced_expert is not None:  # clamped: bad ids are refused when the counts are read
             expert_TK = forced_expert
+            chosen_TK = logits_TE.gather(1, forced_expert.clamp(0, self.num_experts - 1))
         else:
             expert_TK = torch.topk(logits_TE.detach(), self.top_k, dim=-1).indices
-        weight_TK = chosen_softmax(logits_TE, expert_TK, dtype)  # one fused kernel each way on CUDA
-        return RouterOutput(expert_TK, weight_TK, None, logits_TE.new_zeros((), dtype=torch.float32))
+            chosen_TK = logits_TE.gather(1, expert_TK)
+        weight_TK = torch.softmax(chosen_TK.float(), dim=-1)
+        return RouterOutput(
+            expert_TK, weight_TK.to(dtype), None, logits_TE.new_zeros((), dtype=torch.float32)
+        )
 
     def _aux_loss(self, probs_TE: torch.Tensor, expert_TK: torch.Tensor) -> torch.Tensor:
         if self.aux_loss_coef == 0 or probs_TE.shape[0] == 0:
