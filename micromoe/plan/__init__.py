@@ -13,13 +13,22 @@ Imports run one way, bottom to top:
     layouts                     builders that score candidate layouts with the density lemma
     placement                   `Placement`: a slot layout with its named builders
     highs                       the paper's LP on HiGHS (a selectable backend; `new_highs`)
+    cost                        the expert-GEMM cost model (`CostModel`: predicted GPU time from slot rows)
+    timed_kernel, timed         the time-aware planner (`schedule(..., cost=)`: min predicted slowest GPU)
     schedule                    `schedule` and `Plan`
-    forecast                    load forecasts and the replacement decision
+    timed_layouts               placements scored in predicted time
+    forecast                    load forecasts, the replacement decision and `ReplacementPolicy`
 """
 
 from micromoe.plan.checks import IntArray, positive_int
 from micromoe.plan.density import balance_ratio, lp_optimum, lp_optimum_brute_force, lp_optimum_fraction
-from micromoe.plan.forecast import LoadTracker, Replacement, decide_replacement, placement_score
+from micromoe.plan.forecast import (
+    LoadTracker,
+    Replacement,
+    ReplacementPolicy,
+    decide_replacement,
+    placement_score,
+)
 from micromoe.plan.highs import new_highs
 from micromoe.plan.placement import Placement
 from micromoe.plan.schedule import Plan, certificate_bound, schedule
@@ -30,6 +39,7 @@ __all__ = [
     "Placement",
     "Plan",
     "Replacement",
+    "ReplacementPolicy",
     "balance_ratio",
     "certificate_bound",
     "decide_replacement",
