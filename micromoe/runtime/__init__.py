@@ -3,7 +3,8 @@
 Owns everything between the planner (`micromoe.plan`, pure NumPy) and a model: the validated
 parallel layout and its process groups, the single-device MoE layer (router, grouped SwiGLU
 experts), the token dispatchers (local reference -> all-to-all base -> plain EP and MicroEP), the
-function that applies expert parallelism to a layer, and gradient sync over replicas.
+function that applies expert parallelism to a layer, gradient sync over replicas, and expert
+migration to a new placement (weights and optimizer state).
 It imports only `micromoe.plan`; `model` and `train` build on it.
 
 Build a `ParallelLayout`, then `build_process_groups` once; build a single-device `MoELayer` and
@@ -19,6 +20,7 @@ from micromoe.runtime.grad_sync import sync_dense_gradients, sync_expert_gradien
 from micromoe.runtime.groups import ProcessGroups, ReplicaGroup, build_process_groups
 from micromoe.runtime.layer import MoEConfig, MoELayer, MoEStats
 from micromoe.runtime.layout import ParallelLayout
+from micromoe.runtime.migrate import MigrationStats, migrate_layer
 from micromoe.runtime.parallelize import apply_expert_parallel
 from micromoe.runtime.router import RouterOutput, TopKRouter
 
@@ -29,6 +31,7 @@ __all__ = [
     "GroupedSwiGLU",
     "LocalDispatcher",
     "MicroEPDispatcher",
+    "MigrationStats",
     "MoEConfig",
     "MoELayer",
     "MoEStats",
@@ -41,6 +44,7 @@ __all__ = [
     "apply_expert_parallel",
     "build_process_groups",
     "grouped_mm",
+    "migrate_layer",
     "sync_dense_gradients",
     "sync_expert_gradients",
     "sync_gradients",
