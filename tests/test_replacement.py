@@ -126,7 +126,25 @@ def _check_disagreement_refused(par, model, opt) -> None:
     assert par.groups == before
 
 
+def _check_forecast_over_microep_groups(rank: int, world: int) -> None:
+    """With two MicroEP groups (EP=1, d=2), the forecast is the mean per-micro-batch load of one
+    group over both groups and all micro-batches, identical on every rank."""
+    layout = ParallelLayout(world, world, 1, 2)
+    groups = build_process_groups(layout, Placement.symmetric(2, CFG.num_experts, 2), rank)
+    par = ParallelState(rank, world, torch.device("cpu"), layout, "microep", [groups])
+    ar = AdaptiveReplacement(par, interval=1, threshold=1.02)
+    group = rank // 2  # ranks 0, 1 form MicroEP group 0; ranks 2, 3 group 1
+    batches = [np.full((2, CFG.num_experts), 10 * (group + 1) + m) for m in range(3)]
+    for counts in batches:
+        ar.observe(0, counts)  # both ranks of a group see the same gathered counts
+    want = np.mean(
+        [np.full(CFG.num_experts, 2 * (10 * (g + 1) + m)) for g in range(2) for m in range(3)], axis=0
+    )
+    np.testing.assert_allclose(ar._gather_loads()[0], want)
+
+
 def _worker(rank: int, world: int) -> dict:
+    _check_forecast_over_microep_groups(rank, world)
     par, model, opt = _build(rank, world)
     par_ref, ref, ref_opt = _build(rank, world)
     ar = AdaptiveReplacement(par, interval=2, threshold=1.02)
