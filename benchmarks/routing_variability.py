@@ -21,7 +21,9 @@ from micromoe.sim import load_trace
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("trace")
-    ap.add_argument("--skip", type=int, default=20, help="micro-batches to drop at the start (routing settles)")
+    ap.add_argument(
+        "--skip", type=int, default=20, help="micro-batches to drop at the start (routing settles)"
+    )
     args = ap.parse_args()
     trace = load_trace(args.trace)
     loads = trace.counts.sum(axis=2)[args.skip :].astype(np.float64)  # [M, L, E]
@@ -31,7 +33,9 @@ def main() -> None:
     step_change = np.abs(np.diff(share, axis=0)).mean(axis=0) / mean_share
     per_mb_skew = (loads.max(axis=2) / loads.mean(axis=2)).mean(axis=0)
     avg_skew = mean_share.max(axis=1) * mean_share.shape[1]
-    print(f"{args.trace}: {loads.shape[0]} micro-batches x {loads.shape[1]} layers x {loads.shape[2]} experts")
+    print(
+        f"{args.trace}: {loads.shape[0]} micro-batches x {loads.shape[1]} layers x {loads.shape[2]} experts"
+    )
     print("layer  share CV  step-to-step change  hottest/mean per micro-batch  hottest/mean of the average")
     for layer in range(loads.shape[1]):
         print(
