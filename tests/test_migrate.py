@@ -175,7 +175,12 @@ def _check_migration(rank: int, world: int, ep: int, merge: int) -> dict:
     _check_replicas_identical(moved, opt, new_groups, world)
     _check_errors(rank, moved, new_groups, opt, new)
     _check_resync(rank, moved, new_groups, opt, world)
-    return {"bytes": stats.bytes_moved, "transfers": stats.num_transfers, "resynced": stats.num_resynced}
+    return {
+        "bytes": stats.bytes_moved,
+        "local": stats.bytes_local,
+        "transfers": stats.num_transfers,
+        "resynced": stats.num_resynced,
+    }
 
 
 def _everyones(mine: dict[int, list[torch.Tensor]], world: int) -> dict[int, list[torch.Tensor]]:
@@ -239,4 +244,4 @@ def test_migration_moves_weights_and_adam_state_4_ranks():
     # 2-GPU MicroEP groups swap halves: all 8 experts move in both groups; a bundle is both
     # projections' weights, exp_avg and exp_avg_sq in float32
     bundle = (HIDDEN * 2 * FFN + FFN * HIDDEN) * 4 * 3
-    assert results[0][1] == {"bytes": 16 * bundle, "transfers": 16, "resynced": 0}
+    assert results[0][1] == {"bytes": 16 * bundle, "local": 0, "transfers": 16, "resynced": 0}

@@ -52,7 +52,7 @@ class MigrationStats:
 
     Attributes:
         bytes_moved: bundle bytes sent between ranks, summed over the world (weights + state).
-        bytes_local: bundle bytes copied between slots of the same rank, summed over the world.
+        bytes_local: bundle bytes copied to another slot of the same rank, summed over the world.
         num_transfers: replicas received from another rank, summed over the world.
         num_resynced: replica groups whose copies differed after the move and were re-broadcast
             (0 on a correct migration).
@@ -152,7 +152,7 @@ def migrate_layer(
     remote = int(plan.remote.sum())
     stats = MigrationStats(
         bytes_moved=remote * bundle_bytes * num_groups,
-        bytes_local=(plan.expert.size - remote) * bundle_bytes * num_groups,
+        bytes_local=int((~plan.remote & (plan.src_slot != plan.dst_slot)).sum()) * bundle_bytes * num_groups,
         num_transfers=remote * num_groups,
         num_resynced=resynced,
         ms=(time.perf_counter() - t0) * 1e3,
