@@ -170,8 +170,26 @@ def run_row(
         row["replacements"] = len(events)
         row["migration_ms"] = float(sum(e["ms"] for e in events))
         row["migration_bytes"] = int(sum(e["bytes"] for e in events))
-    del run
+    release_groups(run)
     return row
+
+
+def release_groups(run: Any) -> None:
+    """Destroy the process groups this row created (every variant builds its own; NCCL would keep
+    a communicator for each used one). Collective (world): a barrier first."""
+    if not run.parallel.distributed:
+        return
+    found: dict[int, dist.ProcessGroup] = {}
+    caches = [getattr(run.replacer, "_cache", {})]  # groups adaptive replacement created
+    for groups in run.parallel.groups:
+        for g in (groups.dp, groups.microep, *(rg.group for rg in groups.replicas)):
+            if g is not None:
+                found[id(g)] = g
+    for cache in caches:
+        found.update({id(g): g for g in cache.values() if g is not None})
+    dist.barrier()  # collective (world): nobody still uses them
+    for g in found.values():
+        dist.destroy_process_group(g)
 
 
 def train_config(v: Variant, args: argparse.Namespace) -> TrainConfig:
