@@ -55,7 +55,14 @@ MODEL_FLAGS = {
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """Every option defaults to None so that the preset's value shows through unless given."""
-    m = p.add_argument_group("model")
+    _model_options(p.add_argument_group("model"))
+    _data_options(p.add_argument_group("data"))
+    _optimization_options(p.add_argument_group("optimization"))
+    _run_options(p.add_argument_group("run control"))
+    _parallel_options(p.add_argument_group("parallelism"))
+
+
+def _model_options(m: argparse._ArgumentGroup) -> None:
     m.add_argument(
         "--preset", default="tiny", choices=list(PRESETS), help="model shape and training defaults (tiny)"
     )
@@ -76,13 +83,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     m.add_argument("--aux-loss", type=float, help="load-balancing aux-loss coefficient (0 = off)")
     m.add_argument("--expert-bias-rate", type=float, help="aux-loss-free expert-bias update rate (0 = off)")
-    d = p.add_argument_group("data")
+
+
+def _data_options(d: argparse._ArgumentGroup) -> None:
     d.add_argument(
         "--data",
         help="text file, folder of .txt/.md files, or uint16 .bin (default: bundled tiny-shakespeare)",
     )
     d.add_argument("--val-fraction", type=float, help="share of the tokens held out for validation (0.1)")
-    o = p.add_argument_group("optimization")
+
+
+def _optimization_options(o: argparse._ArgumentGroup) -> None:
     o.add_argument("--micro-batch", type=int, help="sequences per micro-batch per rank")
     o.add_argument("--grad-accum", type=int, help="micro-batches per rank and optimizer step (1)")
     o.add_argument("--global-batch", type=int, help="sequences per optimizer step; sets --grad-accum")
@@ -91,7 +102,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     o.add_argument("--warmup-steps", type=int, help="linear warmup steps")
     o.add_argument("--lr-decay-steps", type=int, help="length of the cosine decay (default: --max-steps)")
     o.add_argument("--weight-decay", type=float, help="AdamW weight decay on matrices (0.1)")
-    r = p.add_argument_group("run control")
+
+
+def _run_options(r: argparse._ArgumentGroup) -> None:
     r.add_argument("--max-steps", type=int, help="optimizer steps to train")
     r.add_argument(
         "--eval-interval", type=int, help="validation loss every N steps and at the end (0 = never)"
@@ -127,7 +140,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--log-interval", type=int, help="steps between progress lines when not on a terminal (10)"
     )
     r.add_argument("--no-report", action="store_true", help="skip the Markdown/PNG report at the end")
-    q = p.add_argument_group("parallelism")
+
+
+def _parallel_options(q: argparse._ArgumentGroup) -> None:
     q.add_argument("--nproc", type=int, help="start N gloo CPU processes (without torchrun)")
     q.add_argument("--dp", type=int, help="data-parallel degree (must equal the world size)")
     q.add_argument("--ep", type=int, help="expert-parallel degree (default: half the world)")
