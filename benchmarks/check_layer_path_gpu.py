@@ -8,7 +8,7 @@
 2. The layer on the fast path against the same layer on the reference pipeline (same weights,
    inputs and forced Zipf routing), bf16: output and every gradient; and the fast path against the test
    suite's float32 dense reference (bf16 weights upcast), output and every gradient.
-3. The fast path without group padding (align 1, what torchtitan's local path does), in a child
+3. The fast path without group padding (align 1: the default, as torchtitan's local path), in a child
    process: a grouped GEMM that rejects unaligned groups may kill the CUDA context.
 Exit code 0 when every check passes.
 """
