@@ -3,9 +3,9 @@
 Legend: S local slots, N rows (slot-major: slot 0's rows, then slot 1's, ...), H hidden, F expert
 FFN hidden. On CUDA with bf16, each projection is one `torch._grouped_mm` over all slots, with
 device-side group offsets (any group size: the reference dispatchers pad groups to 8 rows, the
-single-device fast path does not), and the SwiGLU
-between them is one fused kernel each way (`kernels.swiglu`). Elsewhere a per-slot loop and plain
-torch ops compute the same function (the CPU reference path; never used on the GPU fast path).
+single-device fast path does not), and the SwiGLU between them is one fused kernel each way
+(`kernels.swiglu`). Elsewhere a per-slot loop and plain torch ops compute the same function (the
+CPU reference path; never used on the GPU fast path).
 """
 
 from __future__ import annotations
