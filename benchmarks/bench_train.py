@@ -180,13 +180,11 @@ def release_groups(run: Any) -> None:
     if not run.parallel.distributed:
         return
     found: dict[int, dist.ProcessGroup] = {}
-    caches = [getattr(run.replacer, "_cache", {})]  # groups adaptive replacement created
     for groups in run.parallel.groups:
         for g in (groups.dp, groups.microep, *(rg.group for rg in groups.replicas)):
             if g is not None:
                 found[id(g)] = g
-    for cache in caches:
-        found.update({id(g): g for g in cache.values() if g is not None})
+    found.update({id(g): g for g in run.replacer.process_groups()})  # made by migrations
     dist.barrier()  # collective (world): nobody still uses them
     for g in found.values():
         dist.destroy_process_group(g)

@@ -39,6 +39,8 @@ log = logging.getLogger("micromoe.train")
 class Replacer(Protocol):
     def observe(self, layer_index: int, counts_ge: npt.NDArray[np.int64]) -> None: ...
 
+    def process_groups(self) -> list[dist.ProcessGroup]: ...
+
     def maybe_replace(
         self, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer
     ) -> list[dict[str, Any]]: ...
@@ -49,6 +51,9 @@ class NoReplacement:
 
     def observe(self, layer_index: int, counts_ge: npt.NDArray[np.int64]) -> None:
         pass
+
+    def process_groups(self) -> list[dist.ProcessGroup]:
+        return []
 
     def maybe_replace(
         self, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer
@@ -205,6 +210,11 @@ class AdaptiveReplacement:
         # dividing by all ranks' micro-batches gives the mean group load per micro-batch
         with np.errstate(invalid="ignore", divide="ignore"):
             return total[:, :-1] / total[:, -1:].astype(np.float64)
+
+    def process_groups(self) -> list[dist.ProcessGroup]:
+        """The replica groups migrations created or reused so far (for a caller that destroys its
+        groups before building new ones, like a benchmark running many configurations)."""
+        return [g for g in self._cache.values() if g is not None]
 
     # ----------------------------------------------------------------------------------------
     # checkpoints (the trainer saves the placements themselves)
