@@ -6,7 +6,8 @@ with random placements plus an aux loss; then stops and resumes a MicroEP run fr
 Each run must reproduce the loss trajectory of one process training the same model with
 grad_accum = 4 x the per-rank value (the same global batch: data.py slices it identically).
 Tolerance: relative 1e-6 per step (float32 reductions in a different order, through AdamW;
-measured differences are about 2e-8). The MicroEP run also records its routing and balance.
+measured differences are about 2e-8), for the losses and for the global gradient norms, clipped at
+0.3 (active). The MicroEP run also records its routing and balance.
 """
 
 from __future__ import annotations
@@ -33,18 +34,19 @@ STEPS = 4
 MODEL = {"num_layers": 2, "hidden": 32, "num_heads": 2, "ffn_hidden": 32, "num_experts": 8, "seq_len": 16}
 
 
-def _train(rank: int, world: int, flags: dict, model: dict) -> list[float]:
+def _train(rank: int, world: int, flags: dict, model: dict) -> list[tuple[float, float]]:
+    """(loss, gradient norm before clipping) per step; clipped at 0.3, which is active."""
     tokens, vocab = load_tokens()
-    cfg = resolve(
-        "tiny", {"max_steps": STEPS, "eval_interval": 0, "micro_batch": 2, "warmup_steps": 2, **flags}
-    )
+    base = {"max_steps": STEPS, "eval_interval": 0, "micro_batch": 2, "warmup_steps": 2, "grad_clip": 0.3}
+    cfg = resolve("tiny", {**base, **flags})
     model_cfg = preset("tiny", **model)
     layout = resolve_layout(cfg, world) if world > 1 else None
     par = ParallelState(rank, world, torch.device("cpu"), layout, cfg.dispatcher)
     if rank == 0:
         Path(cfg.out).mkdir(parents=True, exist_ok=True)
     run = build_run(cfg, model_cfg, par, TokenData(tokens, vocab, seed=cfg.seed), peak_flops=None)
-    return [r["loss"] for r in train(run)]
+    records = train(run)
+    return [(r["loss"], r["grad_norm"]) for r in records]
 
 
 def _cases(rank: int, world: int, root: str) -> dict[str, list[float]]:
@@ -76,10 +78,12 @@ def results():
     return dist_runs, single, Path(root)
 
 
-def _close(got: list[float], want: list[float], what: str) -> None:
+def _close(got: list[tuple[float, float]], want: list[tuple[float, float]], what: str) -> None:
+    """Losses and global gradient norms (each expert counted once however many replicas) agree."""
     assert len(got) == len(want) == STEPS, what
     for step, (a, b) in enumerate(zip(got, want, strict=True)):
-        assert abs(a - b) <= TOL * abs(b), f"{what}: step {step} loss {a} vs {b}"
+        for name, x, y in (("loss", a[0], b[0]), ("grad norm", a[1], b[1])):
+            assert abs(x - y) <= TOL * abs(y), f"{what}: step {step} {name} {x} vs {y}"
 
 
 def test_every_rank_logs_the_same_losses(results):
@@ -93,7 +97,8 @@ def test_four_processes_match_one_process(results):
     _close(dist_runs[0]["ep"], single["bias"], "plain EP vs single process")
     _close(dist_runs[0]["microep"], single["bias"], "MicroEP vs single process")
     _close(dist_runs[0]["random"], single["aux"], "MicroEP random placement + aux loss vs single process")
-    assert single["bias"][-1] < single["bias"][0], "the loss should fall over the first steps"
+    assert single["bias"][-1][0] < single["bias"][0][0], "the loss should fall over the first steps"
+    assert all(norm > 0.3 for _, norm in single["bias"]), "the test should exercise clipping"
 
 
 def test_ep_and_microep_same_trajectory(results):

@@ -101,6 +101,7 @@ def _optimization_options(o: argparse._ArgumentGroup) -> None:
     o.add_argument("--min-lr", type=float, help="learning rate at the end of the cosine decay")
     o.add_argument("--warmup-steps", type=int, help="linear warmup steps")
     o.add_argument("--lr-decay-steps", type=int, help="length of the cosine decay (default: --max-steps)")
+    o.add_argument("--grad-clip", type=float, help="clip the global gradient norm to this (1.0; 0 = off)")
     o.add_argument("--weight-decay", type=float, help="AdamW weight decay on matrices (0.1)")
 
 

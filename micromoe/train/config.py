@@ -31,6 +31,7 @@ class TrainConfig:
     weight_decay: float = 0.1
     beta1: float = 0.9
     beta2: float = 0.95
+    grad_clip: float = 1.0  # global gradient-norm clip (0 = off)
     # run control
     max_steps: int = 300
     eval_interval: int = 100
@@ -73,6 +74,8 @@ class TrainConfig:
             raise ValueError(f"--dispatcher must be 'ep' or 'microep', got {self.dispatcher!r}")
         if self.placement not in ("symmetric", "random", "asymmetric"):
             raise ValueError(f"--placement must be symmetric, random or asymmetric, got {self.placement!r}")
+        if self.grad_clip < 0:
+            raise ValueError(f"--grad-clip must be >= 0 (0 = off), got {self.grad_clip}")
         if self.timeout <= 0:
             raise ValueError(f"--timeout must be > 0 seconds, got {self.timeout}")
 

@@ -3,7 +3,7 @@
 One optimizer step on every rank, in the same order (the MoE layers' collectives require it):
   for each of grad_accum micro-batches: forward (MoE layers all-to-all inside), backward;
   [collective] dense gradients averaged over DP, each expert's gradient over its replica group;
-  AdamW step; [collective] expert loads summed for the aux-loss-free bias update;
+  [collective] the global gradient norm, clipped; AdamW step; [collective] expert loads summed for the aux-loss-free bias update;
   the adaptive-replacement hook; [collective] the step's loss averaged for the log.
 Legend: L MoE layers, E experts, G GPUs of a MicroEP group.
 """
@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 
 from micromoe.routing_log import write_routing_record
-from micromoe.runtime import sync_dense_gradients, sync_expert_gradients
+from micromoe.train.grads import clip_gradients, sync_gradients
 from micromoe.train.metrics import StepMeter, mfu
 from micromoe.train.trainer import Run, save
 
@@ -44,17 +44,6 @@ def _all_reduce_sum(t: torch.Tensor, run: Run) -> torch.Tensor:
     if run.parallel.distributed:
         dist.all_reduce(t)  # collective (world)
     return t
-
-
-def sync_gradients(run: Run) -> None:
-    """Dense gradients averaged over DP; each MoE layer's experts over that layer's replica groups."""
-    if not run.parallel.distributed:
-        return
-    expert_ids = {id(p) for m in run.model.moe_layers() for p in m.experts.parameters()}
-    dense = [p for p in run.model.parameters() if id(p) not in expert_ids]
-    sync_dense_gradients(dense, run.parallel.groups[0])  # collective (DP group)
-    for layer, groups in zip(run.model.moe_layers(), run.parallel.groups, strict=True):
-        sync_expert_gradients(layer.experts, groups)  # collectives (replica groups)
 
 
 def train_step(run: Run, step: int, meter: StepMeter, routing_fp: IO[str] | None) -> dict[str, Any]:
@@ -80,6 +69,7 @@ def train_step(run: Run, step: int, meter: StepMeter, routing_fp: IO[str] | None
                     routing_fp, step=step, layer=i, counts=stats.counts_ge, micro_batch=micro
                 )
     sync_gradients(run)
+    grad_norm = clip_gradients(run, cfg.grad_clip)
     run.optimizer.step()
     run.optimizer.zero_grad(set_to_none=True)
     # every rank applies the same bias update: loads summed over the world (a uniform multiple of
@@ -87,7 +77,7 @@ def train_step(run: Run, step: int, meter: StepMeter, routing_fp: IO[str] | None
     model.update_expert_biases(_all_reduce_sum(loads_le.to(par.device), run).cpu())
     events = run.replacer.maybe_replace(step, model, run.optimizer)
     sums = _all_reduce_sum(sums.to(par.device), run).cpu() / (cfg.grad_accum * par.world)
-    out: dict[str, Any] = {"loss": float(sums[0]), "aux_loss": float(sums[1])}
+    out: dict[str, Any] = {"loss": float(sums[0]), "aux_loss": float(sums[1]), "grad_norm": grad_norm}
     if events:
         out["replacements"] = events
     return out
