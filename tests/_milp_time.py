@@ -11,7 +11,10 @@ import highspy
 import numpy as np
 
 
-def milp_min_max_time(load, host_lists, num_gpus, *, fixed, max_row, tile, c_row, c_tile, c_active) -> float:
+def milp_min_max_time(
+    load, host_lists, num_gpus, *, fixed, max_row, tile, c_row, c_tile, c_active, token_cap=None
+) -> float:
+    """The optimal slowest-GPU time; with `token_cap`, every GPU also takes at most that many rows."""
     h = highspy.Highs()
     h.setOptionValue("output_flag", False)
     h.setOptionValue("threads", 1)
@@ -43,6 +46,10 @@ def milp_min_max_time(load, host_lists, num_gpus, *, fixed, max_row, tile, c_row
         idx = [ix + i for i in mine] + [ik + i for i in mine] + [iy + i for i in mine] + [itop + g, it]
         val = [c_row] * len(mine) + [c_tile] * len(mine) + [c_active] * len(mine) + [max_row, -1.0]
         h.addRow(-inf, -float(fixed), len(idx), np.array(idx, dtype=np.int32), np.array(val))
+    if token_cap is not None:
+        for g in range(num_gpus):
+            idx = np.array([ix + i for i, (_, gg) in enumerate(pairs) if gg == g], dtype=np.int32)
+            h.addRow(-inf, float(token_cap), idx.size, idx, np.ones(idx.size))
     h.run()
     assert h.getModelStatus() == highspy.HighsModelStatus.kOptimal
     return h.getInfo().objective_function_value

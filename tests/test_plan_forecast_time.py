@@ -14,9 +14,10 @@ from micromoe.sim.balancers import GroupConfig
 from micromoe.sim.runner import simulate
 from micromoe.sim.workload import Workload
 
-# small GEMMs: every active slot costs much more than its rows; large GEMMs: rows and the tail dominate
+# small GEMMs: every active slot costs much more than its rows; large GEMMs: time ~ rows, so
+# splitting is free and the most replicas balance best
 SMALL = CostModel(fixed_us=10.0, max_row_us=0.0, tile=128, c_row=0.01, c_tile=30.0, c_active=30.0)
-LARGE = CostModel(fixed_us=10.0, max_row_us=0.2, tile=16, c_row=0.5, c_tile=0.0, c_active=0.0)
+LARGE = CostModel(fixed_us=10.0, max_row_us=0.0, tile=16, c_row=0.5, c_tile=0.0, c_active=0.0)
 ZIPF = np.arange(1, 33, dtype=np.float64) ** -1.0
 
 
@@ -33,14 +34,13 @@ def test_time_score_is_plan_time_over_fair_share():
     plan = schedule(counts, p, cost=LARGE)
     ideal = ideal_time_us(rows, 8, 8, LARGE)
     assert placement_score(f, p, cost=LARGE) == pytest.approx(plan.predicted_us.max() / ideal)
-    # the fair share is no slower than any plan's mean GPU time
-    assert ideal <= plan.predicted_us.mean() + 1e-9
+    assert ideal <= plan.predicted_us.max()
 
 
 def test_the_model_decides_how_many_slots_an_expert_gets():
     slots_small, _, reps_small = time_aware_slots(_rows(32 * 200), 8, 8, SMALL, num_samples=4)
     slots_large, _, reps_large = time_aware_slots(_rows(32 * 4000), 8, 8, LARGE, num_samples=4)
-    assert reps_large == 64  # large GEMMs: every slot used, hot experts split evenly
+    assert reps_large == 64  # large GEMMs: every slot used, hot experts split over the most GPUs
     assert reps_small < 64  # small GEMMs: fewer active groups win, slots left empty
     for slots in (slots_small, slots_large):
         Placement.from_slots(slots, 32)  # valid: local-slot rule, every expert placed

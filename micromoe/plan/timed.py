@@ -32,6 +32,7 @@ from micromoe.plan.slot_layout import SlotLayout
 from micromoe.plan.timed_kernel import predict_times, timed_plan
 
 FIXED_POINT = 1e6  # integer time units per microsecond in the search
+TOKEN_SLACK = 0.01  # tokens per GPU may exceed the mean by this much (or the token optimum's excess)
 _MIN_TABLE = 1024
 
 
@@ -154,6 +155,7 @@ def time_quota(
     base_load: IntArray | None = None,
     certificate: npt.NDArray[np.bool_] | None = None,
     max_steps: int | None = None,
+    token_slack: float | None = TOKEN_SLACK,
 ) -> TimedQuota:
     """Improve a token-optimal quota for predicted time.
 
@@ -164,6 +166,9 @@ def time_quota(
         cost: the cost model (`check_cost_model`).
         base_load: int64 [G]; rows a GPU already runs in a separate group (costed as f(base)).
         certificate: bool [G]; the token plan's Hall set, used for a tighter lower bound.
+        token_slack: no GPU's tokens grow above max((1 + token_slack) x the mean load, the token
+            plan's max load): tokens are also all-to-all volume, which the model does not cost.
+            None: no token limit (time alone).
         max_steps: cap on the steps of each local search (default 32 + G // 2); the second search
             runs only when the first ends in a local optimum before the cap.
 
@@ -171,6 +176,10 @@ def time_quota(
         `TimedQuota`: the token quota itself unless another quota has a strictly lower predicted
         slowest-GPU time (so local tokens move only when that helps), plus a valid lower bound.
     """
+    if token_slack is not None and not 0.0 <= token_slack <= 1.0:
+        raise ValueError(
+            f"token_slack must be None or in [0, 1] (0.01 = within 1% of the mean), got {token_slack}"
+        )
     p = placement
     max_rows = int(counts.sum(axis=0).max()) if counts.size else 0
     tables = cost_tables(cost, max_rows)
@@ -181,6 +190,13 @@ def time_quota(
         off_us = tables.f_us[np.asarray(base_load)]
         off_int = tables.f_int[np.asarray(base_load)]
     cert = _all_gpus(p.num_gpus) if certificate is None else np.asarray(certificate, np.bool_)
+    base = _zero_offsets(p.num_gpus)[1] if base_load is None else np.asarray(base_load, dtype=np.int64)
+    total = int(counts.sum()) + int(base.sum())
+    if token_slack is None:
+        mean_cap = total  # no GPU can exceed every token
+    else:
+        pm = int(round(token_slack * 1000))
+        mean_cap = -(-(total * (1000 + pm)) // (p.num_gpus * 1000))  # exact: Python integers
     steps_cap = 32 + p.num_gpus // 2 if max_steps is None else int(max_steps)
     x, predicted, token_us, bound, steps = timed_plan(
         counts,
@@ -191,6 +207,8 @@ def time_quota(
         tables.f_us,
         tables.m_int,
         tables.m_us,
+        base,
+        mean_cap,
         tables.lin,
         tables.subadditive,
         cert,

@@ -82,13 +82,13 @@ def _pair(d, xa, xb, ta, tb, sum_a, rest_a, mx_b, f, m):
 
 
 @njit_inline
-def _best_shift(xa, xb, ta, tb, sum_a, rest_a, mx_b, f, m):
-    """(d, pair max) minimizing max(new_a, new_b) over d in [1, xa]."""
-    new_a, new_b = _pair(xa, xa, xb, ta, tb, sum_a, rest_a, mx_b, f, m)
-    if new_a > new_b:  # even moving everything leaves the giver the slower one
-        return xa, new_a
+def _best_shift(xa, dmax, xb, ta, tb, sum_a, rest_a, mx_b, f, m):
+    """(d, pair max) minimizing max(new_a, new_b) over d in [1, dmax], dmax <= xa."""
+    new_a, new_b = _pair(dmax, xa, xb, ta, tb, sum_a, rest_a, mx_b, f, m)
+    if new_a > new_b:  # even the largest shift leaves the giver the slower one
+        return dmax, new_a
     lo = 1
-    hi = xa  # invariant: new_a(hi) <= new_b(hi)
+    hi = dmax  # invariant: new_a(hi) <= new_b(hi)
     while lo < hi:
         mid = (lo + hi) // 2
         na, nb = _pair(mid, xa, xb, ta, tb, sum_a, rest_a, mx_b, f, m)
@@ -114,18 +114,22 @@ def _kept(x, local):
 
 
 @njit
-def local_search(x, local, off, f, m, graph, max_steps):
+def local_search(x, local, off, f, m, base, tok_cap, graph, max_steps):
     """Lower the slowest GPU's integer time by shifting rows between replicas of one expert.
 
     Args: x int64 [R] (quota, modified in place); local int64 [R] (tokens of the replica's expert
     on its own GPU, for tie-breaks); off int64 [G]; f int64 [N+1] with N >= max x; m int64;
-    graph (host_ptr, host_gpu, gpu_ptr, gpu_replica, replica_expert); max_steps int.
-    Returns (t int64 [G] final times, steps taken).
+    base int64 [G] and tok_cap: a shift never lifts a GPU's tokens (base + its quota) above
+    tok_cap (GPUs above it may only give); graph (host_ptr, host_gpu, gpu_ptr, gpu_replica,
+    replica_expert); max_steps int. Returns (t int64 [G] final times, steps taken).
     """
     host_ptr, host_gpu, gpu_ptr, gpu_replica, replica_expert = graph
     num_g = off.size
     t = np.empty(num_g, dtype=np.int64)
     mx = np.zeros(num_g, dtype=np.int64)
+    tok = base.copy()
+    for r in range(x.size):
+        tok[host_gpu[r]] += x[r]
     for g in range(num_g):
         t[g] = _gpu_time(g, x, off, f, m, gpu_ptr, gpu_replica)
         for k in range(gpu_ptr[g], gpu_ptr[g + 1]):
@@ -152,14 +156,16 @@ def local_search(x, local, off, f, m, graph, max_steps):
             e = replica_expert[r]
             for r2 in range(host_ptr[e], host_ptr[e + 1]):
                 gb = host_gpu[r2]
-                if r2 == r or t[gb] >= best:
+                room = tok_cap - tok[gb]
+                if r2 == r or t[gb] >= best or room <= 0:
                     continue
+                dmax = xa if xa < room else room
                 # max(giver, receiver) >= max(giver after giving all, receiver after taking 1)
                 lo_a, _ = _pair(xa, xa, x[r2], t[ga], t[gb], sum_a, rest_a, mx[gb], f, m)
                 _, lo_b = _pair(1, xa, x[r2], t[ga], t[gb], sum_a, rest_a, mx[gb], f, m)
-                if lo_a > best or lo_b > best:
+                if (dmax == xa and lo_a > best) or lo_b > best:
                     continue
-                d, v = _best_shift(xa, x[r2], t[ga], t[gb], sum_a, rest_a, mx[gb], f, m)
+                d, v = _best_shift(xa, dmax, x[r2], t[ga], t[gb], sum_a, rest_a, mx[gb], f, m)
                 if v > best:
                     continue
                 # local tokens the shift displaces (net of those it lets the receiver keep)
@@ -174,6 +180,8 @@ def local_search(x, local, off, f, m, graph, max_steps):
         gb = host_gpu[best_r2]
         x[best_r] -= best_d
         x[best_r2] += best_d
+        tok[ga] -= best_d
+        tok[gb] += best_d
         for g in (ga, gb):
             _refresh(g, t, mx, x, off, f, m, gpu_ptr, gpu_replica)
         steps += 1
@@ -190,13 +198,16 @@ def _refresh(g, t, mx, x, off, f, m, gpu_ptr, gpu_replica):
 
 
 @njit
-def timed_plan(counts, x, off, off_us, f, f_us, m, m_us, lin, subadditive, cert, graph, max_steps):
+def timed_plan(
+    counts, x, off, off_us, f, f_us, m, m_us, base, mean_cap, lin, subadditive, cert, graph, max_steps
+):
     """The whole time-aware pass in one compiled call (see `timed.time_quota`).
 
     Args: counts int64 [G, E]; x int64 [R] the token quota (modified in place); off/off_us
     int64/float64 [G] per-GPU offsets; f/f_us int64/float64 [N+1] slot-cost tables; m/m_us the
-    max-slot coefficient; lin, subadditive, cert as in `lower_bound_us`; max_steps per search.
-    Returns (x [R], predicted_us [G], token_predicted_us [G], lower_bound_us, steps).
+    max-slot coefficient; base int64 [G] tokens a GPU already has; mean_cap: no GPU's tokens may
+    grow above max(mean_cap, the token plan's max load); lin, subadditive, cert as in
+    `lower_bound_us`; max_steps per search. Returns (x [R], predicted_us [G], token_predicted_us [G], lower_bound_us, steps).
     """
     host_ptr, host_gpu, gpu_ptr, gpu_replica, replica_expert = graph
     num_g, num_e = counts.shape
@@ -209,7 +220,11 @@ def timed_plan(counts, x, off, off_us, f, f_us, m, m_us, lin, subadditive, cert,
         local[r] = counts[host_gpu[r], replica_expert[r]]
     token_us = predict_times(x, off_us, f_us, m_us, gpu_ptr, gpu_replica)
     x0 = x.copy()
-    x, steps = two_start_search(x, load, local, off, f, m, graph, max_steps)
+    tok0 = base.copy()
+    for r in range(x.size):
+        tok0[host_gpu[r]] += x[r]
+    tok_cap = max(mean_cap, tok0.max())
+    x, steps = two_start_search(x, load, local, off, f, m, base, tok_cap, graph, max_steps)
     if _max_time(x, off, f, m, gpu_ptr, gpu_replica) >= _max_time(x0, off, f, m, gpu_ptr, gpu_replica):
         x = x0  # the slowest GPU did not get faster: keep the token plan and its locality
         steps = 0
@@ -219,18 +234,23 @@ def timed_plan(counts, x, off, off_us, f, f_us, m, m_us, lin, subadditive, cert,
 
 
 @njit
-def two_start_search(x, load, local, off, f, m, graph, max_steps):
+def two_start_search(x, load, local, off, f, m, base, tok_cap, graph, max_steps):
     """Local search from the token quota `x`. When that ends in a local optimum (not stopped by
     `max_steps`) that the integer per-expert bound (`_expert_bound`) does not prove optimal, a
     second search from `consolidated_start`; the lower slowest-GPU time is kept (ties: the token
-    start, which keeps more tokens local). Returns (x int64 [R], steps taken in all)."""
-    t1, s1 = local_search(x, local, off, f, m, graph, max_steps)
+    start, which keeps more tokens local); the second is kept only if no GPU ends above tok_cap
+    tokens. Returns (x int64 [R], steps taken in all)."""
+    t1, s1 = local_search(x, local, off, f, m, base, tok_cap, graph, max_steps)
     if s1 >= max_steps or t1.max() <= _expert_bound(load, off, f, m, graph):
         return x, s1
-    x2 = consolidated_start(load, off, f, m, graph)
-    t2, s2 = local_search(x2, local, off, f, m, graph, max_steps)
+    x2 = consolidated_start(load, off, f, m, base, tok_cap, graph)
+    t2, s2 = local_search(x2, local, off, f, m, base, tok_cap, graph, max_steps)
     if t2.max() < t1.max():
-        return x2, s1 + s2
+        tok = base.copy()
+        for r in range(x2.size):
+            tok[graph[1][r]] += x2[r]
+        if tok.max() <= tok_cap:
+            return x2, s1 + s2
     return x, s1 + s2
 
 
@@ -254,14 +274,16 @@ def _expert_bound(load, off, f, m, graph):
 
 
 @njit
-def consolidated_start(load, off, f, m, graph):
+def consolidated_start(load, off, f, m, base, tok_cap, graph):
     """Each expert's whole load on one replica: experts by decreasing load (ties: lower id), each
-    onto the host whose time grows least to the lowest value (ties: lower replica index).
-    Returns x int64 [R]; the local search then splits the experts where that pays."""
+    onto the host whose time grows least to the lowest value among those that stay within
+    tok_cap tokens if any (ties: lower replica index). Returns x int64 [R]; the local search
+    then splits the experts where that pays."""
     host_ptr, host_gpu, gpu_ptr, gpu_replica, replica_expert = graph
     num_g = off.size
     x = np.zeros(host_gpu.size, dtype=np.int64)
     t = off.copy()
+    tok = base.copy()
     mx = np.zeros(num_g, dtype=np.int64)
     order = np.argsort(-load, kind="mergesort")
     for i in range(order.size):
@@ -271,16 +293,20 @@ def consolidated_start(load, off, f, m, graph):
             continue
         best_r = -1
         best_t = 0
+        best_fits = False
         for r in range(host_ptr[e], host_ptr[e + 1]):
             g = host_gpu[r]
             top = v if v > mx[g] else mx[g]
             nt = t[g] + f[v] + m * (top - mx[g])
-            if best_r < 0 or nt < best_t:
+            fits = tok[g] + v <= tok_cap
+            if best_r < 0 or (fits and not best_fits) or (fits == best_fits and nt < best_t):
                 best_r = r
                 best_t = nt
+                best_fits = fits
         g = host_gpu[best_r]
         x[best_r] = v
         t[g] = best_t
+        tok[g] += v
         if v > mx[g]:
             mx[g] = v
     return x
