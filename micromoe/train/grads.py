@@ -33,8 +33,8 @@ def sync_gradients(run: Run) -> None:
 
 
 def _expert_norm_sq(run: Run) -> torch.Tensor:
-    """Sum over this rank's local expert slots of |grad|^2 / copies of the slot's expert (float64)."""
-    total = torch.zeros((), dtype=torch.float64, device=run.parallel.device)
+    """Sum over this rank's local expert slots of |grad|^2 / copies of the slot's expert (float32)."""
+    total = torch.zeros((), dtype=torch.float32, device=run.parallel.device)
     for i, layer in enumerate(run.model.moe_layers()):
         if run.parallel.distributed:
             groups = run.parallel.groups[i]
@@ -42,31 +42,29 @@ def _expert_norm_sq(run: Run) -> torch.Tensor:
             weights = [1.0 / copies[e] if e >= 0 else 0.0 for e in groups.local_slots]
         else:
             weights = [1.0] * layer.experts.num_slots
-        w = torch.tensor(weights, dtype=torch.float64, device=total.device)
+        w = torch.tensor(weights, dtype=torch.float32, device=total.device)
         for p in layer.experts.parameters():
             if p.grad is not None:
-                per_slot = p.grad.double().pow(2).flatten(1).sum(1)  # [S]
-                total += (per_slot * w).sum()
+                per_slot = torch.linalg.vector_norm(p.grad.flatten(1), dim=1, dtype=torch.float32)  # [S]
+                total += (per_slot.square() * w).sum()
     return total
 
 
 @torch.no_grad()
-def clip_gradients(run: Run, max_norm: float) -> float:
+def clip_gradients(run: Run, max_norm: float) -> torch.Tensor:
     """Scale every gradient so the global L2 norm is at most `max_norm` (0 = only measure).
-    Call after `sync_gradients`; returns the norm before clipping (identical on every rank)."""
+    Call after `sync_gradients`. Returns the norm before clipping, a float32 scalar on the device
+    (identical on every rank); no host sync here."""
     dense, _ = _split_params(run)
     grads = [p.grad for p in dense if p.grad is not None]
-    dense_sq = sum(
-        (g.double().pow(2).sum() for g in grads),
-        torch.zeros((), dtype=torch.float64, device=run.parallel.device),
-    )
+    norms = torch._foreach_norm(grads) if grads else []  # one fused kernel per dtype
+    dense_sq = sum((n.float().square() for n in norms), torch.zeros((), device=run.parallel.device))
     expert_sq = _expert_norm_sq(run)
     if run.parallel.distributed:
         dist.all_reduce(expert_sq)  # collective (world): every expert's share summed once
-    norm = float((dense_sq + expert_sq).sqrt())
-    if max_norm > 0 and norm > max_norm:
-        scale = max_norm / (norm + 1e-6)
-        for p in run.model.parameters():
-            if p.grad is not None:
-                p.grad.mul_(scale)
+    norm = (dense_sq + expert_sq).sqrt()
+    if max_norm > 0:
+        scale = (max_norm / (norm + 1e-6)).clamp(max=1.0)
+        all_grads = [p.grad for p in run.model.parameters() if p.grad is not None]
+        torch._foreach_mul_(all_grads, scale.to(all_grads[0].dtype))
     return norm

@@ -77,7 +77,7 @@ def train_step(run: Run, step: int, meter: StepMeter, routing_fp: IO[str] | None
     model.update_expert_biases(_all_reduce_sum(loads_le.to(par.device), run).cpu())
     events = run.replacer.maybe_replace(step, model, run.optimizer)
     sums = _all_reduce_sum(sums.to(par.device), run).cpu() / (cfg.grad_accum * par.world)
-    out: dict[str, Any] = {"loss": float(sums[0]), "aux_loss": float(sums[1]), "grad_norm": grad_norm}
+    out: dict[str, Any] = {"loss": float(sums[0]), "aux_loss": float(sums[1]), "grad_norm": float(grad_norm)}
     if events:
         out["replacements"] = events
     return out
