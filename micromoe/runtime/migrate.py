@@ -347,15 +347,18 @@ def _move_bundles(tensors: list[torch.Tensor], plan: TransferPlan, groups: Proce
 
 def _slot_checksums(tensors: list[torch.Tensor]) -> torch.Tensor:
     """int64 [S, 2]: a word sum and a position-weighted word sum per slot over all tensors (equal
-    bytes give equal sums). One slot of one tensor at a time: the temporaries stay one slot big."""
+    bytes give equal sums; int64 arithmetic wraps alike on every rank). Words are the widest
+    integer view the slot's byte count allows; temporaries stay one slot big."""
     sums = torch.zeros((tensors[0].shape[0], 2), dtype=torch.int64, device=tensors[0].device)
     for t in tensors:
         b = _as_bytes(t)
-        words = b.view(torch.int32) if b.shape[1] % 4 == 0 else b.to(torch.int32)
-        weight = (torch.arange(words.shape[1], device=b.device) % 65521 + 1).to(torch.int32)
-        sums[:, 0] += words.sum(dim=1, dtype=torch.int64)
+        width = b.shape[1]
+        words = b.view(torch.int64) if width % 8 == 0 else b.view(torch.int32) if width % 4 == 0 else b
+        weight = torch.arange(words.shape[1], device=b.device, dtype=torch.int64) % 65521 + 1
         for j in range(words.shape[0]):
-            sums[j, 1] += (words[j] * weight).sum(dtype=torch.int64)  # int32 products wrap alike everywhere
+            w = words[j].to(torch.int64)  # a no-op view for int64 words
+            sums[j, 0] += w.sum()
+            sums[j, 1] += (w * weight).sum()
     return sums
 
 
