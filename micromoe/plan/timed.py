@@ -29,7 +29,8 @@ import numpy.typing as npt
 from micromoe.plan.checks import FloatArray, IntArray
 from micromoe.plan.cost import CostModel
 from micromoe.plan.slot_layout import SlotLayout
-from micromoe.plan.timed_kernel import predict_times, timed_plan
+from micromoe.plan.timed_bound import predict_times
+from micromoe.plan.timed_kernel import timed_plan
 
 FIXED_POINT = 1e6  # integer time units per microsecond in the search
 TOKEN_SLACK = 0.01  # tokens per GPU may exceed the mean by this much (or the token optimum's excess)

@@ -31,6 +31,7 @@ from __future__ import annotations
 import numpy as np
 
 from micromoe.plan.jit import njit, njit_inline
+from micromoe.plan.timed_bound import lower_bound_us, predict_times
 
 
 @njit_inline
@@ -82,12 +83,12 @@ def _pair(d, xa, xb, ta, tb, sum_a, rest_a, mx_b, f, m):
 
 
 @njit_inline
-def _best_shift(xa, dmax, xb, ta, tb, sum_a, rest_a, mx_b, f, m):
-    """(d, pair max) minimizing max(new_a, new_b) over d in [1, dmax], dmax <= xa."""
+def _best_shift(xa, dmin, dmax, xb, ta, tb, sum_a, rest_a, mx_b, f, m):
+    """(d, pair max) minimizing max(new_a, new_b) over d in [dmin, dmax], 1 <= dmin <= dmax <= xa."""
     new_a, new_b = _pair(dmax, xa, xb, ta, tb, sum_a, rest_a, mx_b, f, m)
     if new_a > new_b:  # even the largest shift leaves the giver the slower one
         return dmax, new_a
-    lo = 1
+    lo = dmin
     hi = dmax  # invariant: new_a(hi) <= new_b(hi)
     while lo < hi:
         mid = (lo + hi) // 2
@@ -99,7 +100,7 @@ def _best_shift(xa, dmax, xb, ta, tb, sum_a, rest_a, mx_b, f, m):
     na, nb = _pair(lo, xa, xb, ta, tb, sum_a, rest_a, mx_b, f, m)
     best_d = lo
     best = nb if nb > na else na
-    if lo > 1:
+    if lo > dmin:
         na, nb = _pair(lo - 1, xa, xb, ta, tb, sum_a, rest_a, mx_b, f, m)
         v = nb if nb > na else na
         if v < best:
@@ -165,7 +166,7 @@ def local_search(x, local, off, f, m, base, tok_cap, graph, max_steps):
                 _, lo_b = _pair(1, xa, x[r2], t[ga], t[gb], sum_a, rest_a, mx[gb], f, m)
                 if (dmax == xa and lo_a > best) or lo_b > best:
                     continue
-                d, v = _best_shift(xa, dmax, x[r2], t[ga], t[gb], sum_a, rest_a, mx[gb], f, m)
+                d, v = _best_shift(xa, 1, dmax, x[r2], t[ga], t[gb], sum_a, rest_a, mx[gb], f, m)
                 if v > best:
                     continue
                 # local tokens the shift displaces (net of those it lets the receiver keep)
@@ -176,7 +177,21 @@ def local_search(x, local, off, f, m, base, tok_cap, graph, max_steps):
             if best_r >= 0:
                 break
         if best_r < 0:
-            break
+            r, r2, d, r3, r4, d2 = _exchange(ga, t, mx, tok, tok_cap, x, f, m, graph)
+            if r < 0:
+                break
+            x[r] -= d
+            x[r2] += d
+            x[r3] -= d2
+            x[r4] += d2
+            gb, gc = host_gpu[r2], host_gpu[r4]
+            tok[ga] -= d
+            tok[gb] += d - d2
+            tok[gc] += d2
+            for g in (ga, gb, gc):
+                _refresh(g, t, mx, x, off, f, m, gpu_ptr, gpu_replica)
+            steps += 1
+            continue
         gb = host_gpu[best_r2]
         x[best_r] -= best_d
         x[best_r2] += best_d
@@ -186,6 +201,83 @@ def local_search(x, local, off, f, m, base, tok_cap, graph, max_steps):
             _refresh(g, t, mx, x, off, f, m, gpu_ptr, gpu_replica)
         steps += 1
     return t, steps
+
+
+@njit
+def _exchange(ga, t, mx, tok, tok_cap, x, f, m, graph):
+    """Two shifts for when no single one helps the slowest GPU ga (the token limit, or a plateau
+    of equally slow GPUs, blocks them): ga gives d rows of slot r to replica r2 on gb (the pair's
+    best d, or the whole slot), and gb passes at least what puts it over tok_cap (>= 1 row) of
+    one of its slots r3 on to a replica r4 on a GPU gc with room (gc may be ga: a swap). Taken
+    when ga, gb and gc all end below t[ga]; the lowest of those maxima wins (ties: the first in
+    slot order). Returns (r, r2, d, r3, r4, d2), r = -1 when there is none; `x` is restored."""
+    host_ptr, host_gpu, gpu_ptr, gpu_replica, replica_expert = graph
+    best = t[ga]
+    out = (-1, -1, 0, -1, -1, 0)
+    for k in range(gpu_ptr[ga], gpu_ptr[ga + 1]):
+        r = gpu_replica[k]
+        xa = x[r]
+        if xa == 0:
+            continue
+        rest_a = _other_max(ga, r, x, gpu_ptr, gpu_replica)
+        sum_a = t[ga] - f[xa] - m * mx[ga]
+        e = replica_expert[r]
+        for r2 in range(host_ptr[e], host_ptr[e + 1]):
+            if r2 == r:
+                continue
+            gb = host_gpu[r2]
+            d_pair, _ = _best_shift(xa, 1, xa, x[r2], t[ga], t[gb], sum_a, rest_a, mx[gb], f, m)
+            for which in range(2):
+                d = d_pair if which == 0 else xa  # the pair's best shift, or the whole slot
+                if which == 1 and d == d_pair:
+                    continue
+                best, out = _second_shift(
+                    ga, r, r2, d, xa, sum_a, rest_a, best, out, t, mx, tok, tok_cap, x, f, m, graph
+                )
+    return out
+
+
+@njit_inline
+def _second_shift(ga, r, r2, d, xa, sum_a, rest_a, best, out, t, mx, tok, tok_cap, x, f, m, graph):
+    """The best second shift of `_exchange` after d rows moved r -> r2; returns (best, out)."""
+    host_ptr, host_gpu, gpu_ptr, gpu_replica, replica_expert = graph
+    gb = host_gpu[r2]
+    new_a, t_b = _pair(d, xa, x[r2], t[ga], t[gb], sum_a, rest_a, mx[gb], f, m)
+    if new_a >= best:
+        return best, out
+    need = tok[gb] + d - tok_cap  # gb must pass on at least this many rows (>= 1)
+    if need < 1:
+        need = 1
+    x[r] -= d
+    x[r2] += d
+    mx_a = xa - d if xa - d > rest_a else rest_a
+    mx_b = x[r2] if x[r2] > mx[gb] else mx[gb]
+    for k3 in range(gpu_ptr[gb], gpu_ptr[gb + 1]):
+        r3 = gpu_replica[k3]
+        x3 = x[r3]
+        if x3 < need:
+            continue
+        rest_b = _other_max(gb, r3, x, gpu_ptr, gpu_replica)
+        sum_b = t_b - f[x3] - m * mx_b
+        e3 = replica_expert[r3]
+        for r4 in range(host_ptr[e3], host_ptr[e3 + 1]):
+            gc = host_gpu[r4]
+            if r4 == r3 or r4 == r or gc == gb:
+                continue
+            t_c = new_a if gc == ga else t[gc]
+            room = tok_cap - (tok[ga] - d if gc == ga else tok[gc])
+            dmax = x3 if x3 < room else room
+            if dmax < need or t_c >= best:
+                continue
+            mx_c = mx_a if gc == ga else mx[gc]
+            d2, v2 = _best_shift(x3, need, dmax, x[r4], t_b, t_c, sum_b, rest_b, mx_c, f, m)
+            v = v2 if gc == ga or v2 > new_a else new_a
+            if v < best:
+                best = v
+                out = (r, r2, d, r3, r4, d2)
+    x[r] += d
+    x[r2] -= d
+    return best, out
 
 
 @njit_inline
@@ -310,102 +402,3 @@ def consolidated_start(load, off, f, m, base, tok_cap, graph):
         if v > mx[g]:
             mx[g] = v
     return x
-
-
-@njit
-def predict_times(x, off_us, f_us, m_us, gpu_ptr, gpu_replica):
-    """Predicted time of every GPU (float64 [G], us) from the float table: off + sum f + m * max."""
-    num_g = off_us.size
-    out = np.empty(num_g, dtype=np.float64)
-    for g in range(num_g):
-        total = off_us[g]
-        top = 0
-        for k in range(gpu_ptr[g], gpu_ptr[g + 1]):
-            v = x[gpu_replica[k]]
-            total += f_us[v]
-            if v > top:
-                top = v
-        out[g] = total + m_us * top
-    return out
-
-
-@njit
-def lower_bound_us(load, off_us, f_us, m_us, lin, subadditive, cert, graph):
-    """A valid lower bound (us, fixed term excluded) on the slowest GPU's time of any plan.
-
-    Args: load int64 [E]; off_us float64 [G]; f_us float64 [N+1] (N >= max load); m_us float;
-    lin float64 [2, 2]: rows (a, b) with f(n) >= a * n + b for every n >= 1; subadditive: f(a + b)
-    <= f(a) + f(b) holds (true of the cost model's form), so no split of an expert's load costs
-    less than f(load); cert bool [G]: a GPU set (the token plan's Hall set). The best of:
-      - every GPU set S in {all GPUs, cert}: the experts with all replicas in S run there, each
-        costs >= a * load + b (>= f(load) when subadditive); S's GPUs hold at most max
-        replicas-per-GPU slots each, so their largest slots sum to >= load / that; the slowest
-        GPU of S is >= the mean;
-      - every GPU alone: the experts that have only this replica (their whole load, f exact);
-      - every expert: one replica gets >= ceil(load / replicas) rows.
-    """
-    host_ptr, host_gpu, gpu_ptr, gpu_replica, replica_expert = graph
-    num_g = off_us.size
-    num_e = load.size
-    best = 0.0
-    in_set = np.empty(num_g, dtype=np.bool_)
-    for which in range(2):
-        for g in range(num_g):
-            in_set[g] = True if which == 0 else cert[g]
-        size = 0
-        off_sum = 0.0
-        max_slots = 1
-        for g in range(num_g):
-            if in_set[g]:
-                size += 1
-                off_sum += off_us[g]
-                if gpu_ptr[g + 1] - gpu_ptr[g] > max_slots:
-                    max_slots = gpu_ptr[g + 1] - gpu_ptr[g]
-        if size == 0:
-            continue
-        inside = 0
-        active = 0
-        whole = 0.0  # sum of f(load) over the inside experts
-        for e in range(num_e):
-            ok = True
-            for r in range(host_ptr[e], host_ptr[e + 1]):
-                if not in_set[host_gpu[r]]:
-                    ok = False
-                    break
-            if ok and load[e] > 0:
-                inside += load[e]
-                active += 1
-                whole += f_us[load[e]]
-        for i in range(lin.shape[0] + 1):
-            if i < lin.shape[0]:
-                work = lin[i, 0] * inside + lin[i, 1] * active
-            elif subadditive:
-                work = whole
-            else:
-                continue
-            v = off_sum + work + m_us * inside / max_slots
-            if v / size > best:
-                best = v / size
-    for g in range(num_g):
-        v = off_us[g]
-        top = 0
-        for k in range(gpu_ptr[g], gpu_ptr[g + 1]):
-            e = replica_expert[gpu_replica[k]]
-            if host_ptr[e + 1] - host_ptr[e] == 1:
-                v += f_us[load[e]]
-                if load[e] > top:
-                    top = load[e]
-        v += m_us * top
-        if v > best:
-            best = v
-    for e in range(num_e):
-        k = host_ptr[e + 1] - host_ptr[e]
-        share = (load[e] + k - 1) // k
-        low = off_us[host_gpu[host_ptr[e]]]
-        for r in range(host_ptr[e], host_ptr[e + 1]):
-            if off_us[host_gpu[r]] < low:
-                low = off_us[host_gpu[r]]
-        v = low + f_us[share] + m_us * share
-        if v > best:
-            best = v
-    return best
