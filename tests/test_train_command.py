@@ -53,6 +53,7 @@ def test_defaults_then_preset_then_flags():
         (["--lr", "0.1", "--min-lr", "0.5"], "min_lr <= lr"),
         (["--seq-len", "1000000"], "too few for sequences"),
         (["--dispatcher", "ep", "--cost-model", "auto"], "--dispatcher ep has none"),
+        (["--nproc", "4", "--dispatcher", "ep", "--placement", "random"], "drop --placement"),
     ],
 )
 def test_user_mistakes_are_one_line_errors(capsys, argv, message):

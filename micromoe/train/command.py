@@ -194,8 +194,12 @@ def resolve_configs(args: argparse.Namespace, world: int, vocab_min: int) -> tup
         if args.grad_accum is not None and args.grad_accum * per_step != args.global_batch:
             raise ValueError("--global-batch and --grad-accum disagree; give one of them")
         cfg = dataclasses.replace(cfg, grad_accum=args.global_batch // per_step)
-    if world > 1:
-        resolve_layout(cfg, world)  # validates EP / d / DP against the world size
+    merge = resolve_layout(cfg, world).merge if world > 1 else 1  # validates EP / d / DP vs the world
+    if args.placement is not None and merge == 1:
+        raise ValueError(
+            f"--placement {args.placement} shapes replicated MicroEP placements (d > 1), but this run has "
+            "d = 1 (one copy of each expert); drop --placement or use --dispatcher microep with --merge 2"
+        )
     return cfg, model_cfg
 
 
