@@ -174,3 +174,21 @@ def test_simulated_ar_in_time_starts_from_history():
     assert log and log[0]["rule"] == "history" and all(e["reason"] for e in log)
     (again,) = simulate([w], ["microep", "microep-ar"], cfg, progress=False)
     np.testing.assert_array_equal(again.samples["microep-ar"].max_load, res.samples["microep-ar"].max_load)
+
+
+def test_checks_score_on_recent_micro_batches_and_alternatives():
+    """With `samples`, scores are means over those loads; an alternative wins when it scores best."""
+    current = Placement.expert_parallel(8, 32, 2)  # unshuffled: replica sets identical or disjoint
+    sym = Placement.symmetric(8, 32, 2)
+    rng = np.random.default_rng(5)
+    recent = [np.roll(HOT_A, int(rng.integers(32))) / 1e4 * 4000 for _ in range(4)]  # hot set moves
+    d = decide_replacement(
+        recent[-1], current, cost=LARGE, samples=recent, alternatives=(sym,), num_samples=8
+    )
+    want = np.mean([placement_score(x, current, cost=LARGE) for x in recent])
+    assert d.current_score == pytest.approx(want)
+    assert d.replace and d.new_score == pytest.approx(
+        np.mean([placement_score(x, d.placement, cost=LARGE) for x in recent])
+    )
+    # the layout built for the last micro-batch alone fits the moving loads worse than the symmetric one
+    assert d.placement == sym

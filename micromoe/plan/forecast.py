@@ -12,6 +12,7 @@ trigger on realized imbalance, hysteresis, and a reason for every replacement.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -96,28 +97,41 @@ def decide_replacement(
     seed: int = 0,
     num_samples: int = 32,
     cost: SlotCostModel | None = None,
+    samples: Sequence[npt.ArrayLike] = (),
+    alternatives: Sequence[Placement] = (),
 ) -> Replacement:
     """Replace when the current score exceeds `threshold` and a new load-aware placement with the
     same GPUs and slots improves it by at least `min_gain`. Deterministic for a given seed.
 
     With `cost`, scores are predicted times (`placement_score`) and the candidate is the best of
     `timed_layouts.time_aware_slots` (num_samples // 4 GPU samples for each replica budget).
+    `samples` (recent per-micro-batch loads, float [E] each): placements are scored by their mean
+    score over these instead of on the forecast alone, which favours layouts that stay balanced
+    when loads move; `alternatives`: more candidates (e.g. the symmetric layout) scored the same way.
     """
     if threshold < 1.0:
         raise ValueError(f"threshold must be >= 1.0 (1.0 = perfect balance), got {threshold}")
     unit = "predicted time / fair share" if cost is not None else "T*/mean"
-    current_score = placement_score(forecast, current, cost=cost)
+    loads = [forecast] if not samples else list(samples)
+
+    def score(p: Placement) -> float:
+        return float(np.mean([placement_score(x, p, cost=cost) for x in loads]))
+
+    current_score = score(current)
     if current_score <= threshold:
         why = f"kept: {unit} {current_score:.4f} <= threshold {threshold:.4f}"
         return Replacement(False, current_score, current_score, current, why)
     g, s = current.num_gpus, current.slots_per_gpu
     if cost is None:
         candidate = Placement.asymmetric(forecast, g, s, seed=seed, num_samples=num_samples)
-        new_score = placement_score(forecast, candidate)
     else:
         per_budget = max(1, num_samples // 4)
-        slots, new_score, _ = time_aware_slots(forecast, g, s, cost, seed=seed, num_samples=per_budget)
+        slots, _, _ = time_aware_slots(forecast, g, s, cost, seed=seed, num_samples=per_budget)
         candidate = Placement.from_slots(slots, current.num_experts)
+    new_score = score(candidate)
+    for alt in alternatives:
+        if alt != current and alt != candidate and (alt_score := score(alt)) < new_score:
+            candidate, new_score = alt, alt_score
     if new_score <= current_score - min_gain:
         why = f"{unit} {current_score:.4f} > threshold {threshold:.4f}; new placement {new_score:.4f}"
         return Replacement(True, current_score, new_score, candidate, why)
@@ -174,6 +188,7 @@ class ReplacementEvent:
 @dataclass
 class _LayerState:
     placement: Placement
+    fallback: Placement  # the load-independent start, kept as a candidate for drifting loads
     load_aware: bool
     seen: int = 0
     over: int = 0  # consecutive micro-batches with realized score > threshold
@@ -191,7 +206,9 @@ class ReplacementPolicy:
         the placement's score under this micro-batch's loads) exceeded `threshold` for
         `trigger_after` consecutive micro-batches, check now, on the mean of those micro-batches;
       - interval: every `interval` micro-batches, check the moving-average forecast.
-    A check is `decide_replacement`. Hysteresis against flapping: no replacement within `cooldown`
+    A check is `decide_replacement`, scoring the current placement, a new one built for the forecast
+    and the start's `fallback` by their mean score over the last `window` micro-batches' loads (so a
+    layout that only fits the average loses to one that stays balanced as loads move). Hysteresis against flapping: no replacement within `cooldown`
     micro-batches of the previous one, a check replaces only when the score exceeds `threshold`
     and the new placement gains at least `min_gain`, and the realized count restarts after every
     check. Every replacement is returned with its reason and appended to `events`.
@@ -210,11 +227,17 @@ class ReplacementPolicy:
         trigger_after: int = 3,
         cooldown: int = 4,
         warmup: int = 2,
+        window: int = 4,
         decay: float = 0.9,
         seed: int = 0,
         num_samples: int = 32,
     ) -> None:
-        for name, v in (("interval", interval), ("trigger_after", trigger_after), ("warmup", warmup)):
+        for name, v in (
+            ("interval", interval),
+            ("trigger_after", trigger_after),
+            ("warmup", warmup),
+            ("window", window),
+        ):
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name} must be a positive integer, got {v!r}")
         if isinstance(cooldown, bool) or not isinstance(cooldown, int) or cooldown < 0:
@@ -224,6 +247,7 @@ class ReplacementPolicy:
         self.cost = None if cost is None else check_cost_model(cost)
         self.interval, self.threshold, self.min_gain = interval, threshold, min_gain
         self.trigger_after, self.cooldown, self.warmup = trigger_after, cooldown, warmup
+        self.window = window
         self.seed, self.num_samples = seed, num_samples
         self.tracker = LoadTracker(num_layers, num_experts, decay=decay)
         self._layers: list[_LayerState | None] = [None] * num_layers
@@ -235,7 +259,7 @@ class ReplacementPolicy:
         first = initial_placement(
             history, fallback, cost=self.cost, seed=self.seed + layer, num_samples=self.num_samples
         )
-        self._layers[layer] = _LayerState(first.placement, load_aware=history is not None)
+        self._layers[layer] = _LayerState(first.placement, fallback, load_aware=history is not None)
         if first.replace:
             self._log(layer, 0, "history", first)
         return first.placement
@@ -255,7 +279,7 @@ class ReplacementPolicy:
         if realized is None:
             realized = placement_score(x, st.placement, cost=self.cost)
         st.over = st.over + 1 if realized > self.threshold else 0
-        st.warm = (st.warm + [x])[-max(self.warmup, self.trigger_after) :]
+        st.warm = (st.warm + [x])[-max(self.warmup, self.trigger_after, self.window) :]
         seed = self.seed + 7919 * st.seen + layer
         if not st.load_aware and st.seen >= self.warmup:
             st.load_aware = True
@@ -289,6 +313,8 @@ class ReplacementPolicy:
             seed=seed,
             num_samples=self.num_samples,
             cost=self.cost,
+            samples=st.warm[-self.window :],
+            alternatives=(st.fallback,),
         )
 
     def _apply(self, layer: int, st: _LayerState, rule: str, r: Replacement) -> Replacement:
