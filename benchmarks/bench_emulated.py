@@ -264,6 +264,40 @@ def time_case(case: dict[str, Any], timer: Any, model: CostModel | None, reps: i
     return {"measured_us": meas, "predicted_us": pred}
 
 
+def predictions(case: dict[str, Any], model: CostModel) -> dict[str, list]:
+    """The model's per-GPU prediction [K, G] of every variant (as `time_case` makes them)."""
+    g = case["spec"]["gpus"]
+    pred: dict[str, list] = {}
+    for v in [*case["rows"], "ideal"]:
+        pred[v] = []
+        for k, total in enumerate(case["totals"]):
+            if v == "ideal":
+                rows_GS = np.tile(ideal_rows(total, g, case["slots_per_gpu"]), (g, 1))
+            else:
+                rows_GS = padded(np.asarray(case["rows"][v][k], dtype=np.int64))
+            pred[v].append(model.predict(rows_GS).tolist())
+    return pred
+
+
+def rescore(plans: dict[str, Any], results: dict[str, Any], models: str | None) -> dict[str, Any]:
+    """Recompute predictions and summaries of timed results with the current cost models (the run's
+    own predictions are kept as predicted_us_run)."""
+    by_name = {c["spec"]["name"]: c for c in plans["cases"]}
+    gpu = results["hardware"]["gpu"]
+    for r in results["cases"]:
+        case = by_name[r["spec"]["name"]]
+        model = _model_for((r["spec"]["hidden"], r["spec"]["ffn"]), gpu, models)
+        r.setdefault("predicted_us_run", r["predicted_us"])
+        r["predicted_us"] = predictions(case, model)
+        r["model"] = model.meta.get("name")
+        r["summary"] = summarize(case, r)
+        print(f"\n{r['spec']['name']} (rescored with {r['model']})")
+        print(format_table(r["summary"]))
+    results["targets"] = target_rows(results["cases"])
+    print("\n" + format_targets(results["targets"]))
+    return results
+
+
 def summarize(case: dict[str, Any], timed: dict[str, Any]) -> dict[str, dict[str, float]]:
     """Per variant: medians over samples of critical path, mean, max/mean, ratios, model error."""
     meas = {v: np.asarray(t) for v, t in timed["measured_us"].items()}
@@ -443,9 +477,10 @@ def make_plans(args: argparse.Namespace) -> dict[str, Any]:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("phase", choices=("plan", "time", "all"))
+    ap.add_argument("phase", choices=("plan", "time", "all", "rescore"))
     ap.add_argument("--out", type=Path, help="plan: where to write the plans JSON")
-    ap.add_argument("--plans", type=Path, help="time: the plans JSON to time")
+    ap.add_argument("--plans", type=Path, help="time, rescore: the plans JSON")
+    ap.add_argument("--results", type=Path, help="rescore: timed results to re-predict with --models")
     ap.add_argument("--json", type=Path, help="time/all: results JSON")
     ap.add_argument("--only", default=None, help="comma-separated substrings of case names to keep")
     ap.add_argument("--balancers", default=",".join(balancer_names()))
@@ -462,6 +497,10 @@ def main() -> int:
         "--gpu-name", default="NVIDIA H200", help="plan: whose cost models the time-aware planners use"
     )
     args = ap.parse_args()
+    if args.phase == "rescore":
+        out = rescore(json.loads(args.plans.read_text()), json.loads(args.results.read_text()), args.models)
+        (args.json or args.results).write_text(json.dumps(out, indent=1) + "\n")
+        return 0
     if args.phase in ("plan", "all"):
         plans = make_plans(args)
         if args.out:

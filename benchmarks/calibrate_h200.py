@@ -17,8 +17,8 @@ from pathlib import Path
 
 import torch
 
-from micromoe.plan.cost import BUNDLED_DIR, CostModel, bundled_name
-from micromoe.runtime.calibrate import calibrate
+from micromoe.plan.cost import BUNDLED_DIR, bundled_name
+from micromoe.runtime.calibrate import Samples, calibrate, fit_samples
 
 # (hidden, ffn, local slot counts, rows per GPU): what the model is, in the comment
 SHAPES = [
@@ -36,14 +36,22 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, help="combined JSON to write")
     ap.add_argument("--budget-s", type=float, default=25.0, help="seconds per shape (default 25)")
-    ap.add_argument("--install", type=Path, help="split a combined JSON into the bundled model files")
+    ap.add_argument(
+        "--install",
+        type=Path,
+        help="refit every model of a combined JSON from its stored samples (the current model form) "
+        "and write the bundled model files",
+    )
     ap.add_argument("--models-dir", type=Path, help="also write each model as <dir>/<name>.json")
     args = ap.parse_args()
     if args.install:
         BUNDLED_DIR.mkdir(parents=True, exist_ok=True)
         for name, entry in json.loads(args.install.read_text()).items():
-            CostModel.from_json(entry["model"]).save(BUNDLED_DIR / f"{name}.json")
-            print("installed", name)
+            meta = {k: v for k, v in entry["model"]["meta"].items() if k not in ("fit", "heldout")}
+            model = fit_samples(Samples.from_json(entry["samples"]), meta=meta)
+            model.save(BUNDLED_DIR / f"{name}.json")
+            held = model.meta["heldout"]
+            print(f"installed {name}: tile {model.tile}, held-out median {held['median_rel_err']:.3f}")
         return 0
     out = {}
     t0 = time.perf_counter()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 
 import numpy as np
 import pytest
@@ -20,14 +21,16 @@ from micromoe.plan.cost import (
     relative_errors,
 )
 
-TRUE = CostModel(fixed_us=40.0, max_row_us=0.004, tile=128, c_slot=0.7, c_row=0.02, c_tile=1.5, c_active=6.0)
+TRUE = CostModel(
+    fixed_us=40.0, max_row_us=0.004, tile=128, c_slot=0.7, c_row=0.02, c_tile=1.5, c_active=6.0, c_nlogn=0.001
+)
 
 
 def _brute_f(m: CostModel, n: int) -> float:
     """f(n) written out by hand, independent of the vectorized code."""
     if n == 0:
         return 0.0
-    return m.c_row * n + m.c_tile * -(-n // m.tile) + m.c_active
+    return m.c_row * n + m.c_tile * -(-n // m.tile) + m.c_active + m.c_nlogn * n * math.log2(n)
 
 
 def _samples(rng: np.random.Generator, num: int, slots: int) -> np.ndarray:
@@ -53,7 +56,7 @@ def test_slot_cost_and_predict_match_hand_formula():
 
 @settings(max_examples=40, deadline=None)
 @given(
-    coefs=st.tuples(*[st.floats(0, 10, allow_nan=False)] * 6),
+    coefs=st.tuples(*[st.floats(0, 10, allow_nan=False)] * 7),
     tile=st.sampled_from([1, 8, 64, 128]),
     n=st.integers(0, 10_000),
 )
@@ -88,7 +91,7 @@ def test_fit_recovers_known_coefficients_from_exact_timings():
     times = np.concatenate([TRUE.predict(r) for r, _ in parts])
     slots = np.repeat([8, 16, 32], 70)
     m = fit_cost_model(rows, times, tile=128, meta={"gpu": "synthetic"}, num_slots_N=slots)
-    for key in ("fixed_us", "max_row_us", "c_slot", "c_row", "c_tile", "c_active"):
+    for key in ("fixed_us", "max_row_us", "c_slot", "c_row", "c_tile", "c_active", "c_nlogn"):
         assert getattr(m, key) == pytest.approx(getattr(TRUE, key), rel=1e-6), key
     assert m.meta["gpu"] == "synthetic"
     assert m.meta["fit"]["samples"] == 210 and m.meta["fit"]["median_rel_err"] < 1e-9
@@ -111,8 +114,8 @@ def test_fit_with_noise_predicts_within_noise_and_keeps_coefficients_non_negativ
 @pytest.mark.parametrize(
     "rows, times, match",
     [
-        (np.ones((3, 2), dtype=int), np.ones(3), "need >= 6 samples"),
-        (np.ones((6, 2), dtype=int), np.zeros(6), "> 0"),
+        (np.ones((3, 2), dtype=int), np.ones(3), "need >= 7 samples"),
+        (np.ones((8, 2), dtype=int), np.zeros(8), "> 0"),
         (-np.ones((6, 2), dtype=int), np.ones(6), ">= 0"),
         (np.ones(6, dtype=int), np.ones(6), "2-D"),
     ],
@@ -123,7 +126,9 @@ def test_fit_rejects_bad_input(rows, times, match):
 
 
 def test_json_round_trip(tmp_path):
-    m = CostModel(10.0, 0.001, 64, 0.2, 0.01, 0.5, 3.0, meta={"gpu": "x", "fit": {"median_rel_err": 0.01}})
+    m = CostModel(
+        10.0, 0.001, 64, 0.2, 0.01, 0.5, 3.0, 0.002, meta={"gpu": "x", "fit": {"median_rel_err": 0.01}}
+    )
     path = tmp_path / "m.json"
     m.save(path)
     back = load(path)
@@ -215,3 +220,10 @@ def test_bundled_models_load_and_match_their_names():
         assert m.meta["heldout"]["samples"] > 0
         even = np.array([[n] * 16 for n in (0, 8, 512, 4096)])
         assert np.all(np.diff(m.predict(even)) > 0)
+
+
+def test_files_without_the_nlogn_term_read_it_as_zero(tmp_path):
+    obj = TRUE.to_json()
+    del obj["c_nlogn"]
+    m = load(_write(tmp_path, obj))
+    assert m.c_nlogn == 0.0 and m.c_tile == TRUE.c_tile

@@ -7,11 +7,13 @@ and a group's setup, and the weight-gradient GEMMs (long K = rows) of the larges
 The model is
 
     t(rows[0..S)) = fixed_us + c_slot * S + sum_s f(rows[s]) + max_row_us * max_s rows[s]
-    f(n) = c_row * n + c_tile * ceil(n / tile) + c_active * [n > 0]
+    f(n) = c_row * n + c_tile * ceil(n / tile) + c_active * [n > 0] + c_nlogn * n * log2(n)
 
 with every coefficient >= 0, so f(0) == 0 and f is non-decreasing: the planner may treat a GPU's
 time as separable over slots plus one max term. `c_slot * S` is a per-GPU constant for a given
-placement (S local slots, used or not: an empty slot still gets its weight gradient written). Fitted by non-negative least squares on relative
+placement (S local slots, used or not: an empty slot still gets its weight gradient written).
+The convex n log n term prices uneven slots: on an H200 a GPU whose rows are spread unevenly over
+its slots is slower than the linear and tile terms alone say (files without it read as 0). Fitted by non-negative least squares on relative
 error (`fit_cost_model`); measured by `micromoe.runtime.calibrate`; stored as JSON (`save`, `load`);
 H200 models for common shapes ship in `micromoe/data/cost_models/<name>.json`.
 """
@@ -35,7 +37,8 @@ FORMAT = "micromoe-cost-model"
 VERSION = 1
 BUNDLED_DIR = Path(__file__).resolve().parent.parent / "data" / "cost_models"
 # coefficient fields of the JSON, all floats >= 0 (tile is an int >= 1)
-_COEF_KEYS = ("fixed_us", "max_row_us", "c_slot", "c_row", "c_tile", "c_active")
+_COEF_KEYS = ("fixed_us", "max_row_us", "c_slot", "c_row", "c_tile", "c_active", "c_nlogn")
+_OPTIONAL_KEYS = ("c_nlogn",)  # added after the first files; absent reads as 0
 
 
 @dataclass(frozen=True)
@@ -47,7 +50,8 @@ class CostModel:
         max_row_us: coefficient on max_s rows[s] (the long-K weight-gradient tail); >= 0.
         tile: row tile of the GEMM kernel (e.g. 128); >= 1.
         c_slot: per local slot of the GPU, used or not (a per-GPU constant for a placement); >= 0.
-        c_row, c_tile, c_active: coefficients of the per-slot cost f(n) (module docstring); >= 0.
+        c_row, c_tile, c_active, c_nlogn: coefficients of the per-slot cost f(n) (module
+            docstring); >= 0.
         meta: free-form provenance: gpu, versions, hidden, ffn, dtype, fit error, samples.
     """
 
@@ -58,6 +62,7 @@ class CostModel:
     c_row: float = 0.0
     c_tile: float = 0.0
     c_active: float = 0.0
+    c_nlogn: float = 0.0
     meta: dict[str, Any] = field(default_factory=dict, compare=False)
 
     def __post_init__(self) -> None:
@@ -72,7 +77,8 @@ class CostModel:
             raise ValueError(f"rows must be non-negative integers, got dtype {n.dtype} min {n.min()}")
         n = n.astype(np.int64)
         tiles = (n + (self.tile - 1)) // self.tile
-        return self.c_row * n + self.c_tile * tiles + self.c_active * (n > 0)
+        linear = self.c_row * n + self.c_tile * tiles + self.c_active * (n > 0)
+        return linear + self.c_nlogn * _nlogn(n)
 
     def predict(self, rows_GS: npt.ArrayLike) -> FloatArray:
         """rows_GS int [G, S] (rows of each local slot of each GPU) -> predicted time float64 [G].
@@ -94,7 +100,7 @@ class CostModel:
         return self.slot_cost(np.arange(max_rows + 1, dtype=np.int64))
 
     def coefficients(self) -> FloatArray:
-        """float64 [6] in the column order of `design_matrix`."""
+        """float64 [7] in the column order of `design_matrix`."""
         return np.array([getattr(self, k) for k in _COEF_KEYS], dtype=np.float64)
 
     # ----------------------------------------------------------------------------------------
@@ -110,7 +116,7 @@ class CostModel:
     def from_json(cls, obj: Any, *, where: str = "cost model") -> CostModel:
         """Validate and build from a parsed JSON object; ValueError names `where` and the problem."""
         _check_fields(obj, where=where)
-        coefs = {k: float(obj[k]) for k in _COEF_KEYS}
+        coefs = {k: float(obj.get(k, 0.0)) for k in _COEF_KEYS}
         return cls(tile=int(obj["tile"]), meta=dict(obj.get("meta", {})), **coefs)
 
     def save(self, path: str | Path) -> None:
@@ -129,10 +135,10 @@ def _check_fields(obj: Any, *, where: str) -> None:
             f"{where}: unsupported version {obj.get('version')!r} (this micromoe reads version {VERSION}); "
             "re-run `micromoe calibrate` to write a current file"
         )
-    missing = [k for k in (*_COEF_KEYS, "tile") if k not in obj]
+    missing = [k for k in (*_COEF_KEYS, "tile") if k not in obj and k not in _OPTIONAL_KEYS]
     if missing:
         raise ValueError(f"{where}: missing key(s) {missing}")
-    for key in _COEF_KEYS:
+    for key in (k for k in _COEF_KEYS if k in obj):
         v = obj[key]
         if isinstance(v, bool) or not isinstance(v, (int, float)):
             raise ValueError(f"{where}: {key!r} must be a number, got {type(v).__name__} {v!r}")
@@ -143,6 +149,11 @@ def _check_fields(obj: Any, *, where: str) -> None:
         raise ValueError(f"{where}: 'tile' must be an integer >= 1, got {tile!r}")
     if not isinstance(obj.get("meta", {}), dict):
         raise ValueError(f"{where}: 'meta' must be an object, got {type(obj['meta']).__name__}")
+
+
+def _nlogn(n: np.ndarray) -> np.ndarray:
+    """n * log2(n) for int n >= 0 (0 at n = 0 and 1): float64, non-decreasing."""
+    return n * np.log2(np.maximum(n, 1))
 
 
 # --------------------------------------------------------------------------------------------
@@ -179,7 +190,7 @@ def load(name_or_path: str | Path) -> CostModel:
 # --------------------------------------------------------------------------------------------
 # fitting
 def design_matrix(rows_NS: npt.ArrayLike, tile: int, num_slots_N: npt.ArrayLike | None = None) -> FloatArray:
-    """Feature columns (in `_COEF_KEYS` order) of each sample: float64 [N, 6].
+    """Feature columns (in `_COEF_KEYS` order) of each sample: float64 [N, 7].
 
     Args:
         rows_NS: int [N, S]: rows per local slot of each sample, zero-padded on the right.
@@ -202,6 +213,7 @@ def design_matrix(rows_NS: npt.ArrayLike, tile: int, num_slots_N: npt.ArrayLike 
         rows.sum(axis=1),
         tiles.sum(axis=1),
         (rows > 0).sum(axis=1),
+        _nlogn(rows).sum(axis=1),
     ]
     return np.stack(columns, axis=1).astype(np.float64)
 
@@ -211,7 +223,7 @@ def nnls(a: FloatArray, b: FloatArray) -> FloatArray:
 
     The optimum's support P satisfies the KKT conditions, so the unconstrained least squares on P
     is non-negative and attains it; every other non-negative support solution is feasible and no
-    better. 2^k solves for k columns: fine for the 6 of the cost model.
+    better. 2^k solves for k columns: fine for the 7 of the cost model.
     """
     k = a.shape[1]
     assert k <= 10, "exhaustive NNLS is for a handful of columns"

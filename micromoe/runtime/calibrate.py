@@ -49,6 +49,21 @@ class Samples:
     kinds: list[str]
     heldout: np.ndarray
 
+    @classmethod
+    def from_json(cls, obj: dict) -> Samples:
+        """Inverse of `to_json` (for refitting stored samples)."""
+        slots = np.array([len(r) for r in obj["rows"]], dtype=np.int64)
+        rows = np.zeros((len(slots), int(slots.max())), dtype=np.int64)
+        for i, r in enumerate(obj["rows"]):
+            rows[i, : len(r)] = r
+        return cls(
+            rows,
+            slots,
+            np.array(obj["times_us"], dtype=np.float64),
+            list(obj["kinds"]),
+            np.array(obj["heldout"]),
+        )
+
     def to_json(self) -> dict:
         return {
             "rows": [r[:s].tolist() for r, s in zip(self.rows, self.slots, strict=True)],
