@@ -5,6 +5,9 @@ One optimizer step on every rank, in the same order (the MoE layers' collectives
   [collective] dense gradients averaged over DP, each expert's gradient over its replica group;
   [collective] the global gradient norm, clipped; AdamW step; [collective] expert loads summed for the aux-loss-free bias update;
   the adaptive-replacement hook; [collective] the step's loss averaged for the log.
+Host syncs per step (each marked where it happens): none between micro-batches; the MoE stats
+are read once after the optimizer step is queued, the loss/aux/norm scalars once at the end, and
+the step's wall time on GPU (plus the adaptive-replacement hook's own, when it is on).
 Legend: L MoE layers, E experts, G GPUs of a MicroEP group.
 """
 
@@ -23,6 +26,7 @@ import torch
 import torch.distributed as dist
 
 from micromoe.routing_log import write_routing_record
+from micromoe.runtime import MoEStats
 from micromoe.train.grads import clip_gradients, sync_gradients
 from micromoe.train.metrics import StepMeter, mfu
 from micromoe.train.trainer import Run, save
@@ -47,54 +51,74 @@ def _all_reduce_sum(t: torch.Tensor, run: Run) -> torch.Tensor:
 
 
 def train_step(run: Run, step: int, meter: StepMeter, routing_fp: IO[str] | None) -> dict[str, Any]:
-    """One optimizer step; returns the log fields it measured (loss averaged over the world)."""
+    """One optimizer step; returns the log fields it measured (loss averaged over the world).
+
+    Nothing is read back to the host between micro-batches: losses accumulate on the device and
+    each MoE layer's stats (counts, plan) are kept by reference and read once, after the
+    optimizer step has been queued (`_read_stats`)."""
     model, cfg, par = run.model, run.cfg, run.parallel
-    num_moe = len(model.moe_layers())
-    loads_le = torch.zeros(num_moe, model.cfg.num_experts, dtype=torch.float64)
-    sums = torch.zeros(2, dtype=torch.float64)  # loss, aux loss
+    sums = torch.zeros(2, dtype=torch.float64, device=par.device)  # loss, aux loss
+    stats: list[list[MoEStats]] = []  # [micro-batch][MoE layer]
     for group in run.optimizer.param_groups:
         group["lr"] = lr_at(step, run)
     for micro in range(cfg.grad_accum):
         x, y = run.data.batch("train", step, micro, par.rank, run.spec)
         _, loss, aux = model(x.to(par.device, non_blocking=True), y.to(par.device, non_blocking=True))
         ((loss + aux) / cfg.grad_accum).backward()
-        sums += torch.tensor([loss.item(), aux.item()], dtype=torch.float64)  # host sync
-        for i, layer in enumerate(model.moe_layers()):
-            stats = layer.last_stats
-            meter.add(i, stats)
-            run.replacer.observe(i, stats.counts_ge)
-            loads_le[i] += torch.from_numpy(stats.counts_ge.sum(axis=0).astype(np.float64))
-            if routing_fp is not None:
-                write_routing_record(
-                    routing_fp, step=step, layer=i, counts=stats.counts_ge, micro_batch=micro
-                )
+        sums += torch.stack([loss.detach(), aux.detach()]).double()  # on the device, no sync
+        stats.append([layer.last_stats for layer in model.moe_layers()])
     sync_gradients(run)
     grad_norm = clip_gradients(run, cfg.grad_clip)
     run.optimizer.step()
     run.optimizer.zero_grad(set_to_none=True)
+    loads_le = _read_stats(run, stats, meter, step, routing_fp)  # host sync on the GPU fast path
     # every rank applies the same bias update: loads summed over the world (a uniform multiple of
     # the true loads, and sign(mean - load) does not change under scaling)
-    model.update_expert_biases(_all_reduce_sum(loads_le.to(par.device), run).cpu())
+    model.update_expert_biases(_all_reduce_sum(torch.from_numpy(loads_le).to(par.device), run))
     events = run.replacer.maybe_replace(step, model, run.optimizer)
-    sums = _all_reduce_sum(sums.to(par.device), run).cpu() / (cfg.grad_accum * par.world)
-    out: dict[str, Any] = {"loss": float(sums[0]), "aux_loss": float(sums[1]), "grad_norm": float(grad_norm)}
+    sums = _all_reduce_sum(sums, run)
+    # host sync: the step's one read of the device scalars (loss, aux loss, gradient norm)
+    loss_sum, aux_sum, norm = torch.cat([sums, grad_norm.double().view(1)]).cpu().tolist()
+    n = cfg.grad_accum * par.world
+    out: dict[str, Any] = {"loss": loss_sum / n, "aux_loss": aux_sum / n, "grad_norm": norm}
     if events:
         out["replacements"] = events
     return out
+
+
+def _read_stats(
+    run: Run, stats: list[list[MoEStats]], meter: StepMeter, step: int, routing_fp: IO[str] | None
+) -> np.ndarray:
+    """Read every micro-batch's MoE stats (in micro-batch order), feed the meter, the replacement
+    hook and the routing log; returns float64 [L, E], this rank's rows per expert in the step.
+
+    Reading `counts_ge` is a host sync on the single-device GPU fast path (its counts stay on the
+    device until read); the distributed dispatchers already hold their all-gathered counts on the
+    host (their planners need them), so there it costs nothing."""
+    loads_le = np.zeros((len(run.model.moe_layers()), run.model.cfg.num_experts), dtype=np.float64)
+    for micro, layers in enumerate(stats):
+        for i, st in enumerate(layers):
+            counts = st.counts_ge  # host sync (GPU fast path only, first read of the step)
+            meter.add(i, st)
+            run.replacer.observe(i, counts)
+            loads_le[i] += counts.sum(axis=0)
+            if routing_fp is not None:
+                write_routing_record(routing_fp, step=step, layer=i, counts=counts, micro_batch=micro)
+    return loads_le
 
 
 @torch.no_grad()
 def evaluate(run: Run) -> float:
     """Mean validation loss over eval_batches micro-batches per rank (same batches every time)."""
     run.model.eval()
-    total = torch.zeros((), dtype=torch.float64)
+    total = torch.zeros((), dtype=torch.float64, device=run.parallel.device)
     for i in range(run.cfg.eval_batches):
         x, y = run.data.batch("val", i, 0, run.parallel.rank, run.spec)
         _, loss, _ = run.model(x.to(run.parallel.device), y.to(run.parallel.device))
-        total += loss.item()
+        total += loss.double()  # on the device, no sync
     run.model.train()
-    total = _all_reduce_sum(total.to(run.parallel.device), run).cpu()
-    return float(total) / (run.cfg.eval_batches * run.parallel.world)
+    total = _all_reduce_sum(total, run).item()  # host sync: the evaluation's one read
+    return total / (run.cfg.eval_batches * run.parallel.world)
 
 
 def train(run: Run) -> list[dict[str, Any]]:
@@ -118,7 +142,7 @@ def train(run: Run) -> list[dict[str, Any]]:
             rec: dict[str, Any] = {"step": step, "lr": lr_at(step, run)}
             rec.update(train_step(run, step, meter, routing_fp))
             if par.device.type == "cuda":
-                torch.cuda.synchronize(par.device)
+                torch.cuda.synchronize(par.device)  # host sync: the step's wall time
             step_s = time.perf_counter() - t0
             rec.update(
                 {"tokens": tokens_per_step, "step_s": step_s, "tokens_per_s": tokens_per_step / step_s}
