@@ -32,6 +32,9 @@ import numpy as np
 
 from micromoe.plan.jit import njit, njit_inline
 from micromoe.plan.timed_bound import lower_bound_us, predict_times
+from micromoe.plan.timed_smooth import smooth_splits
+
+SMOOTH_PASSES = 2
 
 
 @njit_inline
@@ -320,6 +323,8 @@ def timed_plan(
     if _max_time(x, off, f, m, gpu_ptr, gpu_replica) >= _max_time(x0, off, f, m, gpu_ptr, gpu_replica):
         x = x0  # the slowest GPU did not get faster: keep the token plan and its locality
         steps = 0
+    else:  # even out the splits where the model allows it for free (timed_smooth.py)
+        smooth_splits(x, load, off, f, m, base, tok_cap, graph, SMOOTH_PASSES)
     out_us = predict_times(x, off_us, f_us, m_us, gpu_ptr, gpu_replica)
     bound = lower_bound_us(load, off_us, f_us, m_us, lin, subadditive, cert, graph)
     return x, out_us, token_us, bound, steps

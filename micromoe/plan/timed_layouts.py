@@ -23,10 +23,11 @@ from micromoe.plan.checks import FloatArray, IntArray, as_expected_loads, positi
 from micromoe.plan.placement import Placement
 from micromoe.plan.schedule import schedule
 from micromoe.plan.slot_layout import SlotLayout
-from micromoe.plan.slots import packed_slots, replica_counts_for
+from micromoe.plan.slots import _pack_columns, replica_counts_for
 from micromoe.plan.timed import SlotCostModel, check_cost_model, cost_tables, gpu_constant_us
 
 SPARE_FRACTIONS = (1.0, 0.5, 0.25, 0.0)
+EVEN_MARGIN = 0.02  # see `prefer_even`
 
 
 def forecast_rows(forecast: npt.ArrayLike) -> IntArray:
@@ -77,6 +78,7 @@ def time_aware_slots(
     seed: int = 0,
     num_samples: int = 8,
     spare_fractions: tuple[float, ...] = SPARE_FRACTIONS,
+    even_margin: float = EVEN_MARGIN,
 ) -> tuple[IntArray, float, int]:
     """The candidate layout with the lowest predicted slowest-GPU time under `forecast`.
 
@@ -99,27 +101,48 @@ def time_aware_slots(
     rows = forecast_rows(loads)
     ideal = ideal_time_us(rows, g, s, cost)
     rng = np.random.default_rng(seed)
-    best, best_t = None, np.inf
+    scored: list[tuple[float, int, IntArray]] = []  # (predicted us, replicas, slot table)
     for frac in spare_fractions:
         if not 0.0 <= frac <= 1.0:
             raise ValueError(f"spare_fractions must lie in [0, 1], got {frac}")
-        for _ in range(num_samples):
-            if frac == 1.0:
-                slots = packed_slots(loads, g, s, rng)  # every slot used (the token builder's packing)
-            else:
-                spare = round(frac * (g * s - loads.size))
-                slots = _capped_slots(loads, g, s, loads.size + spare, rng)
+        total = loads.size + round(frac * (g * s - loads.size))
+        columns = replica_columns(loads, g, s, total)
+        for k in range(num_samples + 1):  # the balanced assignment first, then random GPU samples
+            slots = assign_gpus(columns, loads, g, s, None if k == 0 else rng)
             t = predicted_max_us(rows, Placement.from_slots(slots, loads.size), cost)
-            if t < best_t:
-                best, best_t = slots, t
-    assert best is not None
-    return best, best_t / ideal, int((best >= 0).sum())
+            scored.append((t, int((slots >= 0).sum()), slots))
+    t, _, best = prefer_even(scored, even_margin)
+    return best, t / ideal, int((best >= 0).sum())
 
 
-def _capped_slots(loads: FloatArray, g: int, s: int, total: int, rng: np.random.Generator) -> IntArray:
-    """`total` replicas (hottest per replica first), first-fit decreasing into slot indices of
-    width G, GPUs of each group at random; slots left over stay empty (-1)."""
+def prefer_even(scored: list[tuple[float, int, IntArray]], margin: float) -> tuple[float, int, IntArray]:
+    """The candidate with the most replicas among those predicted within `margin` (relative) of
+    the fastest, then the fastest of those (first on ties: deterministic).
+
+    scored: (predicted slowest-GPU us, replica total, slot table) per candidate. More replicas
+    means more even slots; the cost model prices uneven slots 2-5% too cheaply against even ones
+    (measured on one H200), so a layout with fewer replicas must be predicted faster by more than
+    that error to be chosen.
+    """
+    if not scored:
+        raise ValueError("no candidates to choose from")
+    if not 0.0 <= margin < 1.0:
+        raise ValueError(f"even_margin must lie in [0, 1) (0.02 = 2%), got {margin}")
+    fastest = min(c[0] for c in scored)
+    near = [c for c in scored if c[0] <= fastest * (1.0 + margin)]
+    most = max(c[1] for c in near)
+    return min((c for c in near if c[1] == most), key=lambda c: c[0])
+
+
+def replica_columns(loads: FloatArray, g: int, s: int, total: int) -> list[list[tuple[int, int]]]:
+    """Replica groups (expert, replicas) of each slot index: `total` replicas by EPLB's rule (one
+    each, then each spare to the largest load per replica, at most G), first-fit decreasing into
+    slot indices of width G. With total = G * S every slot is used (`slots._pack_columns`: free
+    width goes to the hottest per replica of its slot index); otherwise an expert that fits
+    nowhere shrinks to the widest free slot index and leftover slots stay empty."""
     reps = replica_counts_for(loads, total, g)
+    if total == g * s:
+        return _pack_columns(loads, reps, g, s)
     order = sorted(range(loads.size), key=lambda e: (-reps[e], -loads[e], e))
     free = [g] * s
     columns: list[list[tuple[int, int]]] = [[] for _ in range(s)]
@@ -131,11 +154,40 @@ def _capped_slots(loads: FloatArray, g: int, s: int, total: int, rng: np.random.
             r = free[j]
         columns[j].append((e, r))
         free[j] -= r
+    return columns
+
+
+def assign_gpus(
+    columns: list[list[tuple[int, int]]],
+    loads: FloatArray,
+    g: int,
+    s: int,
+    rng: np.random.Generator | None,
+) -> IntArray:
+    """slot_expert int64 [G, S] (-1 empty) for replica groups per slot index.
+
+    rng None: EPLB's balanced packing under the local-slot rule: groups by load per replica,
+    heaviest first (expert id on ties), each onto the r GPUs with the least forecast load among
+    those whose slot index is still free (lowest id on ties). Otherwise the GPUs of each slot
+    index at random.
+    """
     slots = np.full((g, s), -1, dtype=np.int64)
-    for j, column in enumerate(columns):
-        perm = rng.permutation(g)
-        at = 0
-        for e, r in column:
-            slots[perm[at : at + r], j] = e
-            at += r
+    if rng is not None:
+        for j, column in enumerate(columns):
+            perm = rng.permutation(g)
+            at = 0
+            for e, r in column:
+                slots[perm[at : at + r], j] = e
+                at += r
+        return slots
+    groups = sorted(
+        ((float(loads[e]) / r, e, r, j) for j, column in enumerate(columns) for e, r in column),
+        key=lambda x: (-x[0], x[1]),
+    )
+    gpu_load = np.zeros(g)
+    for w, e, r, j in groups:
+        free = np.flatnonzero(slots[:, j] < 0)
+        pick = free[np.lexsort((free, gpu_load[free]))[:r]]
+        slots[pick, j] = e
+        gpu_load[pick] += w
     return slots
