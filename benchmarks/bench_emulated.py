@@ -35,6 +35,7 @@ import numpy as np
 from micromoe.plan import Placement, schedule
 from micromoe.plan.cost import CostModel, bundled_name, load
 from micromoe.plan.forecast import ReplacementPolicy
+from micromoe.plan.timed_layouts import EVEN_MARGIN
 from micromoe.sim.balancers import BALANCERS, Balancer, GroupConfig, MicroEP, make_balancers
 from micromoe.sim.traces import load_trace
 from micromoe.sim.workload import Workload, workload_from_aggregate, workload_from_zipf
@@ -137,6 +138,7 @@ class TimedMicroEPAdaptive(Balancer):
     workload's history, the same history EPLB gets) and time-aware plans."""
 
     name = "microep-ar-t"
+    even_margin = EVEN_MARGIN
 
     def __init__(self, cfg: GroupConfig, cost: CostModel) -> None:
         super().__init__(cfg)
@@ -145,7 +147,9 @@ class TimedMicroEPAdaptive(Balancer):
     def setup(self, workload: Workload) -> None:
         g, e, d = self.cfg.num_gpus, workload.num_experts, self.cfg.replicas
         base = Placement.symmetric(g, e, d)
-        self.policy = ReplacementPolicy(workload.num_layers, e, cost=self.cost, seed=self.cfg.seed)
+        self.policy = ReplacementPolicy(
+            workload.num_layers, e, cost=self.cost, seed=self.cfg.seed, even_margin=self.even_margin
+        )
         rows = workload.counts[0].sum(axis=(1, 2))  # rows per micro-batch: tokens x top-k x G, fixed
         for l in range(workload.num_layers):
             h = workload.history[l]
@@ -162,7 +166,15 @@ class TimedMicroEPAdaptive(Balancer):
         return {"slots": self._slots, "replacements": len(self.policy.events)}
 
 
-TIMED = {c.name: c for c in (TimedMicroEP, TimedMicroEPAdaptive)}
+class TimedMicroEPAdaptiveModelOnly(TimedMicroEPAdaptive):
+    """Ablation of `microep-ar-t`: the replica budget chosen by the cost model alone (no tie
+    margin towards more replicas, `timed_layouts.prefer_even`)."""
+
+    name = "microep-ar-t-m0"
+    even_margin = 0.0
+
+
+TIMED = {c.name: c for c in (TimedMicroEP, TimedMicroEPAdaptive, TimedMicroEPAdaptiveModelOnly)}
 
 
 def balancer_names() -> list[str]:
@@ -359,6 +371,8 @@ def run_timing(plans: dict[str, Any], args: argparse.Namespace) -> dict[str, Any
             f"\n{spec['name']} ({shape[0]}x{shape[1]}, {spec['gpus']} GPUs, {time.perf_counter() - t0:.0f} s)"
         )
         print(format_table(summary), flush=True)
+        if args.json:  # partial results, in case the run is cut short
+            args.json.write_text(json.dumps({"partial": True, "cases": results}) + "\n")
     env = environment(device)
     targets = target_rows(results)
     print("\n" + format_targets(targets))
@@ -378,7 +392,7 @@ def target_rows(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
         s = r["summary"]
         peers = [p for p in ("eplb", "lplb") if p in s]
         best = min(peers, key=lambda p: s[p]["critical_us"])
-        for ours in ("microep-ar", "microep-ar-t", "microep-t"):
+        for ours in ("microep-ar", "microep-ar-t", "microep-ar-t-m0", "microep-t"):
             if ours not in s:
                 continue
             o = s[ours]

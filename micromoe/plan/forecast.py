@@ -22,7 +22,7 @@ from micromoe.plan.density import balance_ratio
 from micromoe.plan.layouts import integer_loads
 from micromoe.plan.placement import Placement
 from micromoe.plan.timed import SlotCostModel, check_cost_model
-from micromoe.plan.timed_layouts import time_aware_slots, time_score
+from micromoe.plan.timed_layouts import EVEN_MARGIN, time_aware_slots, time_score
 
 
 class LoadTracker:
@@ -99,6 +99,7 @@ def decide_replacement(
     cost: SlotCostModel | None = None,
     samples: Sequence[npt.ArrayLike] = (),
     alternatives: Sequence[Placement] = (),
+    even_margin: float = EVEN_MARGIN,
 ) -> Replacement:
     """Replace when the current score exceeds `threshold` and a new load-aware placement with the
     same GPUs and slots improves it by at least `min_gain`. Deterministic for a given seed.
@@ -108,6 +109,7 @@ def decide_replacement(
     `samples` (recent per-micro-batch loads, float [E] each): placements are scored by their mean
     score over these instead of on the forecast alone, which favours layouts that stay balanced
     when loads move; `alternatives`: more candidates (e.g. the symmetric layout) scored the same way.
+    `even_margin`: the cost model's tie margin between replica budgets (`timed_layouts.prefer_even`).
     """
     if threshold < 1.0:
         raise ValueError(f"threshold must be >= 1.0 (1.0 = perfect balance), got {threshold}")
@@ -126,7 +128,9 @@ def decide_replacement(
         candidate = Placement.asymmetric(forecast, g, s, seed=seed, num_samples=num_samples)
     else:
         per_budget = max(1, num_samples // 4)
-        slots, _, _ = time_aware_slots(forecast, g, s, cost, seed=seed, num_samples=per_budget)
+        slots, _, _ = time_aware_slots(
+            forecast, g, s, cost, seed=seed, num_samples=per_budget, even_margin=even_margin
+        )
         candidate = Placement.from_slots(slots, current.num_experts)
     new_score = score(candidate)
     for alt in alternatives:
@@ -146,6 +150,7 @@ def initial_placement(
     cost: SlotCostModel | None = None,
     seed: int = 0,
     num_samples: int = 32,
+    even_margin: float = EVEN_MARGIN,
 ) -> Replacement:
     """The placement to start from: no cold start when a load history exists.
 
@@ -161,7 +166,9 @@ def initial_placement(
         candidate = Placement.asymmetric(history, g, s, seed=seed, num_samples=num_samples)
     else:
         per_budget = max(1, num_samples // 4)
-        slots, _, _ = time_aware_slots(history, g, s, cost, seed=seed, num_samples=per_budget)
+        slots, _, _ = time_aware_slots(
+            history, g, s, cost, seed=seed, num_samples=per_budget, even_margin=even_margin
+        )
         candidate = Placement.from_slots(slots, fallback.num_experts)
     new = placement_score(history, candidate, cost=cost)
     if new < old:
@@ -231,6 +238,7 @@ class ReplacementPolicy:
         decay: float = 0.9,
         seed: int = 0,
         num_samples: int = 32,
+        even_margin: float = EVEN_MARGIN,
     ) -> None:
         for name, v in (
             ("interval", interval),
@@ -244,11 +252,13 @@ class ReplacementPolicy:
             raise ValueError(f"cooldown must be an integer >= 0, got {cooldown!r}")
         if threshold < 1.0:
             raise ValueError(f"threshold must be >= 1.0 (1.0 = perfect balance), got {threshold}")
+        if not 0.0 <= even_margin < 1.0:
+            raise ValueError(f"even_margin must lie in [0, 1) (0.02 = 2%), got {even_margin}")
         self.cost = None if cost is None else check_cost_model(cost)
         self.interval, self.threshold, self.min_gain = interval, threshold, min_gain
         self.trigger_after, self.cooldown, self.warmup = trigger_after, cooldown, warmup
         self.window = window
-        self.seed, self.num_samples = seed, num_samples
+        self.seed, self.num_samples, self.even_margin = seed, num_samples, even_margin
         self.tracker = LoadTracker(num_layers, num_experts, decay=decay)
         self._layers: list[_LayerState | None] = [None] * num_layers
         self.events: list[ReplacementEvent] = []
@@ -257,7 +267,12 @@ class ReplacementPolicy:
         """Set the layer's first placement: load-aware from `history` (float [E] expected loads;
         rows per micro-batch with a cost model) when that scores better, else `fallback`."""
         first = initial_placement(
-            history, fallback, cost=self.cost, seed=self.seed + layer, num_samples=self.num_samples
+            history,
+            fallback,
+            cost=self.cost,
+            seed=self.seed + layer,
+            num_samples=self.num_samples,
+            even_margin=self.even_margin,
         )
         self._layers[layer] = _LayerState(first.placement, fallback, load_aware=history is not None)
         if first.replace:
@@ -289,6 +304,7 @@ class ReplacementPolicy:
                 cost=self.cost,
                 seed=seed,
                 num_samples=self.num_samples,
+                even_margin=self.even_margin,
             )
             return self._apply(layer, st, "cold-start", first)
         if st.seen - st.last_replace <= self.cooldown:
@@ -315,6 +331,7 @@ class ReplacementPolicy:
             cost=self.cost,
             samples=st.warm[-self.window :],
             alternatives=(st.fallback,),
+            even_margin=self.even_margin,
         )
 
     def _apply(self, layer: int, st: _LayerState, rule: str, r: Replacement) -> Replacement:

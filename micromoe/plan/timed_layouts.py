@@ -6,10 +6,14 @@ Time is not linear in rows, so the replica count that balances tokens is not alw
 balances time. With large GEMMs even slots win (many replicas, every slot about the same rows);
 with small ones every active slot costs a tile and a group, and fewer active groups win (fewer
 replicas, slots left empty). Instead of a rule for that, `time_aware_slots` builds candidates
-that spend 100%, 50%, 25% and 0% of the spare slots (beyond one per expert) on extra replicas of
-the hottest experts (largest load per replica first), samples the GPUs of every replica group,
-and keeps the candidate whose time-aware plan (`schedule(..., cost=)`) has the lowest predicted
-slowest-GPU time under the forecast. Scores are relative to an ideal fair share
+that spend 100%, 50%, 25% and 0% of the spare slots (beyond one per expert) on extra replicas,
+counted as EPLB's replicate step does (largest load per replica first, at most G per expert),
+packed into slot indices (`replica_columns`). Each budget's GPUs are assigned once by EPLB's
+balanced packing under the local-slot rule (`assign_gpus`) and `num_samples` times at random. The
+time-aware plan (`schedule(..., cost=)`) of each candidate is predicted under the forecast, and
+`prefer_even` keeps the candidate with the most replicas among those within `EVEN_MARGIN` of the
+fastest: measured on one H200, the models price uneven slots 1-3% too cheaply against even ones,
+so fewer replicas must win by more than that. Scores are relative to an ideal fair share
 (`ideal_time_us`): 1.0 = as fast as total rows / G on every GPU, spread evenly over the best
 number of its slots.
 """
@@ -80,14 +84,17 @@ def time_aware_slots(
     spare_fractions: tuple[float, ...] = SPARE_FRACTIONS,
     even_margin: float = EVEN_MARGIN,
 ) -> tuple[IntArray, float, int]:
-    """The candidate layout with the lowest predicted slowest-GPU time under `forecast`.
+    """The candidate layout with the lowest predicted slowest-GPU time under `forecast`, up to
+    `even_margin` in favour of more replicas (`prefer_even`).
 
     Args:
         forecast: float [E] >= 0; expected rows per expert per micro-batch (scale matters).
         num_gpus, slots_per_gpu: the group's G and S (E <= G * S).
         cost: the cost model.
-        seed, num_samples: GPU sampling of each candidate's replica groups (deterministic).
+        seed, num_samples: random GPU samples of each budget's replica groups, besides the
+            balanced assignment (deterministic).
         spare_fractions: shares of the G * S - E spare slots given to extra replicas.
+        even_margin: relative tie margin towards more replicas (`prefer_even`; 0: the fastest).
 
     Returns:
         (slot_expert int64 [G, S] with -1 for empty slots, its time score, its replica total R).
