@@ -9,7 +9,9 @@ dropping) for every variant:
   fused kernels, no group padding); `ours_align8` (`--align8`): the same with groups padded to 8;
 - `ref`: the same layer on the reference local pipeline (host-side layout after a count sync);
 - `torchtitan`: torchtitan 0.3.0's `MoE` (its router with the choice forced, local dispatcher,
-  grouped experts), when importable.
+  grouped experts), when importable;
+- `graphed` (`--graphed`): the fast path's forward and backward replayed from two CUDA graphs
+  (`torch.cuda.make_graphed_callables`): the same kernels without the host's launch gaps.
 Times are medians of per-rep CUDA events with the host free to run ahead (`*_ms`) and with a
 device sync before every rep (`*_sync_ms`; `*_host_issue_ms` is then the host time to issue one
 rep: the CPU overhead). A profiler pass (10 reps) gives each variant's busy kernel time per rep,
@@ -84,6 +86,23 @@ def build_ours(shape: Shape, device: torch.device, *, fast: bool, align: int = F
     layer.dispatcher = LocalDispatcher(shape.experts, fast_path=fast, fast_align=align)
     layer.experts.fused_swiglu = fast
     return layer
+
+
+class _Forced(torch.nn.Module):
+    """`layer` with its routing fixed (a one-argument module for graph capture)."""
+
+    def __init__(self, layer: MoELayer, expert_TK: torch.Tensor) -> None:
+        super().__init__()
+        self.layer, self.expert_TK = layer, expert_TK
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layer(x, forced_expert=self.expert_TK)
+
+
+def build_graphed(layer: MoELayer, x: torch.Tensor, expert_TK: torch.Tensor) -> torch.nn.Module:
+    """The fast path's forward and backward captured as two CUDA graphs (it never syncs with the
+    host, so it is capturable); replays show the layer's time without launch gaps."""
+    return torch.cuda.make_graphed_callables(_Forced(layer, expert_TK), (x.detach().requires_grad_(True),))
 
 
 def build_torchtitan(layer: MoELayer, expert_TK: torch.Tensor) -> torch.nn.Module:
@@ -254,7 +273,7 @@ def bf16_peak_tflops(n: int = 8192) -> float:
 # one shape
 
 
-def bench_shape(shape: Shape, reps: int, with_tt: bool, peak: float, align8: bool) -> dict:
+def bench_shape(shape: Shape, reps: int, with_tt: bool, peak: float, align8: bool, graphed: bool) -> dict:
     dev = torch.device("cuda")
     gen = torch.Generator().manual_seed(1)
     x = torch.randn(shape.tokens, shape.hidden, generator=gen).to(dev, torch.bfloat16).requires_grad_(True)
@@ -269,6 +288,12 @@ def bench_shape(shape: Shape, reps: int, with_tt: bool, peak: float, align8: boo
     if align8:
         a8 = build_ours(shape, dev, fast=True, align=8)
         variants["ours_align8"] = (a8, lambda a: a8(a, forced_expert=expert))
+    if graphed:
+        try:
+            gr = build_graphed(build_ours(shape, dev, fast=True), x, expert)
+            variants["graphed"] = (gr, gr)
+        except Exception as exc:  # noqa: BLE001 - report, do not fail the benchmark
+            row["graphed_error"] = f"{type(exc).__name__}: {exc}"[:500]
     if with_tt:
         tt = build_torchtitan(ours, expert)
         variants["torchtitan"] = (tt, lambda a: tt(a.unsqueeze(0)).squeeze(0))
@@ -345,6 +370,11 @@ def main() -> int:
     ap.add_argument("--shapes", default="all", help="'all' or comma-separated shape names")
     ap.add_argument("--no-torchtitan", action="store_true", help="skip the torchtitan comparison")
     ap.add_argument("--align8", action="store_true", help="also time the fast path with groups padded to 8")
+    ap.add_argument(
+        "--graphed",
+        action="store_true",
+        help="also time the fast path replayed from CUDA graphs (fwd and bwd)",
+    )
     args = ap.parse_args()
     if not torch.cuda.is_available():
         print("needs a CUDA device")
@@ -361,7 +391,7 @@ def main() -> int:
     result = {"gpu": torch.cuda.get_device_name(), "versions": versions(with_tt), "bf16_peak_tflops": peak}
     result["rows"] = []
     for shape in shapes:
-        row = bench_shape(shape, args.reps, with_tt, peak, args.align8)
+        row = bench_shape(shape, args.reps, with_tt, peak, args.align8, args.graphed)
         result["rows"].append(row)
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(result, indent=1))

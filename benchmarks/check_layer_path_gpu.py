@@ -10,6 +10,10 @@
    suite's float32 dense reference (bf16 weights upcast), output and every gradient.
 3. The fast path without group padding (align 1: the default, as torchtitan's local path), in a child
    process: a grouped GEMM that rejects unaligned groups may kill the CUDA context.
+4. The counting-sort row layout (kernels_rows.py) against the radix-sort path (`sorted_rows`),
+   exactly, on uniform and skewed ids at the benchmark's sizes, padded and not, and with bad ids;
+   the router's gate kernels (kernels_gate.py) against a float64 softmax over the chosen logits,
+   forward and backward, with a repeated and an out-of-range id.
 Exit code 0 when every check passes.
 """
 
@@ -28,7 +32,10 @@ from _dist import dense_moe  # noqa: E402  (the test suite's reference, shared o
 
 from micromoe.runtime import MoEConfig, MoELayer  # noqa: E402
 from micromoe.runtime import kernels as K  # noqa: E402
+from micromoe.runtime.dispatch_fast import sorted_rows  # noqa: E402
 from micromoe.runtime.dispatch_local import LocalDispatcher  # noqa: E402
+from micromoe.runtime.kernels_gate import chosen_softmax  # noqa: E402
+from micromoe.runtime.kernels_rows import rows_layout  # noqa: E402
 
 TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
 
@@ -78,6 +85,58 @@ def check_kernels() -> dict:
                 out[key] = rel(a, b)
     bad = {k: v for k, v in out.items() if not v <= TOL[torch.float32 if "float32" in k else torch.bfloat16]}
     return {"max_rel_err": max(out.values()), "failed": bad}
+
+
+def check_rows() -> dict:
+    """Counting sort against the radix-sort path: identical layouts for valid ids."""
+    out, g = {}, torch.Generator().manual_seed(2)
+    cases = [(1, 1, 1), (7, 3, 2), (3000, 16, 2), (8192, 16, 2), (4096, 128, 8), (8192, 64, 6), (999, 200, 4)]
+    for t, e, k in cases:
+        for skew in (0.0, 1.2):
+            p = torch.arange(1, e + 1, dtype=torch.float64) ** -skew
+            ids = torch.multinomial(p.expand(t, e), k, generator=g).cuda()
+            for align in (1, 8):
+                got, want = rows_layout(ids, e, align), sorted_rows(ids, e, align)
+                want = (want[0], want[1], want[3], want[4])
+                same = all(torch.equal(a, b) for a, b in zip(got, want, strict=True))
+                out[f"t{t}-e{e}-k{k}-skew{skew}-align{align}"] = same
+    bad = torch.tensor([[0, 1], [1, 7], [-1, 0], [2, 9]], device="cuda")
+    for align in (1, 8):
+        pos, rows, bounds, ends = rows_layout(bad, 3, align)
+        ref = sorted_rows(bad, 3, align)
+        valid = ((bad >= 0) & (bad < 3)).reshape(-1)
+        n = 8 + 3 * (align - 1)
+        out[f"bad_ids-align{align}"] = (
+            torch.equal(pos[valid], ref[0][valid])
+            and len(set(pos.tolist())) == 8
+            and int(pos.max()) < n
+            and torch.equal(bounds, ref[3])
+            and torch.equal(rows, ref[1])
+        )
+    return {"ok": all(out.values()), "cases": out}
+
+
+def check_gate() -> dict:
+    """The gate kernels against a float64 softmax over the chosen logits, forward and backward."""
+    out, g = {}, torch.Generator().manual_seed(3)
+    for t, e, k in ((4096, 16, 2), (4096, 128, 8), (777, 64, 6), (5, 1, 1)):
+        for dtype in (torch.float32, torch.bfloat16):
+            logits = (3 * torch.randn(t, e, generator=g)).cuda().to(dtype).requires_grad_(True)
+            ids = torch.stack([torch.randperm(e, generator=g)[:k] for _ in range(t)]).cuda()
+            if k > 1:
+                ids[0, 1] = ids[0, 0]  # a repeated id: gradients add up
+            ids[1, 0] = e + 3  # out of range: clamped
+            dw = torch.randn(t, k, generator=g).cuda().to(dtype)
+            poison()
+            w = chosen_softmax(logits, ids, dtype)
+            (gl,) = torch.autograd.grad(w, logits, dw)
+            l64 = logits.detach().double().requires_grad_(True)
+            ref = torch.softmax(l64.gather(1, ids.clamp(0, e - 1)), -1)
+            (gref,) = torch.autograd.grad(ref, l64, dw.double())
+            key = f"t{t}-e{e}-k{k}/{str(dtype)[6:]}"
+            out[f"w/{key}"], out[f"dlogits/{key}"] = rel(w, ref), rel(gl, gref)
+    bad = {k: v for k, v in out.items() if not v <= (1e-5 if "float32" in k else 1e-2)}
+    return {"max_rel_err": max(out.values()), "failed": bad, "ok": not bad}
 
 
 def layer_pair(cfg: MoEConfig, align: int) -> tuple[MoELayer, MoELayer]:
@@ -151,7 +210,8 @@ def main() -> int:
         res = check_layer(args.child_align)
         print(json.dumps(res))
         return 0 if res["ok"] else 1
-    result = {"kernels": check_kernels(), "layer_align8": check_layer(8)}
+    result = {"kernels": check_kernels(), "rows": check_rows(), "gate": check_gate()}
+    result["layer_align8"] = check_layer(8)
     child = subprocess.run(
         [sys.executable, __file__, "--child-align", "1"], capture_output=True, text=True, timeout=300
     )
@@ -159,11 +219,14 @@ def main() -> int:
         result["layer_align1"] = json.loads(child.stdout.strip().splitlines()[-1])
     except (IndexError, json.JSONDecodeError):
         result["layer_align1"] = {"ok": False, "error": (child.stderr or child.stdout)[-2000:]}
-    ok = not result["kernels"]["failed"] and result["layer_align8"]["ok"]
-    result["ok"], result["align1_ok"] = ok, bool(result["layer_align1"].get("ok"))
+    result["align1_ok"] = bool(result["layer_align1"].get("ok"))
+    ok = not result["kernels"]["failed"] and result["layer_align8"]["ok"] and result["align1_ok"]
+    ok = ok and result["rows"]["ok"] and result["gate"]["ok"]
+    result["ok"] = ok
     print(json.dumps(result, indent=1))
     print(
-        f"kernels max rel err {result['kernels']['max_rel_err']:.2e}; layer align8 ok={result['layer_align8']['ok']}; "
+        f"kernels max rel err {result['kernels']['max_rel_err']:.2e}; rows ok={result['rows']['ok']}; "
+        f"gate max rel err {result['gate']['max_rel_err']:.2e}; layer align8 ok={result['layer_align8']['ok']}; "
         f"align1 ok={result['layer_align1'].get('ok')}; overall {'PASS' if ok else 'FAIL'}"
     )
     if args.json:

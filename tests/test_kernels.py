@@ -2,7 +2,8 @@
 
 On CPU the ops run their pure-torch bodies: these tests pin those bodies to independent reference
 ops (values and float64 gradcheck). The Triton bodies are checked against the same references on
-the GPU by benchmarks/check_layer_path_gpu.py.
+the GPU by benchmarks/check_layer_path_gpu.py, and here too when Triton's interpreter is on
+(TRITON_INTERPRET=1 with Triton installed: the layout and gate tests then run the kernels).
 """
 
 from __future__ import annotations
@@ -15,10 +16,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from micromoe.runtime import MoEConfig, MoELayer
-from micromoe.runtime.dispatch_fast import device_rows, fast_combine, fast_dispatch
+from micromoe.runtime.dispatch_fast import device_rows, fast_combine, fast_dispatch, sorted_rows
 from micromoe.runtime.experts import grouped_mm
 from micromoe.runtime.idle import HostWaitProbe
-from micromoe.runtime.kernels import combine_tokens, permute_tokens, swiglu
+from micromoe.runtime.kernels import combine_tokens, permute_tokens, swiglu, triton_device
+from micromoe.runtime.kernels_gate import chosen_softmax
 from micromoe.runtime.router import TopKRouter
 
 
@@ -83,7 +85,8 @@ def test_device_rows_layout(t, e, k, align, seed):
     g = torch.Generator().manual_seed(seed)
     expert = torch.stack([torch.randperm(e, generator=g)[:k] for _ in range(t)]) if t else torch.zeros(0, k)
     expert = expert.long()
-    pos, rows, n, bounds = device_rows(expert, e, align)
+    pos, rows, n, bounds, offs = device_rows(expert, e, align)
+    assert offs.tolist() == torch.cumsum(rows, 0).tolist()
     counts = torch.bincount(expert.reshape(-1), minlength=e)
     assert bounds.tolist() == [0, *torch.cumsum(counts, 0).tolist()]
     assert rows.tolist() == [(-(-c // align)) * align for c in counts.tolist()]
@@ -94,6 +97,61 @@ def test_device_rows_layout(t, e, k, align, seed):
     for ex in range(e):
         mine = pos[flat == ex].tolist()  # flat order = (token, choice) order
         assert mine == list(range(int(start[ex]), int(start[ex]) + int(counts[ex])))  # stable
+
+
+@settings(max_examples=15, deadline=None)
+@given(
+    t=st.integers(1, 300),
+    e=st.integers(1, 40),
+    k=st.integers(1, 4),
+    align=st.sampled_from([1, 8]),
+    seed=st.integers(0, 99),
+)
+def test_device_rows_equals_sorted_rows(t, e, k, align, seed):
+    """Skewed ids, repeats allowed: whichever path device_rows takes (the counting-sort kernel
+    under Triton's interpreter) gives the radix-sort path's layout exactly."""
+    g = torch.Generator().manual_seed(seed)
+    p = torch.arange(1, e + 1, dtype=torch.float64) ** -1.5
+    expert = torch.multinomial(p, t * k, replacement=True, generator=g).view(t, k)
+    got, want = device_rows(expert, e, align), sorted_rows(expert, e, align)
+    for a, b in zip(got, want, strict=True):
+        assert a == b if isinstance(a, int) else torch.equal(a, b)
+
+
+@pytest.mark.skipif(
+    not triton_device(torch.zeros(1)), reason="needs Triton's interpreter (TRITON_INTERPRET=1)"
+)
+def test_rows_kernel_bad_ids_stay_inside():
+    """Out-of-range ids get distinct rows past every group; valid ids keep the sorted layout."""
+    expert = torch.tensor([[0, 1], [1, 7], [-1, 0], [2, 9]])
+    for align in (1, 8):
+        pos, rows, n, bounds, _ = device_rows(expert, 3, align)
+        ref = sorted_rows(expert, 3, align)
+        valid = ((expert >= 0) & (expert < 3)).reshape(-1)
+        assert torch.equal(pos[valid], ref[0][valid]) and torch.equal(bounds, ref[3])
+        assert (
+            len(set(pos.tolist())) == 8 and int(pos[~valid].min()) >= int(rows.sum()) and int(pos.max()) < n
+        )
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_chosen_softmax_matches_float64_reference(dtype):
+    """Gates = softmax over each token's chosen logits; repeated ids add their gradients and
+    out-of-range ids are clamped (the gate kernels under Triton's interpreter, else torch)."""
+    g = torch.Generator().manual_seed(6)
+    t, e, k = 23, 10, 3
+    logits = (3 * torch.randn(t, e, generator=g, dtype=torch.float64)).to(dtype).requires_grad_(True)
+    ids = torch.stack([torch.randperm(e, generator=g)[:k] for _ in range(t)])
+    ids[0, 1], ids[1, 0] = ids[0, 0], e + 2
+    dw = torch.randn(t, k, generator=g, dtype=torch.float64)
+    w = chosen_softmax(logits, ids, dtype)
+    (grad,) = torch.autograd.grad(w, logits, dw.to(dtype))
+    ref_logits = logits.detach().double().requires_grad_(True)
+    chosen = ref_logits.gather(1, ids.clamp(0, e - 1))
+    ref = torch.exp(chosen) / torch.exp(chosen).sum(1, keepdim=True)
+    (ref_grad,) = torch.autograd.grad(ref, ref_logits, dw)
+    assert rel_err(w.double(), ref) <= 1e-6 and rel_err(grad.double(), ref_grad) <= 1e-6
+    assert torch.all(grad[2:].double().abs().sum(1) > 0) and grad.double().abs().max() > 0
 
 
 @pytest.mark.parametrize("align", [1, 8])

@@ -76,9 +76,13 @@ class GroupedSwiGLU(nn.Module):
         nn.init.normal_(self.w_gate_up, std=1.0 / math.sqrt(self.hidden))
         nn.init.normal_(self.w_down, std=1.0 / math.sqrt(self.ffn_hidden))
 
-    def forward(self, x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-        """x [N, H] slot-major, rows int32/int64 [S] -> [N, H]."""
-        offs = torch.cumsum(rows, 0, dtype=torch.int32) if x.is_cuda else None  # on the device
+    def forward(
+        self, x: torch.Tensor, rows: torch.Tensor, *, offs: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """x [N, H] slot-major, rows int32/int64 [S] -> [N, H]. `offs`: optional int32 [S] =
+        cumsum(rows) on x's device, when the dispatcher already has it (CUDA)."""
+        if offs is None and x.is_cuda:
+            offs = torch.cumsum(rows, 0, dtype=torch.int32)  # group ends, on the device
         h = grouped_mm(x, self.w_gate_up, rows, offs=offs)
         if self.fused_swiglu and uses_triton(h):
             act = swiglu(h)  # one pass each way instead of split + silu + multiply

@@ -31,10 +31,15 @@ _KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _TILE = 4096  # elements per program: 32 per thread at 4 warps, 16-byte vectors
 
 
+def triton_device(t: torch.Tensor) -> bool:
+    """True when Triton kernels can run on `t`'s device (CUDA, or any under the interpreter)."""
+    return HAVE_TRITON and (t.is_cuda or _INTERPRET)
+
+
 def uses_triton(t: torch.Tensor) -> bool:
     """True when ops on `t` run the Triton kernels (CUDA, Triton installed, a 16/32-bit float
     dtype: the kernels accumulate in float32, so float64 keeps the torch body)."""
-    return HAVE_TRITON and (t.is_cuda or _INTERPRET) and t.dtype in _KERNEL_DTYPES
+    return triton_device(t) and t.dtype in _KERNEL_DTYPES
 
 
 def _acc(dtype: torch.dtype) -> torch.dtype:

@@ -10,6 +10,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from micromoe.runtime.kernels_gate import chosen_softmax
+
 
 @dataclass(frozen=True)
 class RouterOutput:
@@ -27,6 +29,17 @@ class RouterOutput:
     weight: torch.Tensor
     probs: torch.Tensor | None
     aux_loss: torch.Tensor
+
+
+_ZEROS: dict[torch.device, torch.Tensor] = {}
+
+
+def _zero(device: torch.device) -> torch.Tensor:
+    """A float32 zero scalar on `device`, cached (one launch fewer per call; read-only: callers
+    add it out of place)."""
+    if device not in _ZEROS:
+        _ZEROS[device] = torch.zeros((), device=device, dtype=torch.float32)
+    return _ZEROS[device]
 
 
 class TopKRouter(nn.Module):
@@ -94,16 +107,12 @@ class TopKRouter(nn.Module):
         """The same gates from the K chosen logits only: with normalized gates, p_k / sum_j p_j =
         softmax over the chosen logits, and softmax is monotone, so top-k of the logits picks
         what top-k of the probabilities picks. No [T, E] float32 tensor either way."""
-        if forced_expert is not None:  # clamped: bad ids are refused when the counts are read
+        if forced_expert is not None:  # clamped inside: bad ids are refused when counts are read
             expert_TK = forced_expert
-            chosen_TK = logits_TE.gather(1, forced_expert.clamp(0, self.num_experts - 1))
         else:
             expert_TK = torch.topk(logits_TE.detach(), self.top_k, dim=-1).indices
-            chosen_TK = logits_TE.gather(1, expert_TK)
-        weight_TK = torch.softmax(chosen_TK.float(), dim=-1)
-        return RouterOutput(
-            expert_TK, weight_TK.to(dtype), None, logits_TE.new_zeros((), dtype=torch.float32)
-        )
+        weight_TK = chosen_softmax(logits_TE, expert_TK, dtype)  # one fused kernel each way on CUDA
+        return RouterOutput(expert_TK, weight_TK, None, _zero(logits_TE.device))
 
     def _aux_loss(self, probs_TE: torch.Tensor, expert_TK: torch.Tensor) -> torch.Tensor:
         if self.aux_loss_coef == 0 or probs_TE.shape[0] == 0:
