@@ -17,7 +17,7 @@ import torch.distributed as dist
 from _dist import run_workers
 
 from micromoe.model import ModelConfig, MoETransformer, parallelize_model
-from micromoe.plan import Placement
+from micromoe.plan import Placement, placement_score
 from micromoe.plan.cost import CostModel
 from micromoe.runtime import (
     ParallelLayout,
@@ -126,28 +126,46 @@ def _check_disagreement_refused(par, model, opt) -> None:
     assert par.groups == before
 
 
-def _check_forecast_over_microep_groups(rank: int, world: int) -> None:
-    """With two MicroEP groups (EP=1, d=2), the forecast is the mean per-micro-batch load of one
-    group over both groups and all micro-batches, identical on every rank."""
+def _check_loads_over_microep_groups(rank: int, world: int) -> None:
+    """With two MicroEP groups (EP=1, d=2), every rank gathers each micro-batch's group loads of
+    every rank: the policy is fed their mean (the mean group load) and scores the worst group."""
     layout = ParallelLayout(world, world, 1, 2)
     groups = build_process_groups(layout, Placement.symmetric(2, CFG.num_experts, 2), rank)
     par = ParallelState(rank, world, torch.device("cpu"), layout, "microep", [groups])
-    ar = AdaptiveReplacement(par, interval=1, threshold=1.02)
+    ar = AdaptiveReplacement(par, interval=1, threshold=1.02, micro_batches=3)
     group = rank // 2  # ranks 0, 1 form MicroEP group 0; ranks 2, 3 group 1
     batches = [np.full((2, CFG.num_experts), 10 * (group + 1) + m) for m in range(3)]
+    batches[1][:, 0] += 50 * group  # group 1's second micro-batch is skewed to expert 0
     for counts in batches:
         ar.observe(0, counts)  # both ranks of a group see the same gathered counts
-    want = np.mean(
-        [np.full(CFG.num_experts, 2 * (10 * (g + 1) + m)) for g in range(2) for m in range(3)], axis=0
+    loads = ar._gather_loads()  # [W, L, M, E]
+    assert loads.shape == (world, 1, 3, CFG.num_experts)
+    for m in range(3):
+        group_loads = [2 * (np.full(CFG.num_experts, 10 * (g + 1) + m)) for g in range(2)]
+        if m == 1:
+            group_loads[1][0] += 2 * 50
+        np.testing.assert_array_equal(loads[:, 0, m], [group_loads[r // 2] for r in range(world)])
+        np.testing.assert_allclose(loads[:, 0, m].mean(axis=0), np.mean(group_loads, axis=0))
+    for m in range(3):
+        ar._observe_micro_batch(0, 0, m, loads[:, 0, m])
+    place = par.groups[0].placement  # each GPU holds every expert here: any load balances
+    for m, check in enumerate(ar.checks):
+        want = max(placement_score(loads[r, 0, m], place) for r in (0, 2))  # the worse group
+        assert check["realized"] == want == 1.0
+    np.testing.assert_allclose(
+        ar.policy.tracker.forecast(0),
+        loads[:, 0, 0].mean(axis=0) * 0.9**2 * 1.0
+        + 0.1 * 0.9 * loads[:, 0, 1].mean(axis=0)
+        + 0.1 * loads[:, 0, 2].mean(axis=0),
     )
-    np.testing.assert_allclose(ar._gather_loads()[0], want)
 
 
 def _worker(rank: int, world: int) -> dict:
-    _check_forecast_over_microep_groups(rank, world)
+    _check_loads_over_microep_groups(rank, world)
     par, model, opt = _build(rank, world)
     par_ref, ref, ref_opt = _build(rank, world)
-    ar = AdaptiveReplacement(par, interval=2, threshold=1.02)
+    # no cold start within the test (warmup 10): the replacement comes from the interval check
+    ar = AdaptiveReplacement(par, interval=2, threshold=1.02, warmup=10)
     events = []
     for step in range(2):
         assert abs(_step(par, model, opt, step) - _step(par_ref, ref, ref_opt, step)) <= TOL
@@ -185,11 +203,11 @@ def _worker(rank: int, world: int) -> dict:
         for rg in par.groups[i].replicas:
             copies = {b"".join(a.tobytes() for a in moved_next[r][(i, rg.expert)]) for r in rg.ranks}
             assert len(copies) == 1, f"replicas of layer {i} expert {rg.expert} differ"
-    assert ar.maybe_replace(3, model, opt) == [], "no check between intervals"
+    assert ar.maybe_replace(3, model, opt) == [], "nothing observed, nothing re-placed"
     _check_time_aware_second_move(par, model, opt, world)
     _check_disagreement_refused(par, model, opt)
     state = ar.state_dict()
-    fresh = AdaptiveReplacement(par, interval=2, threshold=1.02)
+    fresh = AdaptiveReplacement(par, interval=2, threshold=1.02, warmup=10)
     fresh.load_state_dict(state)
     assert fresh.state_dict() == state
     return {
@@ -205,6 +223,7 @@ def test_replacement_in_training_4_ranks():
     assert all(r["events"] == events for r in results), "every rank decides identically"
     for e in events:
         assert e["old_score"] > 1.02 and e["new_score"] < e["old_score"]
+        assert e["rule"] == "interval" and e["reason"].startswith("interval check every 2 micro-batches")
         assert "> threshold 1.02" in e["reason"] and e["bytes"] > 0 and e["transfers"] > 0
     assert all(ms > 0 for r in results for ms in r["ms"])
 

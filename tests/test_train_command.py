@@ -54,6 +54,9 @@ def test_defaults_then_preset_then_flags():
         (["--seq-len", "1000000"], "too few for sequences"),
         (["--dispatcher", "ep", "--cost-model", "auto"], "--dispatcher ep has none"),
         (["--nproc", "4", "--dispatcher", "ep", "--placement", "random"], "drop --placement"),
+        (["--replace-cooldown", "-1"], "--replace-cooldown must be >= 0"),
+        (["--replace-trigger-after", "0"], "--replace-trigger-after must be a positive integer"),
+        (["--replace-threshold", "0.9"], "--replace-threshold must be >= 1.0"),
     ],
 )
 def test_user_mistakes_are_one_line_errors(capsys, argv, message):

@@ -159,10 +159,49 @@ def _parallel_options(q: argparse._ArgumentGroup) -> None:
         help="initial MicroEP placement (symmetric)",
     )
     q.add_argument(
-        "--replace-interval", type=int, help="adaptive replacement: steps between checks (0 = off)"
+        "--replace-interval",
+        type=int,
+        help="adaptive replacement: optimizer steps between checks of the load forecast (0 = off, the "
+        "default; the --replace-* options below only act when it is on)",
     )
     q.add_argument(
-        "--replace-threshold", type=float, help="adaptive replacement: re-place when the score exceeds this"
+        "--replace-threshold",
+        type=float,
+        help="adaptive replacement: a micro-batch is imbalanced, and a check re-places its layer, when the "
+        "placement's score (T*/mean GPU load, or predicted time over the fair share with --cost-model) "
+        "exceeds this (1.05)",
+    )
+    q.add_argument(
+        "--replace-trigger-after",
+        type=int,
+        metavar="K",
+        help="adaptive replacement: check a layer at once after K consecutive micro-batches whose realized "
+        "score exceeded --replace-threshold, without waiting for the interval (3)",
+    )
+    q.add_argument(
+        "--replace-cooldown",
+        type=int,
+        metavar="N",
+        help="adaptive replacement hysteresis: no layer is re-placed again within N micro-batches of its "
+        "last replacement, so loads that swing back and forth do not make it flap (4; 0 = off)",
+    )
+    q.add_argument(
+        "--replace-min-gain",
+        type=float,
+        help="adaptive replacement hysteresis: a new placement must lower the score by at least this (0.01)",
+    )
+    q.add_argument(
+        "--replace-warmup",
+        type=int,
+        metavar="N",
+        help="adaptive replacement: micro-batches observed before the first load-aware placement "
+        "(a fresh run has no load history; a resumed run keeps its own) (2)",
+    )
+    q.add_argument(
+        "--replace-window",
+        type=int,
+        metavar="N",
+        help="adaptive replacement: a check scores placements by their mean over the last N micro-batches (4)",
     )
     q.add_argument(
         "--cost-model",

@@ -53,11 +53,17 @@ class TrainConfig:
     placement: PlacementKind = "symmetric"
     replace_interval: int = 0
     replace_threshold: float = 1.05
+    replace_trigger_after: int = 3  # consecutive imbalanced micro-batches that trigger a check
+    replace_cooldown: int = 4  # micro-batches after a replacement without another
+    replace_warmup: int = 2  # micro-batches before the cold-start placement
+    replace_window: int = 4  # a check scores placements over this many recent micro-batches
+    replace_min_gain: float = 0.01  # a new placement must lower the score by this much
     cost_model: str | None = None  # MicroEP plans for predicted GPU time (runtime's cost-model spec)
     timeout: float = 300.0
 
     def __post_init__(self) -> None:
         positive = ("micro_batch", "grad_accum", "max_steps", "eval_batches", "log_interval")
+        positive += ("replace_trigger_after", "replace_warmup", "replace_window")
         optional = ("dp", "ep", "merge", "lr_decay_steps")
         for name in positive + optional:
             v = getattr(self, name)
@@ -65,7 +71,13 @@ class TrainConfig:
                 continue
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be a positive integer, got {v!r}")
-        for name in ("warmup_steps", "eval_interval", "ckpt_interval", "replace_interval"):
+        for name in (
+            "warmup_steps",
+            "eval_interval",
+            "ckpt_interval",
+            "replace_interval",
+            "replace_cooldown",
+        ):
             if getattr(self, name) < 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
         if not (self.lr > 0 and 0 <= self.min_lr <= self.lr):
@@ -74,6 +86,12 @@ class TrainConfig:
             raise ValueError(f"--dispatcher must be 'ep' or 'microep', got {self.dispatcher!r}")
         if self.placement not in ("symmetric", "random", "asymmetric"):
             raise ValueError(f"--placement must be symmetric, random or asymmetric, got {self.placement!r}")
+        if not self.replace_threshold >= 1.0:
+            raise ValueError(
+                f"--replace-threshold must be >= 1.0 (1.0 = perfect balance), got {self.replace_threshold}"
+            )
+        if not self.replace_min_gain >= 0:
+            raise ValueError(f"--replace-min-gain must be >= 0, got {self.replace_min_gain}")
         if self.grad_clip < 0:
             raise ValueError(f"--grad-clip must be >= 0 (0 = off), got {self.grad_clip}")
         if self.timeout <= 0:

@@ -8,18 +8,24 @@ The loop calls, on every rank and in the same order:
 `build_replacement` is given the run's `ParallelState`, whose `groups` list (indexed by MoE layer)
 is the one place that holds each layer's placement and process groups; a migration swaps an entry.
 
-Every `interval` steps `AdaptiveReplacement` [collective, world] sums the loads observed since the
-last check over all ranks, so every rank feeds the identical numbers to the planner's forecast
-(`LoadTracker`, an exponential moving average of the per-micro-batch load of one MicroEP group)
-and takes the identical decision (`decide_replacement`: the density-lemma score of the current
-placement against `threshold`, a new asymmetric placement when it is worse). A chosen placement is
-applied by `migrate_layer` (weights and AdamW moments move together; collective, world).
-Legend: L MoE layers, E experts, G GPUs of a MicroEP group.
+`AdaptiveReplacement` drives the planner's `ReplacementPolicy` (plan/forecast.py) after every
+optimizer step [collective, world]: it all-gathers every rank's per-micro-batch group loads of the
+step, so every rank feeds the policy identical numbers, micro-batch by micro-batch, and takes the
+identical decisions. The policy's rules: a cold start (a load-aware placement from the first
+`warmup` micro-batches, since a fresh run has no load history; a resumed run restores its
+history instead), the realized-imbalance trigger (the realized score above `threshold` for
+`trigger_after` consecutive micro-batches), the interval check on the moving-average forecast,
+and hysteresis (`cooldown` micro-batches after a replacement, `min_gain`). The realized score of a
+micro-batch is the worst MicroEP group's score of the executed placement under its own loads.
+A placement the policy chose is applied by `migrate_layer` at the step boundary (weights and AdamW
+moments move together; collective, world), after one all-gather checks that every rank chose it.
+Legend: W ranks, L MoE layers, M micro-batches per step, E experts, G GPUs of a MicroEP group.
 """
 
 from __future__ import annotations
 
 import logging
+from collections import deque
 from typing import Any, Protocol
 
 import numpy as np
@@ -27,9 +33,9 @@ import numpy.typing as npt
 import torch
 import torch.distributed as dist
 
-from micromoe.plan import LoadTracker, Replacement, decide_replacement
+from micromoe.plan import Placement, ReplacementPolicy, placement_score
+from micromoe.plan.forecast import ReplacementEvent
 from micromoe.plan.timed import SlotCostModel
-from micromoe.runtime import MoELayer
 from micromoe.runtime.migrate import GroupCache, MigrationStats, migrate_layer, placement_hash
 from micromoe.train.parallel import ParallelState
 
@@ -62,17 +68,25 @@ class NoReplacement:
 
 
 class AdaptiveReplacement:
-    """Re-place MoE layers whose forecast balance score passes `threshold`, every `interval` steps.
+    """Re-place MoE layers by `ReplacementPolicy`'s rules on the loads all ranks observed.
 
     Args:
         parallel: the run's state; `parallel.groups[i]` is MoE layer i's placement and groups and
             is replaced after a migration (use it for that layer's gradient sync).
-        interval: optimizer steps between checks (>= 1); checks after steps interval-1, 2*interval-1, ...
-        threshold: score (forecast T* / mean GPU load, 1.0 = balanceable) above which a layer is
-            re-placed; >= 1.0.
-        decay: the forecast's moving-average weight of history, per check.
-        min_gain: the new placement must lower the score by at least this much.
-        seed: seeds the asymmetric placement sampler (with the step and layer).
+        interval: optimizer steps between interval checks of the forecast (>= 1); checks after
+            steps interval-1, 2*interval-1, ...
+        threshold: score (T* / mean GPU load, 1.0 = balanceable; predicted time over the fair
+            share with `cost`) above which a check re-places a layer and a micro-batch counts
+            as imbalanced; >= 1.0.
+        micro_batches: micro-batches per rank and optimizer step (the run's grad_accum); the
+            policy's clock counts the world's micro-batch m of every step once.
+        trigger_after: consecutive imbalanced micro-batches that trigger a check (>= 1).
+        cooldown: micro-batches after a replacement during which none happens (>= 0).
+        warmup: micro-batches observed before the cold-start placement (>= 1).
+        window: a check scores placements by their mean over this many recent micro-batches.
+        min_gain: a new placement must lower the score by at least this much.
+        decay: the forecast's moving-average weight of history, per micro-batch.
+        seed: seeds the asymmetric placement sampler (with the micro-batch and layer).
         num_samples: layouts sampled per new placement.
         cost: a per-slot GEMM time model: score placements by predicted slowest-GPU time over the
             fair share instead of T*/mean (time-aware replacement; see `plan.timed`).
@@ -84,8 +98,13 @@ class AdaptiveReplacement:
         *,
         interval: int,
         threshold: float,
-        decay: float = 0.5,
+        micro_batches: int = 1,
+        trigger_after: int = 3,
+        cooldown: int = 4,
+        warmup: int = 2,
+        window: int = 4,
         min_gain: float = 0.01,
+        decay: float = 0.9,
         seed: int = 0,
         num_samples: int = 32,
         cost: SlotCostModel | None = None,
@@ -97,20 +116,30 @@ class AdaptiveReplacement:
                 f"adaptive replacement moves MicroEP replicas; --dispatcher is {parallel.dispatcher!r}: "
                 "use --dispatcher microep or --replace-interval 0"
             )
-        if isinstance(interval, bool) or not isinstance(interval, int) or interval < 1:
-            raise ValueError(f"--replace-interval must be a positive integer here, got {interval!r}")
-        if not threshold >= 1.0:
-            raise ValueError(f"--replace-threshold must be >= 1.0 (1.0 = perfect balance), got {threshold}")
-        self.parallel = parallel
-        self.interval, self.threshold, self.min_gain = interval, threshold, min_gain
-        self.seed, self.num_samples, self.cost = seed, num_samples, cost
-        num_layers = len(parallel.groups)
+        _check_options(interval, threshold, micro_batches, trigger_after, cooldown, warmup, window, min_gain)
+        self.parallel, self.micro_batches = parallel, micro_batches
         self.num_experts = parallel.groups[0].placement.num_experts
-        self.tracker = LoadTracker(num_layers, self.num_experts, decay=decay)
-        self._pending = np.zeros((num_layers, self.num_experts), dtype=np.int64)
-        self._micro = np.zeros(num_layers, dtype=np.int64)
+        self.policy = ReplacementPolicy(
+            len(parallel.groups),
+            self.num_experts,
+            cost=cost,
+            interval=interval * micro_batches,
+            threshold=threshold,
+            min_gain=min_gain,
+            trigger_after=trigger_after,
+            cooldown=cooldown,
+            warmup=warmup,
+            window=window,
+            decay=decay,
+            seed=seed,
+            num_samples=num_samples,
+        )
+        for i, groups in enumerate(parallel.groups):
+            self.policy.start(i, groups.placement)  # no load history: cold start after `warmup`
+        self._pending: list[list[npt.NDArray[np.int64]]] = [[] for _ in parallel.groups]
         self._cache: GroupCache = {}
-        self.checks: list[dict[str, Any]] = []  # every decision taken (for reports and tests)
+        # every micro-batch's decision, newest last (for reports and tests; bounded)
+        self.checks: deque[dict[str, Any]] = deque(maxlen=4096)
 
     # ----------------------------------------------------------------------------------------
     def observe(self, layer_index: int, counts_ge: npt.NDArray[np.int64]) -> None:
@@ -118,71 +147,70 @@ class AdaptiveReplacement:
         counts = np.asarray(counts_ge)
         if counts.ndim != 2 or counts.shape[1] != self.num_experts:
             raise ValueError(f"counts_ge must be [G, E={self.num_experts}], got shape {counts.shape}")
-        self._pending[layer_index] += counts.sum(axis=0)
-        self._micro[layer_index] += 1
+        self._pending[layer_index].append(counts.sum(axis=0).astype(np.int64))
 
     def maybe_replace(
         self, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer
     ) -> list[dict[str, Any]]:
-        """After optimizer step `step` (0-based): every `interval` steps, update the forecast from
-        the loads gathered over all ranks and migrate the layers that need it. Collective (world)
-        on those steps, a no-op otherwise. Returns one event per migration."""
-        if (step + 1) % self.interval:
-            return []
-        loads_le = self._gather_loads()
+        """After optimizer step `step` (0-based): feed the policy the step's micro-batches as
+        gathered from all ranks, then migrate the layers whose placement it changed.
+        Collective (world) on every step. Returns one event per migrated layer."""
         layers = model.moe_layers()
         if len(layers) != len(self.parallel.groups):
             raise ValueError(
                 f"the model has {len(layers)} MoE layers, the run's groups {len(self.parallel.groups)}"
             )
-        decisions: list[Replacement | None] = []
-        for i, layer in enumerate(layers):
-            decisions.append(self._decide(step, i, layer, loads_le[i]))
-        self._check_agreement(decisions)  # collective inside
+        loads_wlme = self._gather_loads()  # collective inside
+        first = len(self.policy.events)
+        for i in range(loads_wlme.shape[1]):
+            for m in range(loads_wlme.shape[2]):
+                self._observe_micro_batch(step, i, m, loads_wlme[:, i, m])
+        targets = [
+            p if p != groups.placement else None
+            for p, groups in zip(self._placements(), self.parallel.groups, strict=True)
+        ]
+        self._check_agreement(targets)  # collective inside
+        new_events = self.policy.events[first:]
         events = []
-        for i, (layer, decision) in enumerate(zip(layers, decisions, strict=True)):
-            if decision is None or not decision.replace:
+        for i, (layer, target) in enumerate(zip(layers, targets, strict=True)):
+            if target is None:
                 continue
             new_groups, stats = migrate_layer(  # collectives inside (world, MicroEP, replica groups)
-                layer,
-                self.parallel.groups[i],
-                decision.placement,
-                optimizer=optimizer,
-                group_cache=self._cache,
+                layer, self.parallel.groups[i], target, optimizer=optimizer, group_cache=self._cache
             )
             self.parallel.groups[i] = new_groups
-            events.append(_event(step, i, decision, stats))
+            events.append(_event(step, i, [e for e in new_events if e.layer == i], stats))
             if self.parallel.rank == 0:
                 log.info("step %d: MoE layer %d re-placed: %s", step, i, events[-1]["reason"])
         return events
 
-    def _decide(
-        self, step: int, i: int, layer: MoELayer, loads: npt.NDArray[np.float64]
-    ) -> Replacement | None:
-        """Layer i's decision on this check (None: it saw no micro-batch). The score is in predicted
-        time when this hook or the layer's dispatcher has a cost model, else T*/mean."""
-        if not np.isfinite(loads).all():
-            return None
-        self.tracker.observe(i, loads)
-        cost = self.cost if self.cost is not None else getattr(layer.dispatcher, "cost_model", None)
-        decision = decide_replacement(
-            self.tracker.forecast(i),
-            self.parallel.groups[i].placement,
-            threshold=self.threshold,
-            min_gain=self.min_gain,
-            seed=self.seed + 7919 * step + i,
-            num_samples=self.num_samples,
-            cost=cost,
-        )
-        self.checks.append(
-            {"step": step, "layer": i, "score": decision.current_score, "replace": decision.replace}
-        )
-        return decision
+    def _placements(self) -> list[Placement]:
+        return [self.policy.placement(i) for i in range(len(self.parallel.groups))]
 
-    def _check_agreement(self, decisions: list[Replacement | None]) -> None:
+    def _observe_micro_batch(self, step: int, i: int, m: int, rows_we: npt.NDArray[np.int64]) -> None:
+        """Feed the policy layer i's micro-batch m: rows_we int64 [W, E] holds every rank's
+        MicroEP-group load (each group once per member rank, so the mean over ranks is the mean
+        over groups and the max over distinct rows the worst group's)."""
+        current = self.policy.placement(i)
+        realized = max(
+            placement_score(row, current, cost=self.policy.cost) for row in np.unique(rows_we, axis=0)
+        )
+        decision = self.policy.observe(i, rows_we.mean(axis=0), realized=realized)
+        self.checks.append(
+            {
+                "step": step,
+                "micro_batch": m,
+                "layer": i,
+                "realized": realized,
+                "replace": decision.replace,
+                "reason": decision.reason,
+            }
+        )
+
+    def _check_agreement(self, targets: list[Placement | None]) -> None:
         """Raise ValueError on every rank unless all ranks chose the same placements (a difference,
         e.g. from per-rank cost models, would otherwise hang the migration's collectives)."""
-        mine = [placement_hash(d.placement) if d is not None and d.replace else 0 for d in decisions]
+        mine = [placement_hash(p) if p is not None else 0 for p in targets]
         world = self.parallel.world
         local = torch.tensor(mine, dtype=torch.int64, device=self.parallel.device)
         gathered = [torch.empty_like(local) for _ in range(world)]
@@ -196,20 +224,22 @@ class AdaptiveReplacement:
                 "(their forecasts or cost models differ); nothing moved. Give every rank the same cost model."
             )
 
-    def _gather_loads(self) -> npt.NDArray[np.float64]:
-        """float64 [L, E]: mean per-micro-batch load of one MicroEP group since the last check,
-        identical on every rank; NaN rows for layers that saw no micro-batch."""
-        dev = self.parallel.device
-        mine = torch.from_numpy(np.concatenate([self._pending, self._micro[:, None]], axis=1)).to(dev)
-        # collective (world): every rank's loads since the last check (exact int64 sums)
-        dist.all_reduce(mine)
-        total = mine.cpu().numpy()  # host sync
-        self._pending[:] = 0
-        self._micro[:] = 0
-        # each rank reported its MicroEP group's counts, so the sum holds every group G times:
-        # dividing by all ranks' micro-batches gives the mean group load per micro-batch
-        with np.errstate(invalid="ignore", divide="ignore"):
-            return total[:, :-1] / total[:, -1:].astype(np.float64)
+    def _gather_loads(self) -> npt.NDArray[np.int64]:
+        """int64 [W, L, M, E]: every rank's per-micro-batch MicroEP-group loads since the last call,
+        identical on every rank; clears this rank's pending loads."""
+        num_micro = {len(p) for p in self._pending}
+        assert len(num_micro) == 1, "every MoE layer observes every micro-batch"
+        m = num_micro.pop()
+        mine = np.zeros((len(self._pending), m, self.num_experts), dtype=np.int64)
+        for i, per_micro in enumerate(self._pending):
+            if m:
+                mine[i] = np.stack(per_micro)
+            per_micro.clear()
+        local = torch.from_numpy(mine).to(self.parallel.device)
+        gathered = [torch.empty_like(local) for _ in range(self.parallel.world)]
+        # collective (world): every rank's loads of this step (exact int64)
+        dist.all_gather(gathered, local)
+        return torch.stack(gathered).cpu().numpy()  # host sync
 
     def process_groups(self) -> list[dist.ProcessGroup]:
         """The replica groups migrations created or reused so far (for a caller that destroys its
@@ -219,27 +249,85 @@ class AdaptiveReplacement:
     # ----------------------------------------------------------------------------------------
     # checkpoints (the trainer saves the placements themselves)
     def state_dict(self) -> dict[str, Any]:
-        forecasts = [
-            self.tracker.forecast(i).tolist() if self.tracker.observations(i) else None
-            for i in range(len(self.parallel.groups))
-        ]
-        return {"forecast": forecasts, "pending": self._pending.tolist(), "micro": self._micro.tolist()}
+        """The policy's history (forecast, per-layer counters, recent loads, start placements),
+        JSON-ready. `ReplacementPolicy` keeps it in per-layer records; they are copied field by field."""
+        tracker = self.policy.tracker
+        layers = []
+        for i, st in enumerate(self.policy._layers):
+            assert st is not None
+            layers.append(
+                {
+                    "forecast": tracker.forecast(i).tolist() if tracker.observations(i) else None,
+                    "fallback": st.fallback.slot_expert.tolist(),
+                    "load_aware": st.load_aware,
+                    "seen": st.seen,
+                    "over": st.over,
+                    "last_replace": st.last_replace,
+                    "warm": [w.tolist() for w in st.warm],
+                }
+            )
+        return {"version": 2, "layers": layers}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        for i, f in enumerate(state["forecast"]):
-            if f is not None:
-                self.tracker.observe(i, f)  # the first observation sets the average exactly
-        self._pending[:] = np.asarray(state["pending"], dtype=np.int64)
-        self._micro[:] = np.asarray(state["micro"], dtype=np.int64)
+        """Restore `state_dict()`; call after the placements were restored into `parallel.groups`.
+        An older checkpoint (forecast only) restores the forecast and keeps the counters fresh."""
+        if state.get("version") != 2:
+            for i, f in enumerate(state.get("forecast", [])):
+                if f is not None:
+                    self.policy.tracker.observe(i, f)
+            return
+        for i, saved in enumerate(state["layers"]):
+            self.policy.start(i, self.parallel.groups[i].placement)
+            st = self.policy._layers[i]
+            if saved["forecast"] is not None:
+                self.policy.tracker.observe(i, saved["forecast"])  # the first observation sets it exactly
+            st.fallback = Placement.from_slots(np.asarray(saved["fallback"]), self.num_experts)
+            st.load_aware, st.seen, st.over = saved["load_aware"], saved["seen"], saved["over"]
+            st.last_replace = saved["last_replace"]
+            st.warm = [np.asarray(w, dtype=np.float64) for w in saved["warm"]]
 
 
-def _event(step: int, layer: int, decision: Replacement, stats: MigrationStats) -> dict[str, Any]:
+def _check_options(
+    interval: int,
+    threshold: float,
+    micro_batches: int,
+    trigger_after: int,
+    cooldown: int,
+    warmup: int,
+    window: int,
+    min_gain: float,
+) -> None:
+    """ValueError naming the flag of the first bad option."""
+    for flag, v, low in (
+        ("--replace-interval", interval, 1),
+        ("--grad-accum", micro_batches, 1),
+        ("--replace-trigger-after", trigger_after, 1),
+        ("--replace-cooldown", cooldown, 0),
+        ("--replace-warmup", warmup, 1),
+        ("--replace-window", window, 1),
+    ):
+        if isinstance(v, bool) or not isinstance(v, int) or v < low:
+            raise ValueError(f"{flag} must be an integer >= {low} here, got {v!r}")
+    if not threshold >= 1.0:
+        raise ValueError(f"--replace-threshold must be >= 1.0 (1.0 = perfect balance), got {threshold}")
+    if not min_gain >= 0.0:
+        raise ValueError(f"--replace-min-gain must be >= 0, got {min_gain}")
+
+
+def _event(
+    step: int, layer: int, policy_events: list[ReplacementEvent], stats: MigrationStats
+) -> dict[str, Any]:
+    """One log event per migrated layer and step: the policy's reasons (more than one only when
+    a zero cooldown let it re-place twice within the step) and what the migration cost."""
+    assert policy_events, "a migration without a policy event"
     return {
         "step": step,
         "layer": layer,
-        "reason": f"interval check on the load forecast (moving average): {decision.reason}",
-        "old_score": decision.current_score,
-        "new_score": decision.new_score,
+        "micro_batches": policy_events[-1].micro_batch,  # the layer's micro-batches seen so far
+        "rule": "+".join(e.rule for e in policy_events),
+        "reason": "; then ".join(e.reason for e in policy_events),
+        "old_score": policy_events[0].old_score,
+        "new_score": policy_events[-1].new_score,
         "bytes": stats.bytes_moved,
         "ms": stats.ms,
         "transfers": stats.num_transfers,
@@ -251,12 +339,31 @@ def build_replacement(
     threshold: float,
     parallel: ParallelState,
     *,
+    micro_batches: int = 1,
+    trigger_after: int = 3,
+    cooldown: int = 4,
+    warmup: int = 2,
+    window: int = 4,
+    min_gain: float = 0.01,
     seed: int = 0,
     cost: SlotCostModel | None = None,
 ) -> Replacer:
-    """The hook for a run: `interval` steps between checks (0 = off), `threshold` the score above
-    which a layer is re-placed, `parallel` the run's ParallelState, `cost` an optional GEMM time
-    model for time-aware scores."""
+    """The hook for a run: `interval` steps between interval checks (0 = adaptive replacement
+    off), `threshold` the score above which a layer is re-placed, `parallel` the run's
+    ParallelState, `cost` an optional GEMM time model for time-aware scores; the other options
+    are `AdaptiveReplacement`'s."""
     if interval == 0:
         return NoReplacement()
-    return AdaptiveReplacement(parallel, interval=interval, threshold=threshold, seed=seed, cost=cost)
+    return AdaptiveReplacement(
+        parallel,
+        interval=interval,
+        threshold=threshold,
+        micro_batches=micro_batches,
+        trigger_after=trigger_after,
+        cooldown=cooldown,
+        warmup=warmup,
+        window=window,
+        min_gain=min_gain,
+        seed=seed,
+        cost=cost,
+    )

@@ -101,7 +101,19 @@ def build_run(
     # the dispatchers' resolved cost model also scores placements for adaptive replacement
     moe = model.moe_layers()
     cost = getattr(moe[0].dispatcher, "cost_model", None) if moe and cfg.cost_model else None
-    replacer = build_replacement(cfg.replace_interval, cfg.replace_threshold, par, seed=cfg.seed, cost=cost)
+    replacer = build_replacement(
+        cfg.replace_interval,
+        cfg.replace_threshold,
+        par,
+        micro_batches=cfg.grad_accum,
+        trigger_after=cfg.replace_trigger_after,
+        cooldown=cfg.replace_cooldown,
+        warmup=cfg.replace_warmup,
+        window=cfg.replace_window,
+        min_gain=cfg.replace_min_gain,
+        seed=cfg.seed,
+        cost=cost,
+    )
     run = Run(cfg, model_cfg, par, model, optimizer, data, spec, replacer, 0, flops_per_token, peak_flops)
     if folder is not None:
         _restore(run, folder, meta)
