@@ -110,3 +110,20 @@ def test_bundled_routing_log_of_a_tiny_run_replays():
     # 200 steps x 1 micro-batch, 4 MoE layers, 4 source ranks, 8 experts; 8 x 64 tokens x top-2 per rank
     assert trace.counts.shape == (200, 4, 4, 8)
     assert (trace.counts.sum(axis=3) == 8 * 64 * 2).all()
+
+
+def test_worker_error_in_spawned_processes_is_one_line(capfd, tmp_path):
+    """A user mistake that only the workers find (here: adaptive replacement with plain EP, refused
+    while each rank builds its run) ends the job with one error line and exit code 2; -v adds the
+    workers' tracebacks."""
+    argv = [*TINY, "--nproc", "2", "--dispatcher", "ep", "--replace-interval", "2", "--max-steps", "1"]
+    argv += ["--out", str(tmp_path), "--no-report"]
+    want = "micromoe train: error: adaptive replacement moves MicroEP replicas; --dispatcher is 'ep'"
+    assert main(["train", *argv]) == 2
+    err = capfd.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("micromoe train: error:")]
+    assert len(errors) == 1 and errors[0].startswith(want), err
+    assert err.count(want) == 1 and "Traceback" not in err and "SIGTERM" not in err, err
+    assert main(["-v", "train", *argv]) == 2
+    err = capfd.readouterr().err
+    assert err.count(want) == 1 and "Traceback" in err and "ValueError: adaptive replacement" in err

@@ -17,6 +17,9 @@ import json
 import logging
 import os
 import socket
+import sys
+import tempfile
+import traceback
 from pathlib import Path
 
 import torch
@@ -262,8 +265,27 @@ def run(args: argparse.Namespace) -> int:
         return 0
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ["MASTER_PORT"] = str(_free_port())
-    mp.start_processes(_spawned, args=(world, args), nprocs=world, join=True, start_method="spawn")
+    _spawn(world, args)
     return 0
+
+
+def _spawn(world: int, args: argparse.Namespace) -> None:
+    """Start `world` gloo processes and wait for them. A user mistake found by a worker (ValueError)
+    ends the job as ValueError with that message (the lowest rank's), so the command prints one
+    line and exits 2; any other failure keeps torch's report with the worker's traceback."""
+    verbose = bool(getattr(args, "verbose", False))
+    # torch logs a warning per process it terminates after a failure: noise next to the one line
+    logging.getLogger("torch.multiprocessing.spawn").setLevel(logging.NOTSET if verbose else logging.ERROR)
+    with tempfile.TemporaryDirectory(prefix="micromoe_train_") as errors:
+        try:
+            mp.start_processes(
+                _spawned, args=(world, args, errors), nprocs=world, join=True, start_method="spawn"
+            )
+        except (mp.ProcessRaisedException, mp.ProcessExitedException):
+            found = sorted(Path(errors).glob("rank*.txt"), key=lambda f: int(f.stem[4:]))
+            if not found:
+                raise
+            raise ValueError(found[0].read_text()) from None
 
 
 def _preflight(args: argparse.Namespace, world: int) -> None:
@@ -281,8 +303,16 @@ def _preflight(args: argparse.Namespace, world: int) -> None:
         ckpt.check_compatible(ckpt.read_meta(folder), run_meta(cfg, model_cfg, par))
 
 
-def _spawned(rank: int, world: int, args: argparse.Namespace) -> None:
-    _worker(rank, rank, world, "gloo", args)
+def _spawned(rank: int, world: int, args: argparse.Namespace, errors: str) -> None:
+    """A spawned rank: a ValueError (a user mistake) is written to `errors`/rank<r>.txt for the
+    parent, with the traceback on stderr only under -v, and ends the process with exit code 2."""
+    try:
+        _worker(rank, rank, world, "gloo", args)
+    except ValueError as exc:
+        if getattr(args, "verbose", False):
+            traceback.print_exc()
+        Path(errors, f"rank{rank}.txt").write_text(str(exc))
+        sys.exit(2)  # SystemExit passes torch's wrapper, which reports other exceptions itself
 
 
 def _worker(local_rank: int, rank: int, world: int, backend: str | None, args: argparse.Namespace) -> None:
