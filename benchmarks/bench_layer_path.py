@@ -16,7 +16,9 @@ Times are medians of per-rep CUDA events with the host free to run ahead (`*_ms`
 device sync before every rep (`*_sync_ms`; `*_host_issue_ms` is then the host time to issue one
 rep: the CPU overhead). A profiler pass (10 reps) gives each variant's busy kernel time per rep,
 its grouped-GEMM kernel time and top kernels, and the GPU idle time inside the profiled reps
-(`gpu_idle_ms`: CUDA-event rep time minus busy kernel time, same reps and clocks;
+(`gpu_idle_ms`: mean CUDA-event rep time minus busy kernel time, same reps and clocks;
+`*_idle_median_rep_ms`: the median rep's instead, robust to a few slow reps, which the mean
+takes in;
 `*_ms_minus_busy` subtracts the busy time from the unprofiled median instead). The grouped-GEMM
 rate is compared with a measured dense bf16 matmul peak. Not a test: run it on a GPU.
 """
@@ -308,7 +310,8 @@ def bench_shape(shape: Shape, reps: int, with_tt: bool, peak: float, align8: boo
             fwd(x).backward(dy)
 
         step()
-        grads[name] = (fwd(x.detach()).float(), x.grad.float().clone())
+        dx = x.grad.float().clone()  # first: a graph's forward replay may reuse its backward's memory
+        grads[name] = (fwd(x.detach()).float(), dx)
         ms = time_reps(step, reps, 3, sync_each=False)
         host_ms: list[float] = []
         ms_sync = time_reps(step, max(5, reps // 2), 1, sync_each=True, host_ms=host_ms)
@@ -321,6 +324,7 @@ def bench_shape(shape: Shape, reps: int, with_tt: bool, peak: float, align8: boo
         row[f"{prefix}_gemm_ms"] = prof["gemm_ms"]
         row[f"{prefix}_busy_ms"] = prof["busy_ms"]
         row[f"{prefix}_gpu_idle_ms"] = prof["idle_in_reps_ms"]
+        row[f"{prefix}_idle_median_rep_ms"] = max(0.0, prof["profiled_rep_ms"] - prof["busy_ms"])
         row[f"{prefix}_idle_in_span_ms"] = prof["idle_in_span_ms"]
         row[f"{prefix}_profiled_ms"] = prof["profiled_rep_ms"]
         row[f"{prefix}_ms_minus_busy"] = max(0.0, layer_ms - prof["busy_ms"])
@@ -337,6 +341,8 @@ def bench_shape(shape: Shape, reps: int, with_tt: bool, peak: float, align8: boo
     row["layer_over_gemm"] = row["layer_ms"] / row["gemm_ms"] if row["gemm_ms"] else None
     if with_tt:
         row["ratio_vs_torchtitan"] = row["layer_ms"] / row["torchtitan_ms"]
+    if "graphed_ms" in row:
+        row["layer_over_graphed"] = row["layer_ms"] / row["graphed_ms"]
     y0, gx0 = grads["ours"]
     for name, (y, gx) in grads.items():
         row[f"rel_err_y_{name}_vs_ours"] = _rel(y, y0)
