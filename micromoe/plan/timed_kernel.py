@@ -24,6 +24,8 @@ should run (each single move makes its receiver the slowest). So when the search
 quota ends in a local optimum, a second search starts from every expert on one replica
 (`consolidated_start`) and the better plan is kept: on random small instances against an exact
 MILP, the pair is at the optimum in the median and within 5% at worst (tests/test_plan_timed.py).
+When the search made the slowest GPU faster, `timed_smooth.smooth_splits` then evens out each
+expert's split where no GPU's predicted time rises above its pair's maximum.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ from micromoe.plan.jit import njit, njit_inline
 from micromoe.plan.timed_bound import lower_bound_us, predict_times
 from micromoe.plan.timed_smooth import smooth_splits
 
-SMOOTH_PASSES = 2
+SMOOTH_PASSES = 1
 
 
 @njit_inline
