@@ -307,16 +307,34 @@ def _spawned(rank: int, world: int, args: argparse.Namespace, errors: str) -> No
     """A spawned rank: a ValueError (a user mistake) is written to `errors`/rank<r>.txt for the
     parent, with the traceback on stderr only under -v, and ends the process with exit code 2."""
     try:
-        _worker(rank, rank, world, "gloo", args)
+        _worker(rank, rank, world, "gloo", args, errors=errors)
     except ValueError as exc:
-        if getattr(args, "verbose", False):
-            traceback.print_exc()
-        Path(errors, f"rank{rank}.txt").write_text(str(exc))
+        _report_error(errors, rank, exc, args)
         sys.exit(2)  # SystemExit passes torch's wrapper, which reports other exceptions itself
 
 
-def _worker(local_rank: int, rank: int, world: int, backend: str | None, args: argparse.Namespace) -> None:
-    """One rank: build, train, report (rank 0), then destroy the process group."""
+def _report_error(errors: str, rank: int, exc: ValueError, args: argparse.Namespace) -> None:
+    """Write `exc` for the parent once (the traceback to stderr only under -v)."""
+    path = Path(errors, f"rank{rank}.txt")
+    if path.exists():
+        return
+    if getattr(args, "verbose", False):
+        traceback.print_exception(exc)
+    path.write_text(str(exc))
+
+
+def _worker(
+    local_rank: int,
+    rank: int,
+    world: int,
+    backend: str | None,
+    args: argparse.Namespace,
+    *,
+    errors: str | None = None,
+) -> None:
+    """One rank: build, train, report (rank 0), then destroy the process group. With `errors` (a
+    spawned rank) a ValueError is reported there before the group goes away, since the peers then
+    fail too and the parent must find this message first."""
     if rank != 0 or not logging.getLogger().handlers:
         logging.basicConfig(
             level=logging.INFO if rank == 0 else logging.WARNING, format="%(message)s", force=True
@@ -357,6 +375,10 @@ def _worker(local_rank: int, rank: int, world: int, backend: str | None, args: a
             log.info(summary_line(records))
             if not args.no_report:
                 log.info("report: %s", write_report(out))
+    except ValueError as exc:
+        if errors is not None:
+            _report_error(errors, rank, exc, args)
+        raise
     finally:
         if backend is not None and dist.is_initialized():
             dist.destroy_process_group()
