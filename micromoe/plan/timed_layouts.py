@@ -11,9 +11,11 @@ counted as EPLB's replicate step does (largest load per replica first, at most G
 packed into slot indices (`replica_columns`). Each budget's GPUs are assigned once by EPLB's
 balanced packing under the local-slot rule (`assign_gpus`) and `num_samples` times at random. The
 time-aware plan (`schedule(..., cost=)`) of each candidate is predicted under the forecast, and
-`prefer_even` keeps the candidate with the most replicas among those within `EVEN_MARGIN` of the
-fastest: measured on one H200, the models price uneven slots 1-3% too cheaply against even ones,
-so fewer replicas must win by more than that. Scores are relative to an ideal fair share
+the fastest is kept; `prefer_even` can instead keep the candidate with the most replicas among
+those within a tie margin of the fastest (`even_margin`), a guard against the model's error
+between even and uneven slots. Measured on one H200 (docs/RESULTS.md, issue 7) a 2% margin was
+1.5-2.7% slower on Zipf-128 and equal elsewhere, so the default is 0 (the model's choice).
+Scores are relative to an ideal fair share
 (`ideal_time_us`): 1.0 = as fast as total rows / G on every GPU, spread evenly over the best
 number of its slots.
 """
@@ -31,7 +33,7 @@ from micromoe.plan.slots import _pack_columns, replica_counts_for
 from micromoe.plan.timed import SlotCostModel, check_cost_model, cost_tables, gpu_constant_us
 
 SPARE_FRACTIONS = (1.0, 0.5, 0.25, 0.0)
-EVEN_MARGIN = 0.02  # see `prefer_even`
+EVEN_MARGIN = 0.0  # see `prefer_even`
 
 
 def forecast_rows(forecast: npt.ArrayLike) -> IntArray:
@@ -127,9 +129,8 @@ def prefer_even(scored: list[tuple[float, int, IntArray]], margin: float) -> tup
     the fastest, then the fastest of those (first on ties: deterministic).
 
     scored: (predicted slowest-GPU us, replica total, slot table) per candidate. More replicas
-    means more even slots; the cost model prices uneven slots 2-5% too cheaply against even ones
-    (measured on one H200), so a layout with fewer replicas must be predicted faster by more than
-    that error to be chosen.
+    means more even slots; a positive margin makes a layout with fewer replicas win only when it
+    is predicted faster by more than that (margin 0: the fastest).
     """
     if not scored:
         raise ValueError("no candidates to choose from")
