@@ -174,6 +174,10 @@ class AdaptiveReplacement:
         events = []
         for i, (layer, target) in enumerate(zip(layers, targets, strict=True)):
             if target is None:
+                if self.parallel.rank == 0 and any(e.layer == i for e in new_events):
+                    log.info(
+                        "step %d: MoE layer %d re-placed and back within the step; nothing moved", step, i
+                    )
                 continue
             new_groups, stats = migrate_layer(  # collectives inside (world, MicroEP, replica groups)
                 layer, self.parallel.groups[i], target, optimizer=optimizer, group_cache=self._cache
