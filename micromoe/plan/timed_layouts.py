@@ -14,7 +14,7 @@ time-aware plan (`schedule(..., cost=)`) of each candidate is predicted under th
 the fastest is kept; `prefer_even` can instead keep the candidate with the most replicas among
 those within a tie margin of the fastest (`even_margin`), a guard against the model's error
 between even and uneven slots. Measured on one H200 (docs/RESULTS.md, issue 7) a 2% margin was
-1.5-2.7% slower on Zipf-128 and equal elsewhere, so the default is 0 (the model's choice).
+1.4-2.5% slower on Zipf-128 and equal elsewhere, so the default is 0 (the model's choice).
 Scores are relative to an ideal fair share
 (`ideal_time_us`): 1.0 = as fast as total rows / G on every GPU, spread evenly over the best
 number of its slots.
