@@ -3,6 +3,8 @@ model, and the replacement rules (cold start, realized trigger, hysteresis, logg
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
@@ -192,3 +194,32 @@ def test_checks_score_on_recent_micro_batches_and_alternatives():
     )
     # the layout built for the last micro-batch alone fits the moving loads worse than the symmetric one
     assert d.placement == sym
+
+
+def test_policy_state_round_trip_repeats_later_decisions():
+    """A policy restored from `state_dict()` (through JSON) after micro-batch 5 takes the same
+    decisions as the one that kept running; a state of another shape is a clear error."""
+    rng = np.random.default_rng(1)
+    loads = [(HOT_A if i < 5 else HOT_B) * rng.lognormal(0, 0.3, 32) for i in range(16)]
+    sym = Placement.symmetric(8, 32, 2)
+
+    def fresh() -> ReplacementPolicy:
+        return _policy(interval=4, trigger_after=2, cooldown=2, warmup=2)
+
+    pol = fresh()
+    pol.start(0, sym)
+    for x in loads[:5]:
+        pol.observe(0, x)
+    state = json.loads(json.dumps(pol.state_dict()))
+    restored = fresh()
+    restored.load_state_dict(state, [pol.placement(0)])
+    assert restored.state_dict() == state
+    first = len(pol.events)
+    a = [(r.replace, r.placement.slot_expert.tobytes()) for r in (pol.observe(0, x) for x in loads[5:])]
+    b = [(r.replace, r.placement.slot_expert.tobytes()) for r in (restored.observe(0, x) for x in loads[5:])]
+    assert a == b and any(flag for flag, _ in a)  # a decision after the restore point is repeated
+    assert pol.events[first:] == restored.events
+    with pytest.raises(ValueError, match="layers"):
+        ReplacementPolicy(2, 32).load_state_dict(state, [sym])
+    with pytest.raises(ValueError, match="version"):
+        fresh().load_state_dict({"version": 1, "layers": []}, [sym])

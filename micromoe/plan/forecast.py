@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -61,6 +62,13 @@ class LoadTracker:
 
     def observations(self, layer: int) -> int:
         return int(self._seen[layer])
+
+    def reset(self, layer: int, forecast: npt.ArrayLike | None = None) -> None:
+        """Forget `layer`'s history; with `forecast` (float [E]) it becomes the first observation."""
+        self._avg[layer] = 0.0
+        self._seen[layer] = 0
+        if forecast is not None:
+            self.observe(layer, forecast)
 
 
 def placement_score(
@@ -257,7 +265,7 @@ class ReplacementPolicy:
         self.cost = None if cost is None else check_cost_model(cost)
         self.interval, self.threshold, self.min_gain = interval, threshold, min_gain
         self.trigger_after, self.cooldown, self.warmup = trigger_after, cooldown, warmup
-        self.window = window
+        self.window, self.num_experts = window, num_experts
         self.seed, self.num_samples, self.even_margin = seed, num_samples, even_margin
         self.tracker = LoadTracker(num_layers, num_experts, decay=decay)
         self._layers: list[_LayerState | None] = [None] * num_layers
@@ -281,6 +289,49 @@ class ReplacementPolicy:
 
     def placement(self, layer: int) -> Placement:
         return self._state(layer).placement
+
+    def state_dict(self) -> dict[str, Any]:
+        """The history behind the next decisions, JSON-ready: per layer the forecast (float [E] or
+        None), the start's fallback placement (`slot_expert` [G, S] as lists), the counters and the
+        recent loads. The current placements are not included: the caller saves them with the
+        weights and hands them back to `load_state_dict`. Every layer must have been started."""
+        layers = []
+        for i in range(len(self._layers)):
+            st = self._state(i)
+            seen = self.tracker.observations(i)
+            layers.append(
+                {
+                    "forecast": self.tracker.forecast(i).tolist() if seen else None,
+                    "fallback": st.fallback.slot_expert.tolist(),
+                    "load_aware": st.load_aware,
+                    "seen": st.seen,
+                    "over": st.over,
+                    "last_replace": st.last_replace,
+                    "warm": [w.tolist() for w in st.warm],
+                }
+            )
+        return {"version": 2, "layers": layers}
+
+    def load_state_dict(self, state: dict[str, Any], placements: Sequence[Placement]) -> None:
+        """Restore `state_dict()`; `placements[i]` is layer i's placement when it was saved.
+
+        The forecast restarts from the saved value (its observation count becomes 1); `events`
+        is left as it is."""
+        if state.get("version") != 2:
+            raise ValueError(f"unknown replacement-policy state version {state.get('version')!r}; expected 2")
+        saved_layers = state["layers"]
+        if len(saved_layers) != len(self._layers) or len(placements) != len(self._layers):
+            raise ValueError(
+                f"the policy has {len(self._layers)} layers, the state {len(saved_layers)} and "
+                f"placements {len(placements)}; restore into a policy built for the same model"
+            )
+        for i, (saved, current) in enumerate(zip(saved_layers, placements, strict=True)):
+            self.tracker.reset(i, saved["forecast"])
+            fallback = Placement.from_slots(np.asarray(saved["fallback"]), self.num_experts)
+            st = _LayerState(current, fallback, load_aware=saved["load_aware"])
+            st.seen, st.over, st.last_replace = saved["seen"], saved["over"], saved["last_replace"]
+            st.warm = [np.asarray(w, dtype=np.float64) for w in saved["warm"]]
+            self._layers[i] = st
 
     def observe(self, layer: int, loads: npt.ArrayLike, *, realized: float | None = None) -> Replacement:
         """Record one micro-batch's per-expert loads (float [E]) of `layer`; maybe re-place.

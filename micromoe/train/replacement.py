@@ -253,24 +253,9 @@ class AdaptiveReplacement:
     # ----------------------------------------------------------------------------------------
     # checkpoints (the trainer saves the placements themselves)
     def state_dict(self) -> dict[str, Any]:
-        """The policy's history (forecast, per-layer counters, recent loads, start placements),
-        JSON-ready. `ReplacementPolicy` keeps it in per-layer records; they are copied field by field."""
-        tracker = self.policy.tracker
-        layers = []
-        for i, st in enumerate(self.policy._layers):
-            assert st is not None
-            layers.append(
-                {
-                    "forecast": tracker.forecast(i).tolist() if tracker.observations(i) else None,
-                    "fallback": st.fallback.slot_expert.tolist(),
-                    "load_aware": st.load_aware,
-                    "seen": st.seen,
-                    "over": st.over,
-                    "last_replace": st.last_replace,
-                    "warm": [w.tolist() for w in st.warm],
-                }
-            )
-        return {"version": 2, "layers": layers}
+        """The policy's history (`ReplacementPolicy.state_dict`: forecast, per-layer counters,
+        recent loads, start placements), JSON-ready."""
+        return self.policy.state_dict()
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore `state_dict()`; call after the placements were restored into `parallel.groups`.
@@ -280,15 +265,7 @@ class AdaptiveReplacement:
                 if f is not None:
                     self.policy.tracker.observe(i, f)
             return
-        for i, saved in enumerate(state["layers"]):
-            self.policy.start(i, self.parallel.groups[i].placement)
-            st = self.policy._layers[i]
-            if saved["forecast"] is not None:
-                self.policy.tracker.observe(i, saved["forecast"])  # the first observation sets it exactly
-            st.fallback = Placement.from_slots(np.asarray(saved["fallback"]), self.num_experts)
-            st.load_aware, st.seen, st.over = saved["load_aware"], saved["seen"], saved["over"]
-            st.last_replace = saved["last_replace"]
-            st.warm = [np.asarray(w, dtype=np.float64) for w in saved["warm"]]
+        self.policy.load_state_dict(state, [g.placement for g in self.parallel.groups])
 
 
 def _check_options(
