@@ -9,7 +9,7 @@ import numpy as np
 
 from micromoe.cli import build_parser
 from micromoe.sim.balancers import GroupConfig
-from micromoe.sim.command import _build_workloads
+from micromoe.sim.command_workloads import build_workloads
 from micromoe.sim.runner import simulate
 from micromoe.sim.traces import AggregateTrace
 from micromoe.sim.workload import workload_from_aggregate, workload_from_zipf
@@ -64,5 +64,5 @@ def test_streamed_run_holds_one_micro_batch() -> None:
 
 def test_the_command_streams_sampled_workloads() -> None:
     args = build_parser().parse_args(["simulate", "--zipf", "1", "--experts", "16", "--micro-batches", "2"])
-    workloads, _ = _build_workloads(args)
+    workloads, _ = build_workloads(args)
     assert all(w.counts is None for w in workloads)

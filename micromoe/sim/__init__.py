@@ -5,7 +5,9 @@ Owns the offline evaluation: reading routing traces, sampling micro-batches, the
 Pure NumPy on top of `micromoe.plan`; never imports torch or `micromoe.runtime`. Files: `traces`
 (file formats), `workload` (sampling micro-batches), `eplb` and `lplb` (the peers), `balancers`
 (the common interface and `GroupConfig`), `runner` (the loop; it times every balancer's decision
-the same way), `metrics`, `report` and `plot` (the outputs), `command` (the CLI).
+the same way; `progress` shows how far it got), `metrics`, `predicted` (expert time under a cost
+model), `report` and `plot` (the outputs), `outputs` (output paths checked before any work),
+`command_workloads` (the workloads built from the options), `command` (the CLI).
 """
 
 from micromoe.sim.balancers import BALANCERS, GroupConfig
