@@ -1,6 +1,7 @@
 """Compiled evaluation side of the time-aware planner: predicted GPU times of a quota and a valid
 lower bound on the slowest GPU's time of any plan (float microseconds; they never steer the
-search, which runs on the integer copy in `timed_kernel.py`).
+search, which runs on the integer copy in `timed_kernel.py`). `gpu_time` and `expert_bound`
+work on either table; the search and the split smoothing use them on the integer copy.
 
 Legend: G GPUs, E experts, R replicas (see `slot_layout.py`).
 """
@@ -9,7 +10,40 @@ from __future__ import annotations
 
 import numpy as np
 
-from micromoe.plan.jit import njit
+from micromoe.plan.jit import njit, njit_inline
+
+
+@njit_inline
+def gpu_time(g, x, off, f, m, gpu_ptr, gpu_replica):
+    """GPU g's time off[g] + sum f[x] + m * max x over its replicas (the float table in us, or the
+    search's integer copy)."""
+    total = off[g]
+    top = 0
+    for k in range(gpu_ptr[g], gpu_ptr[g + 1]):
+        v = x[gpu_replica[k]]
+        total += f[v]
+        if v > top:
+            top = v
+    return total + m * top
+
+
+@njit
+def expert_bound(load, off, f, m, graph):
+    """Some replica of every expert gets >= ceil(load / replicas) rows: a lower bound on the
+    slowest GPU's time of any plan (in the units of `off` and `f`)."""
+    host_ptr, host_gpu, gpu_ptr, gpu_replica, replica_expert = graph
+    best = 0
+    for e in range(load.size):
+        k = host_ptr[e + 1] - host_ptr[e]
+        share = (load[e] + k - 1) // k
+        low = off[host_gpu[host_ptr[e]]]
+        for r in range(host_ptr[e], host_ptr[e + 1]):
+            if off[host_gpu[r]] < low:
+                low = off[host_gpu[r]]
+        v = low + f[share] + m * share
+        if v > best:
+            best = v
+    return best
 
 
 @njit
@@ -18,14 +52,7 @@ def predict_times(x, off_us, f_us, m_us, gpu_ptr, gpu_replica):
     num_g = off_us.size
     out = np.empty(num_g, dtype=np.float64)
     for g in range(num_g):
-        total = off_us[g]
-        top = 0
-        for k in range(gpu_ptr[g], gpu_ptr[g + 1]):
-            v = x[gpu_replica[k]]
-            total += f_us[v]
-            if v > top:
-                top = v
-        out[g] = total + m_us * top
+        out[g] = gpu_time(g, x, off_us, f_us, m_us, gpu_ptr, gpu_replica)
     return out
 
 
@@ -98,14 +125,7 @@ def lower_bound_us(load, off_us, f_us, m_us, lin, subadditive, cert, graph):
         v += m_us * top
         if v > best:
             best = v
-    for e in range(num_e):
-        k = host_ptr[e + 1] - host_ptr[e]
-        share = (load[e] + k - 1) // k
-        low = off_us[host_gpu[host_ptr[e]]]
-        for r in range(host_ptr[e], host_ptr[e + 1]):
-            if off_us[host_gpu[r]] < low:
-                low = off_us[host_gpu[r]]
-        v = low + f_us[share] + m_us * share
-        if v > best:
-            best = v
+    v = expert_bound(load, off_us, f_us, m_us, graph)
+    if v > best:
+        best = v
     return best

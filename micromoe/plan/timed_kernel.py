@@ -33,29 +33,17 @@ from __future__ import annotations
 import numpy as np
 
 from micromoe.plan.jit import njit, njit_inline
-from micromoe.plan.timed_bound import lower_bound_us, predict_times
+from micromoe.plan.timed_bound import expert_bound, gpu_time, lower_bound_us, predict_times
 from micromoe.plan.timed_smooth import smooth_splits
 
 SMOOTH_PASSES = 1
 
 
 @njit_inline
-def _gpu_time(g, x, off, f, m, gpu_ptr, gpu_replica):
-    total = off[g]
-    top = 0
-    for k in range(gpu_ptr[g], gpu_ptr[g + 1]):
-        v = x[gpu_replica[k]]
-        total += f[v]
-        if v > top:
-            top = v
-    return total + m * top
-
-
-@njit_inline
 def _max_time(x, off, f, m, gpu_ptr, gpu_replica):
     best = off[0]
     for g in range(off.size):
-        v = _gpu_time(g, x, off, f, m, gpu_ptr, gpu_replica)
+        v = gpu_time(g, x, off, f, m, gpu_ptr, gpu_replica)
         if v > best:
             best = v
     return best
@@ -137,7 +125,7 @@ def local_search(x, local, off, f, m, base, tok_cap, graph, max_steps):
     for r in range(x.size):
         tok[host_gpu[r]] += x[r]
     for g in range(num_g):
-        t[g] = _gpu_time(g, x, off, f, m, gpu_ptr, gpu_replica)
+        t[g] = gpu_time(g, x, off, f, m, gpu_ptr, gpu_replica)
         for k in range(gpu_ptr[g], gpu_ptr[g + 1]):
             if x[gpu_replica[k]] > mx[g]:
                 mx[g] = x[gpu_replica[k]]
@@ -287,7 +275,7 @@ def _second_shift(ga, r, r2, d, xa, sum_a, rest_a, best, out, t, mx, tok, tok_ca
 
 @njit_inline
 def _refresh(g, t, mx, x, off, f, m, gpu_ptr, gpu_replica):
-    t[g] = _gpu_time(g, x, off, f, m, gpu_ptr, gpu_replica)
+    t[g] = gpu_time(g, x, off, f, m, gpu_ptr, gpu_replica)
     mx[g] = 0
     for k in range(gpu_ptr[g], gpu_ptr[g + 1]):
         if x[gpu_replica[k]] > mx[g]:
@@ -335,12 +323,12 @@ def timed_plan(
 @njit
 def two_start_search(x, load, local, off, f, m, base, tok_cap, graph, max_steps):
     """Local search from the token quota `x`. When that ends in a local optimum (not stopped by
-    `max_steps`) that the integer per-expert bound (`_expert_bound`) does not prove optimal, a
+    `max_steps`) that the integer per-expert bound (`expert_bound`) does not prove optimal, a
     second search from `consolidated_start`; the lower slowest-GPU time is kept (ties: the token
     start, which keeps more tokens local); the second is kept only if no GPU ends above tok_cap
     tokens. Returns (x int64 [R], steps taken in all)."""
     t1, s1 = local_search(x, local, off, f, m, base, tok_cap, graph, max_steps)
-    if s1 >= max_steps or t1.max() <= _expert_bound(load, off, f, m, graph):
+    if s1 >= max_steps or t1.max() <= expert_bound(load, off, f, m, graph):
         return x, s1
     x2 = consolidated_start(load, off, f, m, base, tok_cap, graph)
     t2, s2 = local_search(x2, local, off, f, m, base, tok_cap, graph, max_steps)
@@ -351,25 +339,6 @@ def two_start_search(x, load, local, off, f, m, base, tok_cap, graph, max_steps)
         if tok.max() <= tok_cap:
             return x2, s1 + s2
     return x, s1 + s2
-
-
-@njit
-def _expert_bound(load, off, f, m, graph):
-    """Some replica of every expert gets >= ceil(load / replicas) rows: a lower bound on the
-    slowest GPU's time of any plan (integer units)."""
-    host_ptr, host_gpu, gpu_ptr, gpu_replica, replica_expert = graph
-    best = 0
-    for e in range(load.size):
-        k = host_ptr[e + 1] - host_ptr[e]
-        share = (load[e] + k - 1) // k
-        low = off[host_gpu[host_ptr[e]]]
-        for r in range(host_ptr[e], host_ptr[e + 1]):
-            if off[host_gpu[r]] < low:
-                low = off[host_gpu[r]]
-        v = low + f[share] + m * share
-        if v > best:
-            best = v
-    return best
 
 
 @njit

@@ -24,6 +24,7 @@ from __future__ import annotations
 import numpy as np
 
 from micromoe.plan.jit import njit, njit_inline
+from micromoe.plan.timed_bound import gpu_time
 
 MAX_HALVINGS = 4
 MIN_SPREAD = 8  # experts whose replicas differ by less than 1/8 of the largest are left
@@ -46,7 +47,7 @@ def smooth_splits(x, load, off, f, m, base, tok_cap, graph, passes):
     t = np.empty(num_g, dtype=np.int64)
     mx = np.empty(num_g, dtype=np.int64)
     for g in range(num_g):
-        t[g] = _time(g, x, off, f, m, gpu_ptr, gpu_replica)
+        t[g] = gpu_time(g, x, off, f, m, gpu_ptr, gpu_replica)
         mx[g] = _largest(g, x, gpu_ptr, gpu_replica)
     order = np.argsort(-load, kind="mergesort")
     on_ga = np.full(load.size, -1, dtype=np.int64)
@@ -160,15 +161,3 @@ def _largest(g, x, gpu_ptr, gpu_replica):
         if x[gpu_replica[k]] > top:
             top = x[gpu_replica[k]]
     return top
-
-
-@njit_inline
-def _time(g, x, off, f, m, gpu_ptr, gpu_replica):
-    total = off[g]
-    top = 0
-    for k in range(gpu_ptr[g], gpu_ptr[g + 1]):
-        v = x[gpu_replica[k]]
-        total += f[v]
-        if v > top:
-            top = v
-    return total + m * top
