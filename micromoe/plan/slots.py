@@ -139,6 +139,14 @@ def packed_slots(
     """Replica counts by load per replica, packed into slot indices, GPUs of each group at random."""
     reps = replica_counts_for(loads, num_gpus * slots_per_gpu, num_gpus)
     columns = _pack_columns(np.asarray(loads, dtype=np.float64), reps, num_gpus, slots_per_gpu)
+    return random_gpus(columns, num_gpus, slots_per_gpu, rng)
+
+
+def random_gpus(
+    columns: list[list[tuple[int, int]]], num_gpus: int, slots_per_gpu: int, rng: np.random.Generator
+) -> IntArray:
+    """slot_expert int64 [G, S] (-1 empty): column j's groups (expert, replicas) on GPUs drawn at
+    random for slot index j, one permutation of the GPUs per column."""
     slots = np.full((num_gpus, slots_per_gpu), -1, dtype=np.int64)
     for j, column in enumerate(columns):
         perm = rng.permutation(num_gpus)

@@ -29,7 +29,7 @@ from micromoe.plan.checks import FloatArray, IntArray, as_expected_loads, positi
 from micromoe.plan.placement import Placement
 from micromoe.plan.schedule import schedule
 from micromoe.plan.slot_layout import SlotLayout
-from micromoe.plan.slots import _pack_columns, replica_counts_for
+from micromoe.plan.slots import _pack_columns, random_gpus, replica_counts_for
 from micromoe.plan.timed import SlotCostModel, check_cost_model, cost_tables, gpu_constant_us
 
 SPARE_FRACTIONS = (1.0, 0.5, 0.25, 0.0)
@@ -179,15 +179,9 @@ def assign_gpus(
     those whose slot index is still free (lowest id on ties). Otherwise the GPUs of each slot
     index at random.
     """
-    slots = np.full((g, s), -1, dtype=np.int64)
     if rng is not None:
-        for j, column in enumerate(columns):
-            perm = rng.permutation(g)
-            at = 0
-            for e, r in column:
-                slots[perm[at : at + r], j] = e
-                at += r
-        return slots
+        return random_gpus(columns, g, s, rng)
+    slots = np.full((g, s), -1, dtype=np.int64)
     groups = sorted(
         ((float(loads[e]) / r, e, r, j) for j, column in enumerate(columns) for e, r in column),
         key=lambda x: (-x[0], x[1]),
