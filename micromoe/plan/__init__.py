@@ -14,7 +14,8 @@ Imports run one way, bottom to top:
     placement                   `Placement`: a slot layout with its named builders
     highs                       the paper's LP on HiGHS (a selectable backend; `new_highs`)
     cost                        the expert-GEMM cost model (`CostModel`: predicted GPU time from slot rows)
-    timed_bound, timed_kernel   the time-aware planner (compiled: predicted times and bound, the search)
+    timed_bound, timed_smooth   the time-aware planner, compiled: predicted times and bound; split smoothing
+    timed_kernel                its local search over replica quotas
     timed                       its entry (`schedule(..., cost=)`: min predicted slowest GPU)
     schedule                    `schedule` and `Plan`
     timed_layouts               placements scored in predicted time
