@@ -153,7 +153,8 @@ class MoELayer(nn.Module):
             )
         sel = self.router(x_TH, forced_expert)
         tokens_NH, rows_S, meta = self.dispatcher.dispatch(x_TH, sel.expert, sel.weight)
-        out_NH = self.experts(tokens_NH, rows_S, offs=getattr(meta, "offs", None))  # fast path: its group ends
+        # the fast path hands over its group ends (no scan of rows_S on the device)
+        out_NH = self.experts(tokens_NH, rows_S, offs=getattr(meta, "offs", None))
         self.dispatcher.mark("experts")
         y_TH = self.dispatcher.combine(out_NH, meta)
         self.last_stats = MoEStats(sel.aux_loss, meta)
