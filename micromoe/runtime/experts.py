@@ -140,8 +140,8 @@ class GroupedSwiGLU(nn.Module):
     a zero output row and zero weight gradients (no biases), so alignment padding is inert.
 
     `max_group_rows`: None (default) computes each slot's weight gradient as one GEMM group; C > 0
-    computes it over chunks of at most C rows, summed per slot (see the module docstring). Only
-    worth it when some slot has many more rows than C; measured in docs/RESULTS.md (issue 7).
+    computes it over chunks of at most C rows, summed per slot (see the module docstring). As
+    implemented it measured 1.25-4.9x slower on an H200 (docs/RESULTS.md, issue 7): leave it None.
     """
 
     def __init__(
