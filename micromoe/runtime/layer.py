@@ -100,17 +100,10 @@ class MoELayer(nn.Module):
     Args:
         cfg: the layer's shape.
         device, dtype: where the parameters live.
-        max_group_rows: `GroupedSwiGLU`'s option (None: off): weight gradients over row chunks of at
-            most this many rows.
     """
 
     def __init__(
-        self,
-        cfg: MoEConfig,
-        *,
-        device: torch.device | str | None = None,
-        dtype: torch.dtype | None = None,
-        max_group_rows: int | None = None,
+        self, cfg: MoEConfig, *, device: torch.device | str | None = None, dtype: torch.dtype | None = None
     ) -> None:
         super().__init__()
         self.cfg = cfg
@@ -124,14 +117,7 @@ class MoELayer(nn.Module):
             device=device,
             dtype=dtype,
         )
-        self.experts = GroupedSwiGLU(
-            cfg.num_experts,
-            cfg.hidden,
-            cfg.ffn_hidden,
-            device=device,
-            dtype=dtype,
-            max_group_rows=max_group_rows,
-        )
+        self.experts = GroupedSwiGLU(cfg.num_experts, cfg.hidden, cfg.ffn_hidden, device=device, dtype=dtype)
         self.dispatcher: LocalDispatcher = LocalDispatcher(cfg.num_experts)
         self.last_stats: MoEStats | None = None
 
