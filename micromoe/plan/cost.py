@@ -8,13 +8,18 @@ The model is
 
     t(rows[0..S)) = fixed_us + c_slot * S + sum_s f(rows[s]) + max_row_us * max_s rows[s]
     f(n) = c_row * n + c_tile * ceil(n / tile) + c_active * [n > 0] + c_nlogn * n * log2(n)
+           + c_half_tile * ceil(n / (tile / 2)) + c_head * min(n, tile) + c_big * max(0, n - 4 tile)
 
 with every coefficient >= 0, so f(0) == 0 and f is non-decreasing: the planner may treat a GPU's
 time as separable over slots plus one max term. `c_slot * S` is a per-GPU constant for a given
 placement (S local slots, used or not: an empty slot still gets its weight gradient written).
 The convex n log n term prices uneven slots: on an H200 a GPU whose rows are spread unevenly over
-its slots is slower than the linear and tile terms alone say (files without it read as 0). Fitted by non-negative least squares on relative
-error (`fit_cost_model`); measured by `micromoe.runtime.calibrate`; stored as JSON (`save`, `load`);
+its slots is slower than the linear and tile terms alone say (files without it read as 0). The
+three *shape terms* (a second, half-size tile, the first tile's rows, rows past four tiles) make f
+piecewise linear over tile multiples; they are fitted only when asked (`fit_cost_model(...,
+shape_terms=True)`, used for the bundled models that have emulated-layer timings) and read as 0
+from files without them. Fitted by non-negative least squares on relative error
+(`fit_cost_model`); measured by `micromoe.runtime.calibrate`; stored as JSON (`save`, `load`);
 H200 models for common shapes ship in `micromoe/data/cost_models/<name>.json`.
 """
 
@@ -37,8 +42,21 @@ FORMAT = "micromoe-cost-model"
 VERSION = 1
 BUNDLED_DIR = Path(__file__).resolve().parent.parent / "data" / "cost_models"
 # coefficient fields of the JSON, all floats >= 0 (tile is an int >= 1)
-_COEF_KEYS = ("fixed_us", "max_row_us", "c_slot", "c_row", "c_tile", "c_active", "c_nlogn")
-_OPTIONAL_KEYS = ("c_nlogn",)  # added after the first files; absent reads as 0
+_COEF_KEYS = (
+    "fixed_us",
+    "max_row_us",
+    "c_slot",
+    "c_row",
+    "c_tile",
+    "c_active",
+    "c_nlogn",
+    "c_half_tile",
+    "c_head",
+    "c_big",
+)
+_OPTIONAL_KEYS = ("c_nlogn", "c_half_tile", "c_head", "c_big")  # added after the first files; absent = 0
+_SHAPE_KEYS = ("c_half_tile", "c_head", "c_big")  # fitted only with shape_terms=True
+BIG_TILES = 4  # c_big prices rows past this many tiles of a slot
 
 
 @dataclass(frozen=True)
@@ -50,8 +68,8 @@ class CostModel:
         max_row_us: coefficient on max_s rows[s] (the long-K weight-gradient tail); >= 0.
         tile: row tile of the GEMM kernel (e.g. 128); >= 1.
         c_slot: per local slot of the GPU, used or not (a per-GPU constant for a placement); >= 0.
-        c_row, c_tile, c_active, c_nlogn: coefficients of the per-slot cost f(n) (module
-            docstring); >= 0.
+        c_row, c_tile, c_active, c_nlogn, c_half_tile, c_head, c_big: coefficients of the
+            per-slot cost f(n) (module docstring); >= 0.
         meta: free-form provenance: gpu, versions, hidden, ffn, dtype, fit error, samples.
     """
 
@@ -63,6 +81,9 @@ class CostModel:
     c_tile: float = 0.0
     c_active: float = 0.0
     c_nlogn: float = 0.0
+    c_half_tile: float = 0.0
+    c_head: float = 0.0
+    c_big: float = 0.0
     meta: dict[str, Any] = field(default_factory=dict, compare=False)
 
     def __post_init__(self) -> None:
@@ -76,9 +97,7 @@ class CostModel:
         if n.size and (not np.issubdtype(n.dtype, np.integer) or n.min() < 0):
             raise ValueError(f"rows must be non-negative integers, got dtype {n.dtype} min {n.min()}")
         n = n.astype(np.int64)
-        tiles = (n + (self.tile - 1)) // self.tile
-        linear = self.c_row * n + self.c_tile * tiles + self.c_active * (n > 0)
-        return linear + self.c_nlogn * _nlogn(n)
+        return _slot_features(n, self.tile) @ self.coefficients()[3:]
 
     def predict(self, rows_GS: npt.ArrayLike) -> FloatArray:
         """rows_GS int [G, S] (rows of each local slot of each GPU) -> predicted time float64 [G].
@@ -100,7 +119,7 @@ class CostModel:
         return self.slot_cost(np.arange(max_rows + 1, dtype=np.int64))
 
     def coefficients(self) -> FloatArray:
-        """float64 [7] in the column order of `design_matrix`."""
+        """float64 [10] in the column order of `design_matrix` (`_COEF_KEYS`)."""
         return np.array([getattr(self, k) for k in _COEF_KEYS], dtype=np.float64)
 
     # ----------------------------------------------------------------------------------------
@@ -156,6 +175,24 @@ def _nlogn(n: np.ndarray) -> np.ndarray:
     return n * np.log2(np.maximum(n, 1))
 
 
+def _slot_features(n: np.ndarray, tile: int) -> FloatArray:
+    """Per-slot features of f (coefficients c_row .. c_big): int64 n [...] -> float64 [..., 7].
+
+    Each is 0 at n = 0 and non-decreasing, so any non-negative combination is a valid f.
+    """
+    half = max(tile // 2, 1)
+    cols = [
+        n,
+        (n + (tile - 1)) // tile,
+        n > 0,
+        _nlogn(n),
+        (n + (half - 1)) // half,
+        np.minimum(n, tile),
+        np.maximum(n - BIG_TILES * tile, 0),
+    ]
+    return np.stack([np.asarray(c, dtype=np.float64) for c in cols], axis=-1)
+
+
 # --------------------------------------------------------------------------------------------
 # loading by name or path
 def bundled_models() -> list[str]:
@@ -190,7 +227,7 @@ def load(name_or_path: str | Path) -> CostModel:
 # --------------------------------------------------------------------------------------------
 # fitting
 def design_matrix(rows_NS: npt.ArrayLike, tile: int, num_slots_N: npt.ArrayLike | None = None) -> FloatArray:
-    """Feature columns (in `_COEF_KEYS` order) of each sample: float64 [N, 7].
+    """Feature columns (in `_COEF_KEYS` order) of each sample: float64 [N, 10].
 
     Args:
         rows_NS: int [N, S]: rows per local slot of each sample, zero-padded on the right.
@@ -205,17 +242,8 @@ def design_matrix(rows_NS: npt.ArrayLike, tile: int, num_slots_N: npt.ArrayLike 
     slots = np.full(rows.shape[0], rows.shape[1]) if num_slots_N is None else np.asarray(num_slots_N)
     if slots.shape != (rows.shape[0],):
         raise ValueError(f"num_slots_N must have one entry per sample, got shape {slots.shape}")
-    tiles = (rows + (tile - 1)) // tile
-    columns = [
-        np.ones(rows.shape[0]),
-        rows.max(axis=1),
-        slots,
-        rows.sum(axis=1),
-        tiles.sum(axis=1),
-        (rows > 0).sum(axis=1),
-        _nlogn(rows).sum(axis=1),
-    ]
-    return np.stack(columns, axis=1).astype(np.float64)
+    head = np.stack([np.ones(rows.shape[0]), rows.max(axis=1), slots], axis=1).astype(np.float64)
+    return np.concatenate([head, _slot_features(rows, tile).sum(axis=1)], axis=1)
 
 
 def nnls(a: FloatArray, b: FloatArray) -> FloatArray:
@@ -223,7 +251,7 @@ def nnls(a: FloatArray, b: FloatArray) -> FloatArray:
 
     The optimum's support P satisfies the KKT conditions, so the unconstrained least squares on P
     is non-negative and attains it; every other non-negative support solution is feasible and no
-    better. 2^k solves for k columns: fine for the 7 of the cost model.
+    better. 2^k solves for k columns: fine for the 7 (or 10) of the cost model.
     """
     k = a.shape[1]
     assert k <= 10, "exhaustive NNLS is for a handful of columns"
@@ -249,6 +277,8 @@ def fit_cost_model(
     tile: int,
     meta: dict[str, Any] | None = None,
     num_slots_N: npt.ArrayLike | None = None,
+    weights_N: npt.ArrayLike | None = None,
+    shape_terms: bool = False,
 ) -> CostModel:
     """Fit the coefficients by non-negative least squares on relative error.
 
@@ -259,21 +289,32 @@ def fit_cost_model(
         meta: provenance stored in the model; the fit's in-sample relative errors are added as
             meta['fit'] = {'samples', 'median_rel_err', 'p90_rel_err'}.
         num_slots_N: int [N]: each timed GPU's slot count when samples differ (default S).
+        weights_N: float [N] >= 0: weight of each sample's relative error (default 1), e.g. to
+            balance designed calibration samples against timings of real plans.
+        shape_terms: also fit c_half_tile, c_head and c_big (else they are 0). Worth it only with
+            plan-shaped samples: on designed splits alone they did not improve held-out error.
     """
     if tile < 1:
         raise ValueError(f"tile must be >= 1, got {tile}")
     a = design_matrix(rows_NS, tile, num_slots_N)
+    free = [i for i, k in enumerate(_COEF_KEYS) if shape_terms or k not in _SHAPE_KEYS]
     t = np.asarray(times_us_N, dtype=np.float64)
-    if t.shape != (a.shape[0],) or a.shape[0] < len(_COEF_KEYS):
+    if t.shape != (a.shape[0],) or a.shape[0] < len(free):
         raise ValueError(
-            f"need >= {len(_COEF_KEYS)} samples and one time per sample; got {t.shape} for {a.shape[0]}"
+            f"need >= {len(free)} samples and one time per sample; got {t.shape} for {a.shape[0]}"
         )
     if not np.all(np.isfinite(t)) or t.min() <= 0:
         raise ValueError("times_us_N must be finite and > 0")
-    w = a / t[:, None]  # relative error: each sample's equation divided by its time
+    sw = np.ones_like(t) if weights_N is None else np.asarray(weights_N, dtype=np.float64)
+    if sw.shape != t.shape or not np.all(np.isfinite(sw)) or sw.min() < 0 or sw.max() <= 0:
+        raise ValueError(
+            f"weights_N must be finite, >= 0, not all 0 and one per sample; got shape {sw.shape}"
+        )
+    w = a[:, free] / t[:, None] * sw[:, None]  # relative error: each equation divided by its time
     scale = np.linalg.norm(w, axis=0)
     scale[scale == 0] = 1.0
-    x = nnls(w / scale, np.ones_like(t)) / scale
+    x = np.zeros(len(_COEF_KEYS))
+    x[free] = nnls(w / scale, sw) / scale
     coefs = {k: float(v) for k, v in zip(_COEF_KEYS, x, strict=True)}
     rel = np.abs(a @ x - t) / t
     fit = {
