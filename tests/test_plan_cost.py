@@ -24,13 +24,18 @@ from micromoe.plan.cost import (
 TRUE = CostModel(
     fixed_us=40.0, max_row_us=0.004, tile=128, c_slot=0.7, c_row=0.02, c_tile=1.5, c_active=6.0, c_nlogn=0.001
 )
+# the same with the shape terms (half-size tile, first tile, rows past four tiles)
+SHAPED = CostModel(**{**TRUE.__dict__, "c_half_tile": 0.8, "c_head": 0.03, "c_big": 0.005})
 
 
 def _brute_f(m: CostModel, n: int) -> float:
     """f(n) written out by hand, independent of the vectorized code."""
     if n == 0:
         return 0.0
-    return m.c_row * n + m.c_tile * -(-n // m.tile) + m.c_active + m.c_nlogn * n * math.log2(n)
+    f = m.c_row * n + m.c_tile * math.ceil(n / m.tile) + m.c_active + m.c_nlogn * n * math.log2(n)
+    head = n if n < m.tile else m.tile
+    big = n - 4 * m.tile if n > 4 * m.tile else 0
+    return f + m.c_half_tile * math.ceil(n / (m.tile // 2)) + m.c_head * head + m.c_big * big
 
 
 def _samples(rng: np.random.Generator, num: int, slots: int) -> np.ndarray:
@@ -43,21 +48,22 @@ def _samples(rng: np.random.Generator, num: int, slots: int) -> np.ndarray:
     return rows
 
 
-def test_slot_cost_and_predict_match_hand_formula():
-    rows = np.array([[0, 1, 127, 128], [129, 0, 0, 5000]])
-    want_f = np.array([[_brute_f(TRUE, int(n)) for n in r] for r in rows])
-    np.testing.assert_allclose(TRUE.slot_cost(rows), want_f)
-    want = TRUE.fixed_us + 4 * TRUE.c_slot + want_f.sum(axis=1) + TRUE.max_row_us * rows.max(axis=1)
-    np.testing.assert_allclose(TRUE.predict(rows), want)
-    table = TRUE.slot_cost_table(300)
-    assert table.shape == (301,) and table[0] == 0.0
-    np.testing.assert_allclose(table, [_brute_f(TRUE, n) for n in range(301)])
+@pytest.mark.parametrize("m", [TRUE, SHAPED], ids=["base", "shape-terms"])
+def test_slot_cost_and_predict_match_hand_formula(m):
+    rows = np.array([[0, 1, 63, 64, 65, 127, 128], [129, 0, 0, 511, 512, 513, 5000]])
+    want_f = np.array([[_brute_f(m, int(n)) for n in r] for r in rows])
+    np.testing.assert_allclose(m.slot_cost(rows), want_f)
+    want = m.fixed_us + 7 * m.c_slot + want_f.sum(axis=1) + m.max_row_us * rows.max(axis=1)
+    np.testing.assert_allclose(m.predict(rows), want)
+    table = m.slot_cost_table(700)
+    assert table.shape == (701,) and table[0] == 0.0
+    np.testing.assert_allclose(table, [_brute_f(m, n) for n in range(701)])
 
 
 @settings(max_examples=40, deadline=None)
 @given(
-    coefs=st.tuples(*[st.floats(0, 10, allow_nan=False)] * 7),
-    tile=st.sampled_from([1, 8, 64, 128]),
+    coefs=st.tuples(*[st.floats(0, 10, allow_nan=False)] * 10),
+    tile=st.sampled_from([1, 2, 8, 64, 128]),
     n=st.integers(0, 10_000),
 )
 def test_slot_cost_is_zero_at_zero_and_non_decreasing(coefs, tile, n):
@@ -93,9 +99,41 @@ def test_fit_recovers_known_coefficients_from_exact_timings():
     m = fit_cost_model(rows, times, tile=128, meta={"gpu": "synthetic"}, num_slots_N=slots)
     for key in ("fixed_us", "max_row_us", "c_slot", "c_row", "c_tile", "c_active", "c_nlogn"):
         assert getattr(m, key) == pytest.approx(getattr(TRUE, key), rel=1e-6), key
+    assert m.c_half_tile == m.c_head == m.c_big == 0.0  # shape terms only when asked
     assert m.meta["gpu"] == "synthetic"
     assert m.meta["fit"]["samples"] == 210 and m.meta["fit"]["median_rel_err"] < 1e-9
     assert np.max(relative_errors(m, rows, times, slots)) < 1e-9
+
+
+def test_fit_with_shape_terms_recovers_them_and_ignores_zero_weight_samples():
+    rng = np.random.default_rng(3)
+    rows = np.concatenate([_samples(rng, 150, 16), rng.integers(0, 40, size=(60, 16)) * 8])
+    times = SHAPED.predict(rows)
+    weights = np.ones(len(rows))
+    times[:20] *= 1.5  # corrupted samples that carry no weight
+    weights[:20] = 0.0
+    m = fit_cost_model(rows, times, tile=128, weights_N=weights, shape_terms=True)
+    # one slot count: fixed_us and c_slot are one constant
+    assert m.fixed_us + 16 * m.c_slot == pytest.approx(SHAPED.fixed_us + 16 * SHAPED.c_slot, rel=1e-6)
+    for key in (
+        "max_row_us",
+        "c_row",
+        "c_tile",
+        "c_active",
+        "c_nlogn",
+        "c_half_tile",
+        "c_head",
+        "c_big",
+    ):
+        assert getattr(m, key) == pytest.approx(getattr(SHAPED, key), rel=1e-5, abs=1e-9), key
+    assert np.max(relative_errors(m, rows[20:], times[20:])) < 1e-8
+
+
+@pytest.mark.parametrize("weights", [np.zeros(10), -np.ones(10), np.ones(3), np.full(10, np.nan)])
+def test_fit_rejects_bad_weights(weights):
+    rows = np.arange(20).reshape(10, 2)
+    with pytest.raises(ValueError, match="weights_N"):
+        fit_cost_model(rows, np.ones(10), tile=128, weights_N=weights)
 
 
 def test_fit_with_noise_predicts_within_noise_and_keeps_coefficients_non_negative():
@@ -162,6 +200,8 @@ def _edit(**changes):
         (_edit(version=99), "unsupported version 99"),
         (_edit(c_tile=None), r"missing key\(s\) \['c_tile'\]"),
         (_edit(c_row=-0.1), "'c_row' must be finite and >= 0"),
+        (_edit(c_big=-1.0), "'c_big' must be finite and >= 0"),
+        (_edit(c_head="x"), "'c_head' must be a number, got str"),
         (_edit(fixed_us="12"), "'fixed_us' must be a number, got str"),
         (_edit(max_row_us=True), "'max_row_us' must be a number, got bool"),
         (_edit(tile=0), "'tile' must be an integer >= 1"),
@@ -222,8 +262,10 @@ def test_bundled_models_load_and_match_their_names():
         assert np.all(np.diff(m.predict(even)) > 0)
 
 
-def test_files_without_the_nlogn_term_read_it_as_zero(tmp_path):
-    obj = TRUE.to_json()
-    del obj["c_nlogn"]
+@pytest.mark.parametrize("key", ["c_nlogn", "c_half_tile", "c_head", "c_big"])
+def test_files_without_a_later_term_read_it_as_zero(tmp_path, key):
+    obj = SHAPED.to_json()
+    del obj[key]
     m = load(_write(tmp_path, obj))
-    assert m.c_nlogn == 0.0 and m.c_tile == TRUE.c_tile
+    assert getattr(m, key) == 0.0 and m.c_tile == SHAPED.c_tile
+    assert m == CostModel(**{**SHAPED.__dict__, key: 0.0})
