@@ -83,6 +83,7 @@ def joint_fit(samples: Samples, emulated: list, tile: int, meta: dict) -> CostMo
         "samples": int(test.sum()),
         "median_rel_err": float(np.median(err)),
         "p90_rel_err": float(np.quantile(err, 0.9)),
+        "max_rel_err": float(err.max()),
     }
     workloads = sorted({e[0] for e in emulated})
     meta_out = {
