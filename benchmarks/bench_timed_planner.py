@@ -23,7 +23,7 @@ from bench_scheduler import STREAMS, Stream, environment, micro_batches, time_ca
 from micromoe.allocator import tune_allocator
 from micromoe.plan import Placement, schedule
 from micromoe.plan import cost as cost_models
-from micromoe.plan.timed import predict_quota_us
+from micromoe.plan.timed import predict_replica_quota_us
 
 SIZES = [(16, 8, 2), (32, 8, 2), (128, 8, 2), (64, 32, 2), (128, 32, 3), (256, 64, 4)]
 # Used when no model is named: a 2048/768 H200 shape's order of magnitude (DESIGN.md section 9:
@@ -40,7 +40,7 @@ def bench_size(e: int, g: int, r: int, args, stream: Stream, model) -> dict:
     schedule(batches[0], p, cost=model)  # compile outside the timing
     t_tok, tok_plans = time_calls(lambda c: schedule(c, p), batches, args.repeats)
     t_time, plans = time_calls(lambda c: schedule(c, p, cost=model), batches, args.repeats)
-    tok_max = np.array([predict_quota_us(q.replica_quota, p, model).max() for q in tok_plans])
+    tok_max = np.array([predict_replica_quota_us(q.replica_quota, p, model).max() for q in tok_plans])
     time_max = np.array([q.predicted_us.max() for q in plans])
     gap = time_max / np.array([q.time_lower_bound_us for q in plans])
     mean_load = np.array([c.sum() / g for c in batches])

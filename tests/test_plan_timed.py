@@ -15,7 +15,13 @@ from hypothesis import strategies as st
 
 from micromoe.plan import Placement, schedule
 from micromoe.plan.cost import CostModel
-from micromoe.plan.timed import check_cost_model, cost_tables, predict_quota_us, rows_per_slot, time_quota
+from micromoe.plan.timed import (
+    check_cost_model,
+    cost_tables,
+    predict_replica_quota_us,
+    rows_per_slot,
+    time_replica_quota,
+)
 from micromoe.plan.timed_kernel import local_search
 
 # Heuristic / MILP optimum on the random instances below, when written: time alone median 1.000,
@@ -27,7 +33,9 @@ MILP_FACTOR_CAPPED = 1.20
 
 def _timed(counts, p, cost, **kw):
     plan = schedule(counts, p)
-    return plan, time_quota(plan.counts, plan.replica_quota, p, cost, certificate=plan.certificate, **kw)
+    return plan, time_replica_quota(
+        plan.counts, plan.replica_quota, p, cost, certificate=plan.certificate, **kw
+    )
 
 
 def _random_model(rng) -> CostModel:
@@ -83,11 +91,11 @@ def test_against_milp(seed):
     _, tq = _timed(counts, p, cm)
     cap = _token_cap(counts, plan)
     opt_cap = _milp(counts, p, cm, token_cap=cap)
-    assert np.bincount(p.host_gpu, weights=tq.quota, minlength=g).max() <= cap
+    assert np.bincount(p.host_gpu, weights=tq.replica_quota, minlength=g).max() <= cap
     assert opt_cap - 1e-6 * opt_cap <= tq.max_us <= MILP_FACTOR_CAPPED * opt_cap
     assert tq.lower_bound_us <= opt + 1e-6 * opt
     # the prediction is the model's own
-    np.testing.assert_allclose(tq.predicted_us, cm.predict(rows_per_slot(tq.quota, p)), rtol=1e-12)
+    np.testing.assert_allclose(tq.predicted_us, cm.predict(rows_per_slot(tq.replica_quota, p)), rtol=1e-12)
 
 
 def test_plateau_of_fragments_is_left():
@@ -97,7 +105,7 @@ def test_plateau_of_fragments_is_left():
     cm = CostModel(fixed_us=1.0, max_row_us=0.05, tile=16, c_row=0.05, c_tile=2.6, c_active=1.7)
     counts = np.array([[16, 0, 0], [0, 14, 0], [0, 0, 15]], dtype=np.int64)
     _, tq = _timed(counts, p, cm)
-    rows = rows_per_slot(tq.quota, p)
+    rows = rows_per_slot(tq.replica_quota, p)
     assert ((rows > 0).sum(axis=1) == 1).all()
     assert tq.max_us == pytest.approx(_milp(counts, p, cm), rel=1e-9)
 
@@ -126,23 +134,23 @@ def test_linear_model_keeps_token_plan_exactly():
     for _ in range(20):
         counts = rng.integers(0, 400, (8, 32)).astype(np.int64)
         plan, tq = _timed(counts, p, cm)
-        np.testing.assert_array_equal(tq.quota, plan.replica_quota)
+        np.testing.assert_array_equal(tq.replica_quota, plan.replica_quota)
         assert tq.steps == 0
 
 
 def _check_plan(counts, p, plan, tq, cm):
     load = counts.sum(axis=0)
-    assert tq.quota.dtype == np.int64 and (tq.quota >= 0).all()
+    assert tq.replica_quota.dtype == np.int64 and (tq.replica_quota >= 0).all()
     np.testing.assert_array_equal(
-        np.bincount(p.replica_expert, weights=tq.quota, minlength=p.num_experts), load
+        np.bincount(p.replica_expert, weights=tq.replica_quota, minlength=p.num_experts), load
     )
     # never worse than the token plan; a changed quota must be strictly faster
     assert tq.max_us <= tq.token_predicted_us.max() + 1e-9
-    if not np.array_equal(tq.quota, plan.replica_quota):
+    if not np.array_equal(tq.replica_quota, plan.replica_quota):
         assert tq.max_us < tq.token_predicted_us.max()
     assert tq.lower_bound_us <= tq.max_us + 1e-9
-    np.testing.assert_allclose(tq.predicted_us, predict_quota_us(tq.quota, p, cm), rtol=1e-12)
-    tokens = np.bincount(p.host_gpu, weights=tq.quota, minlength=p.num_gpus).astype(np.int64)
+    np.testing.assert_allclose(tq.predicted_us, predict_replica_quota_us(tq.replica_quota, p, cm), rtol=1e-12)
+    tokens = np.bincount(p.host_gpu, weights=tq.replica_quota, minlength=p.num_gpus).astype(np.int64)
     assert tokens.max() <= _token_cap(counts, plan)
 
 
@@ -163,8 +171,8 @@ def test_properties_on_any_layout(seed, num_gpus, num_slots, fill, skew, tokens)
     counts = np.stack([rng.multinomial(tokens, w) for _ in range(num_gpus)]).astype(np.int64)
     plan, tq = _timed(counts, p, cm)
     _check_plan(counts, p, plan, tq, cm)
-    again = time_quota(plan.counts, plan.replica_quota, p, cm, certificate=plan.certificate)
-    np.testing.assert_array_equal(again.quota, tq.quota)
+    again = time_replica_quota(plan.counts, plan.replica_quota, p, cm, certificate=plan.certificate)
+    np.testing.assert_array_equal(again.replica_quota, tq.replica_quota)
 
 
 def test_large_instance_conserves_and_improves():
@@ -184,8 +192,8 @@ def test_base_load_costs_a_separate_group():
     counts = np.full((4, 8), 10, dtype=np.int64)
     base = np.array([0, 50, 0, 0], dtype=np.int64)
     plan = schedule(counts, p, base_load=base)
-    tq = time_quota(plan.counts, plan.replica_quota, p, cm, base_load=base)
-    no_base = predict_quota_us(tq.quota, p, cm)
+    tq = time_replica_quota(plan.counts, plan.replica_quota, p, cm, base_load=base)
+    no_base = predict_replica_quota_us(tq.replica_quota, p, cm)
     np.testing.assert_allclose(tq.predicted_us - no_base, cm.slot_cost(base))
 
 
@@ -196,7 +204,7 @@ def test_bad_cost_models():
     plan = schedule(np.ones((4, 8), dtype=np.int64), p)
     cm = CostModel(fixed_us=0.0, max_row_us=0.0, tile=8, c_row=0.1)
     with pytest.raises(ValueError, match="token_slack"):
-        time_quota(plan.counts, plan.replica_quota, p, cm, token_slack=-0.5)
+        time_replica_quota(plan.counts, plan.replica_quota, p, cm, token_slack=-0.5)
 
     class Decreasing:
         fixed_us = 0.0
@@ -213,7 +221,7 @@ _SCRIPT = """
 import hashlib, numpy as np
 from micromoe.plan import Placement, schedule
 from micromoe.plan.cost import CostModel
-from micromoe.plan.timed import time_quota
+from micromoe.plan.timed import time_replica_quota
 rng = np.random.default_rng(5)
 h = hashlib.sha256()
 for i in range(12):
@@ -226,8 +234,8 @@ for i in range(12):
     w = rng.pareto(1.0, e) + 0.01
     c = np.stack([rng.multinomial(int(rng.integers(0, 900)), w / w.sum()) for _ in range(g)])
     plan = schedule(c, p)
-    tq = time_quota(plan.counts, plan.replica_quota, p, cm, certificate=plan.certificate)
-    h.update(tq.quota.tobytes()); h.update(tq.predicted_us.tobytes())
+    tq = time_replica_quota(plan.counts, plan.replica_quota, p, cm, certificate=plan.certificate)
+    h.update(tq.replica_quota.tobytes()); h.update(tq.predicted_us.tobytes())
     h.update(np.float64(tq.lower_bound_us).tobytes())
 print(h.hexdigest())
 """
@@ -256,8 +264,8 @@ def test_schedule_with_cost_routes_the_time_plan():
     token = schedule(counts, p)
     assert token.predicted_us is None and token.time_lower_bound_us is None
     plan = schedule(counts, p, cost=cm)
-    tq = time_quota(token.counts, token.replica_quota, p, cm, certificate=token.certificate)
-    np.testing.assert_array_equal(plan.replica_quota, tq.quota)
+    tq = time_replica_quota(token.counts, token.replica_quota, p, cm, certificate=token.certificate)
+    np.testing.assert_array_equal(plan.replica_quota, tq.replica_quota)
     np.testing.assert_array_equal(plan.predicted_us, tq.predicted_us)
     assert plan.time_lower_bound_us == tq.lower_bound_us <= plan.predicted_us.max()
     assert plan.max_load == plan.gpu_load.max() >= token.max_load

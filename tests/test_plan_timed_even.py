@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from micromoe.plan import Placement, schedule
 from micromoe.plan.cost import CostModel
 from micromoe.plan.forecast import ReplacementPolicy
-from micromoe.plan.timed import cost_tables, predict_quota_us
+from micromoe.plan.timed import cost_tables, predict_replica_quota_us
 from micromoe.plan.timed_layouts import assign_gpus, prefer_even, replica_columns, time_aware_slots
 from micromoe.plan.timed_smooth import smooth_splits
 
@@ -120,7 +120,7 @@ def test_smoothing_conserves_and_never_slows_the_slowest_gpu(seed, skew, tokens)
     w = rng.dirichlet(np.full(32, skew))
     counts = np.stack([rng.multinomial(tokens, w) for _ in range(8)]).astype(np.int64)
     x = schedule(counts, p).replica_quota.copy()
-    before = predict_quota_us(x, p, CONVEX)
+    before = predict_replica_quota_us(x, p, CONVEX)
     tok0 = np.bincount(p.host_gpu, weights=x, minlength=8)
     cap = int(max(tok0.max(), np.ceil(counts.sum() * 1.01 / 8)))
     x2 = x.copy()
@@ -128,7 +128,7 @@ def test_smoothing_conserves_and_never_slows_the_slowest_gpu(seed, skew, tokens)
     np.testing.assert_array_equal(np.bincount(p.replica_expert, weights=x2, minlength=32), counts.sum(axis=0))
     assert (x2 >= 0).all()
     assert np.bincount(p.host_gpu, weights=x2, minlength=8).max() <= cap
-    after = predict_quota_us(x2, p, CONVEX)
+    after = predict_replica_quota_us(x2, p, CONVEX)
     assert after.max() <= before.max() + 1e-9
     assert after.sum() <= before.sum() + 1e-9
     x3 = x.copy()

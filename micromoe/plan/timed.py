@@ -9,7 +9,7 @@ t = fixed + sum_s f(rows[s]) + max_row * max_s rows[s], f(0) = 0 and non-decreas
 time is not linear in rows: a 10-row fragment costs a whole row tile and a group's setup, and one
 huge slot costs a tail. So the token optimum (which equalizes rows) is not the time optimum.
 
-`time_quota` starts from the exact token plan (it already minimizes the linear part), then runs a
+`time_replica_quota` starts from the exact token plan (it already minimizes the linear part), then runs a
 deterministic local search (`timed_kernel.local_search`) that shifts rows between the replicas of
 one expert while that lowers the slowest GPU's predicted time. The search runs on a fixed-point
 integer copy of the model (1e-6 us units), so every rank takes the same steps and computes the
@@ -47,18 +47,18 @@ class SlotCostModel(Protocol):
 
 
 @dataclass(frozen=True)
-class TimedQuota:
-    """Result of `time_quota`.
+class TimedReplicaQuota:
+    """Result of `time_replica_quota`.
 
     Attributes:
-        quota: int64 [R]; rows of each replica (placement's replica order); sums per expert to its load.
+        replica_quota: int64 [R]; rows of each replica (placement's replica order); sums per expert to its load.
         predicted_us: float64 [G]; the model's predicted expert time of each GPU.
         lower_bound_us: a valid lower bound on the slowest GPU's time of any plan (us).
         token_predicted_us: float64 [G]; the prediction for the token-optimal quota it started from.
         steps: local-search steps taken.
     """
 
-    quota: IntArray
+    replica_quota: IntArray
     predicted_us: FloatArray
     lower_bound_us: float
     token_predicted_us: FloatArray
@@ -147,9 +147,9 @@ def _linear_minorants(f: FloatArray) -> FloatArray:
     return out
 
 
-def time_quota(
+def time_replica_quota(
     counts: IntArray,
-    token_quota: IntArray,
+    token_replica_quota: IntArray,
     placement: SlotLayout,
     cost: SlotCostModel,
     *,
@@ -157,12 +157,12 @@ def time_quota(
     certificate: npt.NDArray[np.bool_] | None = None,
     max_steps: int | None = None,
     token_slack: float | None = TOKEN_SLACK,
-) -> TimedQuota:
+) -> TimedReplicaQuota:
     """Improve a token-optimal quota for predicted time.
 
     Args:
         counts: int64 [G, E] >= 0, validated by the caller (the micro-batch's routing counts).
-        token_quota: int64 [R]; a quota that places every token (the exact token plan's).
+        token_replica_quota: int64 [R]; a quota that places every token (the exact token plan's).
         placement: the layout (G GPUs, E experts).
         cost: the cost model (`check_cost_model`).
         base_load: int64 [G]; rows a GPU already runs in a separate group (costed as f(base)).
@@ -174,7 +174,7 @@ def time_quota(
             runs only when the first ends in a local optimum before the cap.
 
     Returns:
-        `TimedQuota`: the token quota itself unless another quota has a strictly lower predicted
+        `TimedReplicaQuota`: the token quota itself unless another quota has a strictly lower predicted
         slowest-GPU time (so local tokens move only when that helps), plus a valid lower bound.
     """
     if token_slack is not None and not 0.0 <= token_slack <= 1.0:
@@ -184,7 +184,7 @@ def time_quota(
     p = placement
     max_rows = int(counts.sum(axis=0).max()) if counts.size else 0
     tables = cost_tables(cost, max_rows)
-    x = np.array(token_quota, dtype=np.int64)
+    x = np.array(token_replica_quota, dtype=np.int64)
     if base_load is None:
         off_us, off_int = _zero_offsets(p.num_gpus)
     else:
@@ -223,7 +223,7 @@ def time_quota(
     bound = min(fixed + bound, float(predicted.max()))
     for a in (x, predicted, token_us):
         a.setflags(write=False)
-    return TimedQuota(x, predicted, bound, token_us, int(steps))
+    return TimedReplicaQuota(x, predicted, bound, token_us, int(steps))
 
 
 @lru_cache(maxsize=64)
@@ -241,17 +241,19 @@ def _all_gpus(num_gpus: int) -> npt.NDArray[np.bool_]:
     return out
 
 
-def rows_per_slot(quota: npt.ArrayLike, placement: SlotLayout) -> IntArray:
+def rows_per_slot(replica_quota: npt.ArrayLike, placement: SlotLayout) -> IntArray:
     """int64 [G, S]: rows of each local slot from a per-replica quota [R] (empty slots 0)."""
     p = placement
     out = np.zeros((p.num_gpus, p.slots_per_gpu), dtype=np.int64)
-    out[p.host_gpu, p.replica_slot] = np.asarray(quota, dtype=np.int64)
+    out[p.host_gpu, p.replica_slot] = np.asarray(replica_quota, dtype=np.int64)
     return out
 
 
-def predict_quota_us(quota: npt.ArrayLike, placement: SlotLayout, cost: SlotCostModel) -> FloatArray:
+def predict_replica_quota_us(
+    replica_quota: npt.ArrayLike, placement: SlotLayout, cost: SlotCostModel
+) -> FloatArray:
     """float64 [G]: predicted expert time of each GPU for a per-replica quota [R]."""
-    q = np.asarray(quota, dtype=np.int64)
+    q = np.asarray(replica_quota, dtype=np.int64)
     tables = cost_tables(cost, int(q.max()) if q.size else 0)
     p = placement
     times = predict_times(q, np.zeros(p.num_gpus), tables.f_us, tables.m_us, p.gpu_ptr, p.gpu_replica)

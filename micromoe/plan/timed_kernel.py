@@ -286,7 +286,7 @@ def _refresh(g, t, mx, x, off, f, m, gpu_ptr, gpu_replica):
 def timed_plan(
     counts, x, off, off_us, f, f_us, m, m_us, base, mean_cap, lin, subadditive, cert, graph, max_steps
 ):
-    """The whole time-aware pass in one compiled call (see `timed.time_quota`).
+    """The whole time-aware pass in one compiled call (see `timed.time_replica_quota`).
 
     Args: counts int64 [G, E]; x int64 [R] the token quota (modified in place); off/off_us
     int64/float64 [G] per-GPU offsets; f/f_us int64/float64 [N+1] slot-cost tables; m/m_us the

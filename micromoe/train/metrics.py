@@ -17,10 +17,8 @@ import numpy as np
 import numpy.typing as npt
 import torch
 
-from micromoe.plan import Placement, schedule
+from micromoe.plan import IntArray, Placement, schedule
 from micromoe.runtime import MoEStats
-
-IntArray = npt.NDArray[np.int64]
 
 
 def max_mean(loads: npt.ArrayLike) -> float:
