@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed as dist
 from _dist import run_workers
 
 from micromoe.model import preset
@@ -83,11 +84,29 @@ def _check_run_passes_seed_and_cost(rank: int, world: int, root: str) -> None:
     run = build_run(cfg, preset("tiny", **MODEL), par, TokenData(tokens, vocab, seed=7), peak_flops=None)
     policy = run.replacer.policy
     assert policy.seed == 7
-    assert policy.cost is not None and policy.cost is run.model.moe_layers()[0].dispatcher.cost_model
+    assert policy.cost is not None and policy.cost == run.model.moe_layers()[0].dispatcher.cost_model
+
+
+def _check_auto_cost_shared_across_microep_groups(rank: int, world: int, root: str) -> None:
+    """EP=1, d=2: two MicroEP groups, each calibrating its own "auto" model for its dispatchers;
+    the world-wide policy must score with one model (rank 0's) on every rank, else ranks choose
+    different placements."""
+    tokens, vocab = load_tokens()
+    flags = {**BASE, "replace_interval": 1, "ep": 1, "cost_model": "auto", "out": f"{root}/auto"}
+    cfg = resolve("tiny", flags)
+    par = ParallelState(rank, world, torch.device("cpu"), resolve_layout(cfg, world), cfg.dispatcher)
+    assert par.layout.num_microep_groups == 2
+    run = build_run(cfg, preset("tiny", **MODEL), par, TokenData(tokens, vocab, seed=0), peak_flops=None)
+    everyone: list = [None] * world
+    dist.all_gather_object(everyone, run.replacer.policy.cost.to_json())  # collective (world)
+    assert all(c == everyone[0] for c in everyone), "every rank's policy scores with rank 0's model"
+    ours = run.model.moe_layers()[0].dispatcher.cost_model
+    assert rank >= 2 or run.replacer.policy.cost == ours  # group 0 calibrated rank 0's model
 
 
 def _cases(rank: int, world: int, root: str) -> dict:
     _check_run_passes_seed_and_cost(rank, world, root)
+    _check_auto_cost_shared_across_microep_groups(rank, world, root)
     trigger = {"replace_interval": 100, "replace_trigger_after": 2, "replace_cooldown": 2, "max_steps": 4}
     swing = {"replace_interval": 100, "replace_trigger_after": 1, "replace_warmup": 1, "max_steps": 6}
     return {

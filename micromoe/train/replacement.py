@@ -34,6 +34,7 @@ import torch
 import torch.distributed as dist
 
 from micromoe.plan import Placement, ReplacementPolicy, placement_score
+from micromoe.plan.cost import CostModel
 from micromoe.plan.forecast import ReplacementEvent
 from micromoe.plan.timed import SlotCostModel
 from micromoe.runtime.migrate import GroupCache, MigrationStats, migrate_layer, placement_hash
@@ -335,6 +336,8 @@ def build_replacement(
     are `AdaptiveReplacement`'s."""
     if interval == 0:
         return NoReplacement()
+    if cost is not None and parallel is not None and parallel.distributed:
+        cost = rank0_cost_model(cost, parallel)  # collective (world)
     return AdaptiveReplacement(
         parallel,
         interval=interval,
@@ -348,3 +351,19 @@ def build_replacement(
         seed=seed,
         cost=cost,
     )
+
+
+def rank0_cost_model(cost: SlotCostModel, parallel: ParallelState) -> CostModel:
+    """Rank 0's cost model on every rank [collective, world]: the policy decides world-wide, but
+    the dispatchers' models may differ between MicroEP groups ("auto" calibrates on each group's
+    first rank; "bundled" reads each rank's GPU name), and differing scores would make the ranks
+    choose different placements. `cost` must be a `CostModel` (what a run's dispatchers hold)."""
+    if not isinstance(cost, CostModel):
+        raise ValueError(
+            f"adaptive replacement in a distributed run needs a micromoe.plan.cost.CostModel, "
+            f"got {type(cost).__name__}"
+        )
+    box: list[dict[str, Any] | None] = [cost.to_json()]
+    device = parallel.device if parallel.device.type == "cuda" else None
+    dist.broadcast_object_list(box, src=0, device=device)  # collective (world)
+    return CostModel.from_json(box[0], where="rank 0's cost model")
