@@ -83,11 +83,26 @@ def test_checkpoint_holds_config_placements_and_data_position(tmp_path):
     meta = ckpt.read_meta(folder)
     assert meta["step"] == 1 and meta["world"] == 1 and meta["model"]["hidden"] == 32
     assert meta["train"]["max_steps"] == 1 and meta["placements"] == []
-    state = ckpt.load_rank_state(folder, 0, torch.device("cpu"))
+    state = ckpt.load_rank_state(folder, 0)
     assert state["data"] == {"seed": 0, "next_step": 1}
     assert set(state) >= {"model", "optimizer", "rng"}
     with pytest.raises(ValueError, match="no file for rank 3"):
-        ckpt.load_rank_state(folder, 3, torch.device("cpu"))
+        ckpt.load_rank_state(folder, 3)
+
+
+def test_rank_state_restores_rng_from_cpu_tensors(tmp_path):
+    """The loaded RNG states are CPU tensors whatever device the run is on (set_rng_state takes
+    nothing else), and restoring them repeats the saved stream."""
+    torch.manual_seed(3)
+    saved = ckpt.rng_state()
+    want = torch.rand(5)
+    ckpt.save_checkpoint(tmp_path, 1, {}, {"rng": saved}, rank=0, distributed=False)
+    state = ckpt.load_rank_state(ckpt.latest_checkpoint(tmp_path), 0)
+    rng = [state["rng"]["torch"], *state["rng"].get("cuda", [])]
+    assert all(t.device.type == "cpu" and t.dtype == torch.uint8 for t in rng)
+    torch.rand(7)  # move the stream on
+    ckpt.set_rng_state(state["rng"])
+    torch.testing.assert_close(torch.rand(5), want, rtol=0, atol=0)
 
 
 def test_compatibility_check_names_the_difference():

@@ -108,8 +108,11 @@ def check_compatible(meta: dict[str, Any], now: dict[str, Any]) -> None:
             )
 
 
-def load_rank_state(folder: Path, rank: int, device: torch.device) -> dict[str, Any]:
+def load_rank_state(folder: Path, rank: int) -> dict[str, Any]:
+    """This rank's saved state, every tensor on the CPU: RNG states must be CPU ByteTensors
+    (`set_rng_state` rejects them on a GPU), and `load_state_dict` copies model and optimizer
+    tensors to their parameters' devices."""
     path = Path(folder) / f"rank{rank:05d}.pt"
     if not path.exists():
         raise ValueError(f"checkpoint {str(folder)!r} has no file for rank {rank}: written by fewer ranks?")
-    return torch.load(path, map_location=device, weights_only=False)
+    return torch.load(path, map_location="cpu", weights_only=False)

@@ -138,7 +138,7 @@ def save(run: Run, step: int) -> Path:
 
 
 def _restore(run: Run, folder: Path, meta: dict[str, Any]) -> None:
-    state = ckpt.load_rank_state(folder, run.parallel.rank, run.parallel.device)
+    state = ckpt.load_rank_state(folder, run.parallel.rank)
     run.model.load_state_dict(state["model"])
     run.optimizer.load_state_dict(state["optimizer"])
     ckpt.set_rng_state(state["rng"])
