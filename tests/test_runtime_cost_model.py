@@ -7,11 +7,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+import torch.distributed as dist
 from _dist import dense_moe, forced_routing, rel_err, run_workers
 
 from micromoe.plan import Placement, schedule
 from micromoe.plan.cost import CostModel
 from micromoe.runtime import MoEConfig, MoELayer, ParallelLayout, apply_expert_parallel, build_process_groups
+from micromoe.runtime import cost_select as cs
 from micromoe.runtime.cost_select import load_cost_spec
 
 HIDDEN, FFN, TOP_K, EXPERTS = 8, 16, 2, 8
@@ -74,3 +76,29 @@ def test_cost_spec_errors():
         load_cost_spec("no-such-model")
     with pytest.raises(ValueError, match="cost must be"):
         load_cost_spec(3.5)
+
+
+def _calibration_fails_on_rank0(rank: int, world: int) -> str:
+    if rank == 0:
+
+        def boom(*args, **kwargs):
+            raise RuntimeError("out of memory while timing")
+
+        cs.calibrate_cost_model = boom  # this worker process only
+    try:
+        cs.resolve_cost_model(
+            "auto", hidden=HIDDEN, ffn=FFN, device=torch.device("cpu"), group=dist.group.WORLD, num_slots=2
+        )
+    except (RuntimeError, ValueError) as exc:
+        return f"{type(exc).__name__}: {exc}"
+    return "no error"
+
+
+def test_auto_calibration_failure_raises_on_every_rank():
+    """A calibration that fails on the group's first rank fails every rank (the others would
+    otherwise wait in the broadcast forever)."""
+    out = run_workers(_calibration_fails_on_rank0, 2, timeout=60)
+    assert out[0] == "RuntimeError: out of memory while timing"
+    assert (
+        out[1].startswith("ValueError: cost_model='auto': calibration failed") and "out of memory" in out[1]
+    )

@@ -58,14 +58,25 @@ def resolve_cost_model(
         return load_cost_spec(spec)
     first = group is None or dist.get_rank(group) == 0
     box: list[dict | None] = [None]
+    failure: Exception | None = None
     if first:
-        box[0] = calibrate_cost_model(
-            hidden, ffn, device, budget_s=AUTO_BUDGET_S, num_slots=num_slots
-        ).to_json()
+        try:
+            box[0] = calibrate_cost_model(
+                hidden, ffn, device, budget_s=AUTO_BUDGET_S, num_slots=num_slots
+            ).to_json()
+        except Exception as exc:  # the others wait in the broadcast: tell them, then raise
+            failure = exc
+            box[0] = {"error": f"{type(exc).__name__}: {exc}"}
     if group is not None:
         src = dist.get_global_rank(group, 0)
-        # collective (MicroEP group): the first rank's fitted model to every rank
+        # collective (MicroEP group): the first rank's fitted model (or its failure) to every rank
         dist.broadcast_object_list(
             box, src=src, group=group, device=device if device.type == "cuda" else None
+        )
+    if failure is not None:
+        raise failure
+    if isinstance(box[0], dict) and "error" in box[0]:
+        raise ValueError(
+            f"cost_model='auto': calibration failed on the group's first rank: {box[0]['error']}"
         )
     return CostModel.from_json(box[0], where="start-up calibration")
