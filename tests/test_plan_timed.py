@@ -197,6 +197,18 @@ def test_base_load_costs_a_separate_group():
     np.testing.assert_allclose(tq.predicted_us - no_base, cm.slot_cost(base))
 
 
+def test_base_load_beyond_every_expert_load():
+    """A GPU's base load larger than any expert's load (and than the table's first size) is
+    costed like a small one: f(base) on top of the time without it."""
+    p = Placement.symmetric(4, 8, 2)
+    cm = CostModel(fixed_us=1.0, max_row_us=0.001, tile=16, c_row=0.01, c_tile=2.0, c_active=5.0)
+    counts = np.full((4, 8), 10, dtype=np.int64)
+    base = np.array([5000, 0, 0, 0], dtype=np.int64)
+    plan = schedule(counts, p, base_load=base, cost=cm)
+    no_base = predict_replica_quota_us(plan.replica_quota, p, cm)
+    np.testing.assert_allclose(plan.predicted_us - no_base, cm.slot_cost(base))
+
+
 def test_bad_cost_models():
     with pytest.raises(ValueError, match="lacks"):
         check_cost_model(object())

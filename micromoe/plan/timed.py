@@ -183,6 +183,8 @@ def time_replica_quota(
         )
     p = placement
     max_rows = int(counts.sum(axis=0).max()) if counts.size else 0
+    if base_load is not None and np.size(base_load):
+        max_rows = max(max_rows, int(np.max(base_load)))  # f(base) is read from the same table
     tables = cost_tables(cost, max_rows)
     x = np.array(token_replica_quota, dtype=np.int64)
     if base_load is None:
