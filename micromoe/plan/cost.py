@@ -35,6 +35,8 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from micromoe.plan.checks import IntArray
+
 FloatArray = npt.NDArray[np.float64]
 
 ROW_ALIGN = 8  # the dispatchers pad each slot's rows to this; models are measured at padded rows
@@ -118,6 +120,41 @@ class CostModel:
             raise ValueError(f"max_rows must be >= 0, got {max_rows}")
         return self.slot_cost(np.arange(max_rows + 1, dtype=np.int64))
 
+    def slot_cost_table_int(self, max_rows: int, units_per_us: float) -> IntArray:
+        """f(0..max_rows) as int64 [max_rows + 1] in units of 1 / `units_per_us` us, bit-identical
+        on every machine: each coefficient is rounded to an integer once, the features are integers
+        and n log2 n uses an integer logarithm, so no BLAS sum order or libm variant can change a
+        value (the planner's search compares these, and every rank must plan identically).
+        Within 1e-3 us of `slot_cost_table(n)` up to a million rows."""
+        if max_rows < 0:
+            raise ValueError(f"max_rows must be >= 0, got {max_rows}")
+        if max_rows >= _MAX_INT_TABLE:
+            raise ValueError(
+                f"slot cost tables stop at {_MAX_INT_TABLE - 1} rows per slot, asked for {max_rows}"
+            )
+        n = np.arange(max_rows + 1, dtype=np.int64)
+        half = max(self.tile // 2, 1)
+        features = {
+            "c_row": n,
+            "c_tile": (n + (self.tile - 1)) // self.tile,
+            "c_active": (n > 0).astype(np.int64),
+            "c_half_tile": (n + (half - 1)) // half,
+            "c_head": np.minimum(n, self.tile),
+            "c_big": np.maximum(n - BIG_TILES * self.tile, 0),
+        }
+        # coefficients as integers with 20 extra bits, so their rounding stays below one unit
+        scale = 1 << _COEF_BITS
+        out = np.zeros(n.size, dtype=object)  # exact Python-int sums: no int64 overflow to reason about
+        for key, feature in features.items():
+            q = round(getattr(self, key) * units_per_us * scale)
+            if q:
+                out += feature.astype(object) * q
+        q = round(self.c_nlogn * units_per_us * scale)
+        if q:
+            out += n.astype(object) * _log2_fixed(n).astype(object) * q >> _LOG_BITS
+        out = out >> _COEF_BITS
+        return out.astype(np.int64)
+
     def coefficients(self) -> FloatArray:
         """float64 [10] in the column order of `design_matrix` (`_COEF_KEYS`)."""
         return np.array([getattr(self, k) for k in _COEF_KEYS], dtype=np.float64)
@@ -173,6 +210,27 @@ def _check_fields(obj: Any, *, where: str) -> None:
 def _nlogn(n: np.ndarray) -> np.ndarray:
     """n * log2(n) for int n >= 0 (0 at n = 0 and 1): float64, non-decreasing."""
     return n * np.log2(np.maximum(n, 1))
+
+
+_LOG_BITS = 30  # fractional bits of `_log2_fixed` (its mantissa is Q30)
+_COEF_BITS = 20  # extra bits of the integer coefficients in `slot_cost_table_int`
+_MAX_INT_TABLE = 1 << 32  # n << 30 in `_log2_fixed` stays inside int64 below 2**33
+
+
+def _log2_fixed(n: np.ndarray) -> IntArray:
+    """floor-like log2(max(n, 1)) * 2**30 for int64 n, by integers only (exact frexp for the
+    integer part, then bit-by-bit squaring of the mantissa in Q30): non-decreasing in n and the
+    same on every machine."""
+    n = np.maximum(np.asarray(n, dtype=np.int64), 1)
+    k = (np.frexp(n.astype(np.float64))[1] - 1).astype(np.int64)  # exact for n < 2**53
+    m = (n << 30) >> k  # mantissa in [2**30, 2**31)
+    frac = np.zeros_like(n)
+    for _ in range(_LOG_BITS):
+        m = (m * m) >> 30
+        bit = m >= (1 << 31)
+        frac = (frac << 1) | bit
+        m = np.where(bit, m >> 1, m)
+    return (k << _LOG_BITS) + frac
 
 
 def _slot_features(n: np.ndarray, tile: int) -> FloatArray:

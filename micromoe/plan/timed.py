@@ -102,6 +102,15 @@ def check_cost_model(cost: Any) -> SlotCostModel:
     return cost
 
 
+def _fixed_point_table(cost: SlotCostModel, f_us: FloatArray, n: int) -> IntArray:
+    """The search's integer table: `CostModel` builds it by integer arithmetic, bit-identical on
+    every machine; another model is rounded from its float table (identical only where its floats
+    are, e.g. on identical CPUs and libraries)."""
+    if isinstance(cost, CostModel):
+        return cost.slot_cost_table_int(n, FIXED_POINT)
+    return np.rint(f_us * FIXED_POINT).astype(np.int64)
+
+
 def cost_tables(cost: SlotCostModel, max_rows: int) -> _Tables:
     """f(0..N) as float and fixed-point tables, N >= max_rows (cached per model, grown by doubling)."""
     hit = _CACHE.get(id(cost))
@@ -119,7 +128,7 @@ def cost_tables(cost: SlotCostModel, max_rows: int) -> _Tables:
     m_us = float(cost.max_row_us)
     tables = _Tables(
         f_us=f,
-        f_int=np.rint(f * FIXED_POINT).astype(np.int64),
+        f_int=_fixed_point_table(cost, f, n),
         m_us=m_us,
         m_int=int(round(m_us * FIXED_POINT)),
         lin=_linear_minorants(f),
