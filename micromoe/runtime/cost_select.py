@@ -8,11 +8,14 @@ A spec is one of:
   - any other string: a bundled name ("h200-4096x1536") or a JSON path (`plan.cost.load`).
 
 Every rank of a MicroEP group must plan with the identical model (a different plan on one rank
-deadlocks the all-to-all), so "auto" calibrates on the group's first rank only and broadcasts the
-fitted coefficients; the other specs read the same file or object on every rank.
+deadlocks the all-to-all), so "auto" (calibration) and "bundled" (which depends on the GPU's name)
+are resolved on the group's first rank only and its coefficients broadcast; the other specs read
+the same file or object on every rank.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
@@ -48,35 +51,51 @@ def resolve_cost_model(
     group: dist.ProcessGroup | None,
     num_slots: int,
 ) -> CostModel | None:
-    """The model for `spec` (module docstring). "auto" is collective over `group` (every rank of
-    it must call this together); the other specs are local."""
+    """The model for `spec` (module docstring). "auto" and "bundled" are collective over `group`
+    (every rank of it must call this together); the other specs are local."""
     if spec == "bundled":
         if device.type != "cuda":
             raise ValueError("cost_model='bundled' picks the model of this GPU; the layer is not on a GPU")
-        return cost_models.load(cost_models.bundled_name(torch.cuda.get_device_name(device), hidden, ffn))
-    if spec != "auto":
-        return load_cost_spec(spec)
+        # resolved on the first rank only: in a mixed cluster the GPU names could differ
+        return _from_first_rank(
+            spec,
+            lambda: cost_models.load(
+                cost_models.bundled_name(torch.cuda.get_device_name(device), hidden, ffn)
+            ),
+            group,
+            device,
+        )
+    if spec == "auto":
+        return _from_first_rank(
+            spec,
+            lambda: calibrate_cost_model(hidden, ffn, device, budget_s=AUTO_BUDGET_S, num_slots=num_slots),
+            group,
+            device,
+        )
+    return load_cost_spec(spec)
+
+
+def _from_first_rank(
+    spec: str, make: Callable[[], CostModel], group: dist.ProcessGroup | None, device: torch.device
+) -> CostModel:
+    """`make()` on the group's first rank, its model (or its failure) broadcast to every rank."""
     first = group is None or dist.get_rank(group) == 0
     box: list[dict | None] = [None]
     failure: Exception | None = None
     if first:
         try:
-            box[0] = calibrate_cost_model(
-                hidden, ffn, device, budget_s=AUTO_BUDGET_S, num_slots=num_slots
-            ).to_json()
+            box[0] = make().to_json()
         except Exception as exc:  # the others wait in the broadcast: tell them, then raise
             failure = exc
             box[0] = {"error": f"{type(exc).__name__}: {exc}"}
     if group is not None:
         src = dist.get_global_rank(group, 0)
-        # collective (MicroEP group): the first rank's fitted model (or its failure) to every rank
+        # collective (MicroEP group): the first rank's model (or its failure) to every rank
         dist.broadcast_object_list(
             box, src=src, group=group, device=device if device.type == "cuda" else None
         )
     if failure is not None:
         raise failure
     if isinstance(box[0], dict) and "error" in box[0]:
-        raise ValueError(
-            f"cost_model='auto': calibration failed on the group's first rank: {box[0]['error']}"
-        )
-    return CostModel.from_json(box[0], where="start-up calibration")
+        raise ValueError(f"cost_model={spec!r} failed on the group's first rank: {box[0]['error']}")
+    return CostModel.from_json(box[0], where=f"cost_model={spec!r} from the group's first rank")
