@@ -113,10 +113,22 @@ def test_compatibility_check_names_the_difference():
         "merge": 2,
         "dispatcher": "microep",
         "placement": "symmetric",
+        "micro_batch": 4,
+        "grad_accum": 2,
+        "seed": 0,
         "model": {},
     }
     ckpt.check_compatible(meta, dict(meta))
-    for key, value in (("world", 8), ("ep", 4), ("placement", "random"), ("dispatcher", "ep")):
+    changes = (
+        ("world", 8),
+        ("ep", 4),
+        ("placement", "random"),
+        ("dispatcher", "ep"),
+        ("micro_batch", 8),
+        ("grad_accum", 1),
+        ("seed", 1),
+    )
+    for key, value in changes:
         with pytest.raises(ValueError, match=f"{key}="):
             ckpt.check_compatible(meta, {**meta, key: value})
 

@@ -98,8 +98,21 @@ def read_meta(folder: Path) -> dict[str, Any]:
 
 
 def check_compatible(meta: dict[str, Any], now: dict[str, Any]) -> None:
-    """Raise ValueError unless the checkpoint's world size, layout, dispatcher and model match."""
-    for key in ("world", "dp", "ep", "merge", "dispatcher", "placement", "model"):
+    """Raise ValueError unless the checkpoint's world size, layout, dispatcher, data stream
+    (micro-batch, accumulation, seed) and model match."""
+    keys = (
+        "world",
+        "dp",
+        "ep",
+        "merge",
+        "dispatcher",
+        "placement",
+        "micro_batch",
+        "grad_accum",
+        "seed",
+        "model",
+    )
+    for key in keys:
         if meta.get(key) != now.get(key):
             raise ValueError(
                 f"the checkpoint was written with {key}={meta.get(key)!r} but this run has {key}="

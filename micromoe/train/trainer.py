@@ -63,6 +63,10 @@ def run_meta(run_cfg: TrainConfig, model_cfg: ModelConfig, par: ParallelState) -
         "merge": lay.merge if lay else 1,
         "dispatcher": par.dispatcher if lay else "local",
         "placement": run_cfg.placement if lay else "local",
+        # the data a step reads is a function of these (resuming with others changes the stream)
+        "micro_batch": run_cfg.micro_batch,
+        "grad_accum": run_cfg.grad_accum,
+        "seed": run_cfg.seed,
         "model": dataclasses.asdict(model_cfg),
         "train": run_cfg.to_dict(),
     }
