@@ -85,6 +85,27 @@ def placement_score(
     return balance_ratio(integer_loads(np.asarray(forecast, dtype=np.float64)), placement)
 
 
+def _load_aware(
+    loads: npt.ArrayLike,
+    like: Placement,
+    cost: SlotCostModel | None,
+    seed: int,
+    num_samples: int,
+    even_margin: float,
+) -> Placement:
+    """A load-aware placement for loads (float [E]) with `like`'s GPUs, slots and experts: the
+    asymmetric layout, or with `cost` the best of `timed_layouts.time_aware_slots`
+    (num_samples // 4 GPU samples for each replica budget)."""
+    g, s = like.num_gpus, like.slots_per_gpu
+    if cost is None:
+        return Placement.asymmetric(loads, g, s, seed=seed, num_samples=num_samples)
+    per_budget = max(1, num_samples // 4)
+    slots, _, _ = time_aware_slots(
+        loads, g, s, cost, seed=seed, num_samples=per_budget, even_margin=even_margin
+    )
+    return Placement.from_slots(slots, like.num_experts)
+
+
 @dataclass(frozen=True)
 class Replacement:
     """Outcome of one replacement check: the scores, the placement to use from now on, and why."""
@@ -131,15 +152,7 @@ def decide_replacement(
     if current_score <= threshold:
         why = f"kept: {unit} {current_score:.4f} <= threshold {threshold:.4f}"
         return Replacement(False, current_score, current_score, current, why)
-    g, s = current.num_gpus, current.slots_per_gpu
-    if cost is None:
-        candidate = Placement.asymmetric(forecast, g, s, seed=seed, num_samples=num_samples)
-    else:
-        per_budget = max(1, num_samples // 4)
-        slots, _, _ = time_aware_slots(
-            forecast, g, s, cost, seed=seed, num_samples=per_budget, even_margin=even_margin
-        )
-        candidate = Placement.from_slots(slots, current.num_experts)
+    candidate = _load_aware(forecast, current, cost, seed, num_samples, even_margin)
     new_score = score(candidate)
     for alt in alternatives:
         if alt != current and alt != candidate and (alt_score := score(alt)) < new_score:
@@ -168,16 +181,8 @@ def initial_placement(
     """
     if history is None:
         return Replacement(False, float("nan"), float("nan"), fallback, "no load history: fallback placement")
-    g, s = fallback.num_gpus, fallback.slots_per_gpu
     old = placement_score(history, fallback, cost=cost)
-    if cost is None:
-        candidate = Placement.asymmetric(history, g, s, seed=seed, num_samples=num_samples)
-    else:
-        per_budget = max(1, num_samples // 4)
-        slots, _, _ = time_aware_slots(
-            history, g, s, cost, seed=seed, num_samples=per_budget, even_margin=even_margin
-        )
-        candidate = Placement.from_slots(slots, fallback.num_experts)
+    candidate = _load_aware(history, fallback, cost, seed, num_samples, even_margin)
     new = placement_score(history, candidate, cost=cost)
     if new < old:
         return Replacement(
