@@ -75,10 +75,12 @@ def test_nproc_under_a_launcher(capsys, monkeypatch):
 
 
 def test_unknown_option_and_preset_exit():
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit) as unknown:
         main(["train", "--no-such-option"])
-    with pytest.raises(SystemExit):
+    assert unknown.value.code == 2
+    with pytest.raises(SystemExit) as bad_preset:
         main(["train", "--preset", "gpt-5"])
+    assert bad_preset.value.code == 2
 
 
 def test_two_process_run_writes_log_report_and_routing(tmp_path):

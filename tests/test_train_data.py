@@ -64,7 +64,10 @@ def test_batches_are_deterministic_and_world_size_independent():
         single_rows = [data.batch("train", step, m, 0, one)[0] for m in range(8)]
         for a, b in zip(dist_rows, single_rows, strict=True):
             torch.testing.assert_close(a, b)
-    torch.testing.assert_close(data.batch("train", 3, 0, 0, one)[0], data.batch("train", 3, 0, 0, one)[0])
+    same_seed = TokenData(np.arange(5000, dtype=np.uint16), 5000, seed=3)
+    torch.testing.assert_close(
+        data.batch("train", 3, 0, 0, one)[0], same_seed.batch("train", 3, 0, 0, one)[0]
+    )
     assert not torch.equal(data.batch("train", 3, 0, 0, one)[0], data.batch("train", 4, 0, 0, one)[0])
     other_seed = TokenData(np.arange(5000, dtype=np.uint16), 5000, seed=4)
     assert not torch.equal(data.batch("train", 3, 0, 0, one)[0], other_seed.batch("train", 3, 0, 0, one)[0])
