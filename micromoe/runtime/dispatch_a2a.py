@@ -7,7 +7,10 @@ Per layer and micro-batch, on every rank of the dispatch group:
   permutes -> row map -> reorder rows by destination -> [collective] all-to-all -> slot-major,
   padded, grouped rows.
 
-`combine` runs the same steps backwards. Subclasses implement only `_route`: which rows of this
+The pipeline itself is `LocalDispatcher`'s reference path; this class fills in its three
+distributed steps (count all-gather, row map from the route, all-to-all each way) and never takes
+the single-device fast path. `combine` runs the same steps backwards. Subclasses implement only
+`_route`: which rows of this
 rank go to which rank, and which it receives, from the gathered counts (identical on every rank,
 so no route is ever communicated). Error bits ride the count all-gather, so a bad input on any
 rank makes every rank raise the same ValueError before the all-to-all.
@@ -19,7 +22,6 @@ group, V = E + 2 count-vector entries, N rows.
 from __future__ import annotations
 
 import abc
-import time
 
 import numpy as np
 import numpy.typing as npt
@@ -27,20 +29,10 @@ import torch
 import torch.distributed as dist
 
 from micromoe.plan import Placement, Plan
-from micromoe.runtime.comm import all_gather_counts, all_to_all_rows
-from micromoe.runtime.dispatch_checks import caller_error_vector, count_vector, raise_if_flagged
-from micromoe.runtime.dispatch_local import (
-    DispatchMeta,
-    LocalDispatcher,
-    PhaseTimer,
-    grouped_gemm_align,
-    row_indices_on,
-    sort_by_expert,
-    weighted_sum_of_choices,
-)
-from micromoe.runtime.idle import HostWaitProbe
-from micromoe.runtime.permute import gather_rows, permute_rows, scatter_rows
-from micromoe.runtime.rows import RankRoute, rank_row_map
+from micromoe.runtime.comm import PendingCounts, all_gather_counts, all_to_all_rows
+from micromoe.runtime.dispatch_checks import caller_error_vector, raise_if_flagged
+from micromoe.runtime.dispatch_local import LocalDispatcher, PhaseTimer
+from micromoe.runtime.rows import RankRoute, RowMap, rank_row_map
 
 
 class AllToAllDispatcher(LocalDispatcher, abc.ABC):
@@ -58,7 +50,7 @@ class AllToAllDispatcher(LocalDispatcher, abc.ABC):
     ) -> None:
         if not isinstance(placement, Placement):
             raise ValueError(f"placement must be a micromoe.plan.Placement, got {type(placement).__name__}")
-        super().__init__(placement.num_experts, timer=timer)
+        super().__init__(placement.num_experts, timer=timer, fast_path=False)  # one device only
         _check_group(group, rank, placement)
         self.group = group
         self.rank = rank
@@ -73,65 +65,28 @@ class AllToAllDispatcher(LocalDispatcher, abc.ABC):
     def _route(self, counts_GE: npt.NDArray[np.int64]) -> tuple[RankRoute, Plan | None]:
         """This rank's share of the route for the gathered counts [G, E], and the plan if any."""
 
-    def dispatch(
-        self, x: torch.Tensor, expert: torch.Tensor, weight: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor, DispatchMeta]:
-        """Send each (token, choice) row to a replica of its expert (see `LocalDispatcher.dispatch`).
-
-        Raises ValueError on every rank of the group if any rank's input is invalid.
-        """
-        self.check_inputs(x, expert, weight)
-        e = self.num_experts
-        self.mark("start")
-        pending = all_gather_counts(count_vector(expert, weight, e), self.group)  # collective inside
+    def _exchange_counts(self, vec_V: torch.Tensor) -> PendingCounts:
+        """All-gather every rank's count vector [V] (with its error bits) over the group."""
+        pending = all_gather_counts(vec_V, self.group)  # collective inside: the count all-gather
         self.mark("count_exchange")
-        tk_of_row, row_of_tk, x_sorted = sort_by_expert(x, expert)  # overlaps the host wait
-        self.mark("permute")
-        idle = HostWaitProbe(x.device)
-        counts_GV = pending.wait()  # host sync (counts only; the permutation keeps the GPU busy)
-        raise_if_flagged(counts_GV, e, self.rank, None)
-        counts_GE = counts_GV[:, :e]
-        t0 = time.perf_counter()
+        return pending
+
+    def _row_map(self, counts_GE: npt.NDArray[np.int64], align: int) -> tuple[RowMap, Plan | None]:
+        """This rank's row map for the gathered counts [G, E] (from `_route`), and the plan."""
         route, plan = self._route(counts_GE)
-        row_map = rank_row_map(route, counts_GE.shape[0], self.slot_expert, e, grouped_gemm_align(x))
-        route_s = time.perf_counter() - t0
-        idle.stop()  # the next line queues GPU work again
-        send_pos, send_inv, group_pos, rows = row_indices_on(row_map, x.device)
-        x_send = x_sorted if send_pos is None else permute_rows(x_sorted, send_pos, send_inv)
-        self.mark("route")
+        return rank_row_map(route, counts_GE.shape[0], self.slot_expert, self.num_experts, align), plan
+
+    def _send_rows(self, x_send: torch.Tensor, row_map: RowMap) -> torch.Tensor:
+        """Rows in send order -> the rows this rank's slots receive (by source rank)."""
         # collective inside (dispatch group): rows to their replicas
         x_recv = all_to_all_rows(x_send, row_map.send_splits, row_map.recv_splits, self.group)
         self.mark("dispatch_a2a")
-        tokens = scatter_rows(x_recv, group_pos, row_map.num_grouped)
-        self.mark("slot_sort")
-        meta = DispatchMeta(
-            tk_of_row,
-            row_of_tk,
-            weight,
-            row_map,
-            send_pos,
-            send_inv,
-            group_pos,
-            counts_GE,
-            plan,
-            route_s,
-            idle,
-        )
-        return tokens, rows, meta
+        return x_recv
 
-    def combine(self, out: torch.Tensor, meta: DispatchMeta) -> torch.Tensor:
-        """[N, H] expert outputs (dispatch's row order) -> [T, H]: sum_k gate_k * expert_k(x)."""
-        rm = meta.row_map
-        out_recv = gather_rows(out, meta.group_pos)
+    def _return_rows(self, out_recv: torch.Tensor, row_map: RowMap) -> torch.Tensor:
+        """Outputs of the received rows -> outputs of this rank's rows, in send order."""
         # collective inside (dispatch group): outputs back to the rows' sources
-        out_send = all_to_all_rows(out_recv, rm.recv_splits, rm.send_splits, self.group)
-        if meta.send_pos is None:
-            out_sorted = out_send
-        else:
-            out_sorted = permute_rows(out_send, meta.send_inv, meta.send_pos)
-        y = weighted_sum_of_choices(out_sorted, meta)
-        self.mark("combine")
-        return y
+        return all_to_all_rows(out_recv, row_map.recv_splits, row_map.send_splits, self.group)
 
     def fail(self, message: str, device: torch.device) -> None:
         """Join the count all-gather with an error flag so every rank raises, then raise."""

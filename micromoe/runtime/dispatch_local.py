@@ -27,7 +27,7 @@ import numpy.typing as npt
 import torch
 
 from micromoe.plan import Plan, positive_int
-from micromoe.runtime.comm import copy_counts_to_host
+from micromoe.runtime.comm import PendingCounts, copy_counts_to_host
 from micromoe.runtime.dispatch_checks import ERR_CALLER, check_shapes, count_vector, raise_if_flagged
 from micromoe.runtime.dispatch_fast import FAST_ALIGN, FastMeta, fast_combine, fast_dispatch, uses_fast_path
 from micromoe.runtime.idle import HostWaitProbe
@@ -105,11 +105,13 @@ class LocalDispatcher:
         self.timer = timer
         self.fast_path = bool(fast_path)
         self.fast_align = positive_int(fast_align, "fast_align")
+        self.rank = 0  # this device's index in its dispatch group (of one here)
 
     def dispatch(
         self, x: torch.Tensor, expert: torch.Tensor, weight: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, DispatchMeta | FastMeta]:
-        """Put each (token, choice) row into the slot of its expert.
+        """Put each (token, choice) row into a slot of its expert (in subclasses: on a replica's
+        rank of the dispatch group).
 
         Args:
             x: [T, H] tokens.
@@ -121,7 +123,8 @@ class LocalDispatcher:
                 grouped GEMM's alignment with zero rows.
             rows: int64 [S] on x's device; rows per local slot (padded).
             meta: the record `combine` consumes.
-        Raises ValueError if the input is invalid (bad shapes, expert ids, non-finite gates). On
+        Raises ValueError if the input is invalid (bad shapes, expert ids, non-finite gates; in
+        subclasses on every rank of the group if any rank's input is). On
         the fast path, bad expert ids and non-finite gates are found on the device and raised
         when the counts are read (`meta.slot_load`, the layer's stats): no host sync here.
         """
@@ -132,30 +135,33 @@ class LocalDispatcher:
             tokens, rows, fast_meta = fast_dispatch(x, expert, weight, e, self.fast_align)
             self.mark("permute")
             return tokens, rows, fast_meta
-        pending = copy_counts_to_host(count_vector(expert, weight, e).unsqueeze(0))  # no collective
-        tk_of_row, row_of_tk, x_sorted = sort_by_expert(x, expert)
+        pending = self._exchange_counts(count_vector(expert, weight, e))
+        tk_of_row, row_of_tk, x_sorted = sort_by_expert(x, expert)  # overlaps the host wait
         self.mark("permute")
         idle = HostWaitProbe(x.device)
         counts_GV = pending.wait()  # host sync (counts only; the permutation keeps the GPU busy)
-        raise_if_flagged(counts_GV, e, 0, None)
+        raise_if_flagged(counts_GV, e, self.rank, None)
+        counts_GE = counts_GV[:, :e]
         t0 = time.perf_counter()
-        row_map = local_row_map(counts_GV[0, :e], grouped_gemm_align(x))
+        row_map, plan = self._row_map(counts_GE, grouped_gemm_align(x))
         route_s = time.perf_counter() - t0
         idle.stop()  # the next line queues GPU work again
-        _, _, group_pos, rows = row_indices_on(row_map, x.device)
+        send_pos, send_inv, group_pos, rows = row_indices_on(row_map, x.device)
+        x_send = x_sorted if send_pos is None else permute_rows(x_sorted, send_pos, send_inv)
         self.mark("route")
-        tokens = scatter_rows(x_sorted, group_pos, row_map.num_grouped)
+        x_recv = self._send_rows(x_send, row_map)
+        tokens = scatter_rows(x_recv, group_pos, row_map.num_grouped)
         self.mark("slot_sort")
         meta = DispatchMeta(
             tk_of_row,
             row_of_tk,
             weight,
             row_map,
-            None,
-            None,
+            send_pos,
+            send_inv,
             group_pos,
-            counts_GV[:, :e],
-            None,
+            counts_GE,
+            plan,
             route_s,
             idle,
         )
@@ -166,9 +172,33 @@ class LocalDispatcher:
         if isinstance(meta, FastMeta):
             y = fast_combine(out, meta)  # one fused gather-weight-sum pass
         else:
-            y = weighted_sum_of_choices(gather_rows(out, meta.group_pos), meta)
+            out_send = self._return_rows(gather_rows(out, meta.group_pos), meta.row_map)
+            if meta.send_pos is None:
+                out_sorted = out_send
+            else:
+                out_sorted = permute_rows(out_send, meta.send_inv, meta.send_pos)
+            y = weighted_sum_of_choices(out_sorted, meta)
         self.mark("combine")
         return y
+
+    # --------------------------------------------------------------------------------------------
+    # the steps a distributed dispatcher changes (`AllToAllDispatcher`); here: one device
+
+    def _exchange_counts(self, vec_V: torch.Tensor) -> PendingCounts:
+        """Start the count vector [V] on its way to the host as a [1, V] matrix (no collective)."""
+        return copy_counts_to_host(vec_V.unsqueeze(0))
+
+    def _row_map(self, counts_GE: npt.NDArray[np.int64], align: int) -> tuple[RowMap, Plan | None]:
+        """The row map for the gathered counts [1, E] (expert e in slot e), and no plan."""
+        return local_row_map(counts_GE[0], align), None
+
+    def _send_rows(self, x_send: torch.Tensor, row_map: RowMap) -> torch.Tensor:
+        """Rows in send order -> the rows this device's slots receive: the same rows here."""
+        return x_send
+
+    def _return_rows(self, out_recv: torch.Tensor, row_map: RowMap) -> torch.Tensor:
+        """Outputs of the received rows -> outputs of the sent rows: the same rows here."""
+        return out_recv
 
     def check_inputs(self, x: torch.Tensor, expert: torch.Tensor, weight: torch.Tensor) -> None:
         """Refuse (via `fail`) inputs whose shapes, dtypes or devices do not fit (no device sync)."""
@@ -180,7 +210,7 @@ class LocalDispatcher:
         """Refuse this call with `message` (a ValueError in the dispatch group's common format)."""
         flags_GV = np.zeros((1, self.num_experts + 2), dtype=np.int64)
         flags_GV[0, -1] = ERR_CALLER
-        raise_if_flagged(flags_GV, self.num_experts, 0, message)
+        raise_if_flagged(flags_GV, self.num_experts, self.rank, message)
         raise AssertionError("unreachable: the local flag is set")
 
     def mark(self, name: str) -> None:
