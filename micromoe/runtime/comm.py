@@ -88,9 +88,12 @@ def copy_counts_to_host(counts_GV: torch.Tensor) -> PendingCounts:
 
 
 def all_gather_counts(vec_V: torch.Tensor, group: dist.ProcessGroup) -> PendingCounts:
-    """All-gather the int64 vector `vec_V` [V] over `group`, then start its copy to the host."""
+    """All-gather the int64 vector `vec_V` [V] over `group`, then start its copy to the host.
+
+    The dispatchers' count exchange; migration also gathers its small agreement and checksum
+    records with it."""
     counts_GV = vec_V.new_empty((dist.get_world_size(group), vec_V.numel()))
     gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-    # collective (dispatch group): the one count exchange per layer and micro-batch
+    # collective (`group`): in dispatch, the one count exchange per layer and micro-batch
     gather(counts_GV.reshape(-1), vec_V, group=group)
     return copy_counts_to_host(counts_GV)

@@ -37,6 +37,7 @@ import torch
 import torch.distributed as dist
 
 from micromoe.plan import Placement
+from micromoe.runtime.comm import all_gather_counts
 from micromoe.runtime.dispatch_microep import MicroEPDispatcher
 from micromoe.runtime.groups import ProcessGroups, ReplicaGroup
 from micromoe.runtime.layer import MoELayer
@@ -217,11 +218,6 @@ def _optimizer_step(layer: MoELayer, optimizer: torch.optim.Optimizer | None) ->
     return steps.pop() if len(steps) == 1 else -2
 
 
-def _all_gather(out: torch.Tensor, mine: torch.Tensor, group: dist.ProcessGroup) -> None:
-    gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-    gather(out.reshape(-1), mine.reshape(-1), group=group)
-
-
 def placement_hash(placement: Placement) -> int:
     """A signed 64-bit hash of the slot table (for cross-rank agreement checks)."""
     digest = hashlib.blake2b(placement.key(), digest_size=8).digest()
@@ -239,11 +235,8 @@ def _agree(
     """Raise ValueError on every rank unless all ranks are valid and agree on everything."""
     h = 0 if problem else placement_hash(placement)
     mine = torch.tensor([int(bool(problem)), h, bundle_bytes, step], dtype=torch.int64, device=device)
-    world = groups.layout.world_size
-    out = mine.new_empty(world * mine.numel())
-    # collective (world): the agreement record
-    _all_gather(out, mine, groups.dp)
-    rec = out.view(world, -1).cpu().numpy()  # host sync
+    # collective (world): the agreement record; host sync in wait()
+    rec = all_gather_counts(mine, groups.dp).wait()
     bad = np.flatnonzero(rec[:, 0])
     if bad.size:
         where = f"this rank: {problem}" if problem else "see those ranks' messages"
@@ -366,11 +359,8 @@ def _slot_checksums(tensors: list[torch.Tensor]) -> torch.Tensor:
 def _verify_replicas(tensors: list[torch.Tensor], groups: ProcessGroups, device: torch.device) -> int:
     """Compare every replica group's copies by checksum; re-broadcast any that differ."""
     sums = _slot_checksums(tensors)
-    world = groups.layout.world_size
-    out = sums.new_empty((world * sums.shape[0], 2))
-    # collective (world): everyone's per-slot checksums
-    _all_gather(out, sums, groups.dp)
-    table = out.view(world, -1, 2).cpu().numpy()  # host sync
+    # collective (world): everyone's per-slot checksums; host sync in wait()
+    table = all_gather_counts(sums.reshape(-1), groups.dp).wait().reshape(groups.layout.world_size, -1, 2)
     resynced = 0
     for rg in groups.replicas:  # collective order, identical on every rank
         rows = table[list(rg.ranks), rg.slot]
