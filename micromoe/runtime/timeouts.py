@@ -92,10 +92,6 @@ class Watchdog:
     timeout_s: float
     probe: dist.ProcessGroup
 
-    @property
-    def timeout(self) -> timedelta:
-        return timedelta(seconds=self.timeout_s)
-
     @contextmanager
     def guard(self, what: str = "a collective") -> Iterator[None]:
         """Run the block; a collective timing out inside it (or a peer giving up) becomes a
