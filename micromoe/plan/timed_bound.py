@@ -27,6 +27,25 @@ def gpu_time(g, x, off, f, m, gpu_ptr, gpu_replica):
     return total + m * top
 
 
+@njit_inline
+def largest_slot(g, x, gpu_ptr, gpu_replica):
+    """Rows of GPU g's largest slot (0 when all are empty)."""
+    top = 0
+    for k in range(gpu_ptr[g], gpu_ptr[g + 1]):
+        if x[gpu_replica[k]] > top:
+            top = x[gpu_replica[k]]
+    return top
+
+
+@njit
+def gpu_tokens(x, base, host_gpu):
+    """int64 [G]: each GPU's tokens, base [G] plus the quota x [R] of its replicas."""
+    tok = base.copy()
+    for r in range(x.size):
+        tok[host_gpu[r]] += x[r]
+    return tok
+
+
 @njit
 def expert_bound(load, off, f, m, graph):
     """Some replica of every expert gets >= ceil(load / replicas) rows: a lower bound on the

@@ -33,7 +33,14 @@ from __future__ import annotations
 import numpy as np
 
 from micromoe.plan.jit import njit, njit_inline
-from micromoe.plan.timed_bound import expert_bound, gpu_time, lower_bound_us, predict_times
+from micromoe.plan.timed_bound import (
+    expert_bound,
+    gpu_time,
+    gpu_tokens,
+    largest_slot,
+    lower_bound_us,
+    predict_times,
+)
 from micromoe.plan.timed_smooth import smooth_splits
 
 SMOOTH_PASSES = 1
@@ -120,15 +127,10 @@ def local_search(x, local, off, f, m, base, tok_cap, graph, max_steps):
     host_ptr, host_gpu, gpu_ptr, gpu_replica, replica_expert = graph
     num_g = off.size
     t = np.empty(num_g, dtype=np.int64)
-    mx = np.zeros(num_g, dtype=np.int64)
-    tok = base.copy()
-    for r in range(x.size):
-        tok[host_gpu[r]] += x[r]
+    mx = np.empty(num_g, dtype=np.int64)
+    tok = gpu_tokens(x, base, host_gpu)
     for g in range(num_g):
-        t[g] = gpu_time(g, x, off, f, m, gpu_ptr, gpu_replica)
-        for k in range(gpu_ptr[g], gpu_ptr[g + 1]):
-            if x[gpu_replica[k]] > mx[g]:
-                mx[g] = x[gpu_replica[k]]
+        _refresh(g, t, mx, x, off, f, m, gpu_ptr, gpu_replica)
     steps = 0
     while steps < max_steps:
         ga = 0
@@ -276,10 +278,7 @@ def _second_shift(ga, r, r2, d, xa, sum_a, rest_a, best, out, t, mx, tok, tok_ca
 @njit_inline
 def _refresh(g, t, mx, x, off, f, m, gpu_ptr, gpu_replica):
     t[g] = gpu_time(g, x, off, f, m, gpu_ptr, gpu_replica)
-    mx[g] = 0
-    for k in range(gpu_ptr[g], gpu_ptr[g + 1]):
-        if x[gpu_replica[k]] > mx[g]:
-            mx[g] = x[gpu_replica[k]]
+    mx[g] = largest_slot(g, x, gpu_ptr, gpu_replica)
 
 
 @njit
@@ -305,10 +304,7 @@ def timed_plan(
         local[r] = counts[host_gpu[r], replica_expert[r]]
     token_us = predict_times(x, off_us, f_us, m_us, gpu_ptr, gpu_replica)
     x0 = x.copy()
-    tok0 = base.copy()
-    for r in range(x.size):
-        tok0[host_gpu[r]] += x[r]
-    tok_cap = max(mean_cap, tok0.max())
+    tok_cap = max(mean_cap, gpu_tokens(x, base, host_gpu).max())
     x, steps = two_start_search(x, load, local, off, f, m, base, tok_cap, graph, max_steps)
     if _max_time(x, off, f, m, gpu_ptr, gpu_replica) >= _max_time(x0, off, f, m, gpu_ptr, gpu_replica):
         x = x0  # the slowest GPU did not get faster: keep the token plan and its locality
@@ -333,10 +329,7 @@ def two_start_search(x, load, local, off, f, m, base, tok_cap, graph, max_steps)
     x2 = consolidated_start(load, off, f, m, base, tok_cap, graph)
     t2, s2 = local_search(x2, local, off, f, m, base, tok_cap, graph, max_steps)
     if t2.max() < t1.max():
-        tok = base.copy()
-        for r in range(x2.size):
-            tok[graph[1][r]] += x2[r]
-        if tok.max() <= tok_cap:
+        if gpu_tokens(x2, base, graph[1]).max() <= tok_cap:
             return x2, s1 + s2
     return x, s1 + s2
 

@@ -24,7 +24,7 @@ from __future__ import annotations
 import numpy as np
 
 from micromoe.plan.jit import njit, njit_inline
-from micromoe.plan.timed_bound import gpu_time
+from micromoe.plan.timed_bound import gpu_time, gpu_tokens, largest_slot
 
 MAX_HALVINGS = 4
 MIN_SPREAD = 8  # experts whose replicas differ by less than 1/8 of the largest are left
@@ -41,14 +41,12 @@ def smooth_splits(x, load, off, f, m, base, tok_cap, graph, passes):
     """
     host_ptr, host_gpu, gpu_ptr, gpu_replica, replica_expert = graph
     num_g = off.size
-    tok = base.copy()
-    for r in range(x.size):
-        tok[host_gpu[r]] += x[r]
+    tok = gpu_tokens(x, base, host_gpu)
     t = np.empty(num_g, dtype=np.int64)
     mx = np.empty(num_g, dtype=np.int64)
     for g in range(num_g):
         t[g] = gpu_time(g, x, off, f, m, gpu_ptr, gpu_replica)
-        mx[g] = _largest(g, x, gpu_ptr, gpu_replica)
+        mx[g] = largest_slot(g, x, gpu_ptr, gpu_replica)
     order = np.argsort(-load, kind="mergesort")
     on_ga = np.full(load.size, -1, dtype=np.int64)
     moves = 0
@@ -137,8 +135,8 @@ def _try(ra, rb, rc, rd, d, x, t, mx, tok, f, m, graph):
             x[rd] = xd + d
             na += f[xd + d] - f[xd]
             nb += f[xc - d] - f[xc]
-        top_a = _largest(ga, x, gpu_ptr, gpu_replica)
-        top_b = _largest(gb, x, gpu_ptr, gpu_replica)
+        top_a = largest_slot(ga, x, gpu_ptr, gpu_replica)
+        top_b = largest_slot(gb, x, gpu_ptr, gpu_replica)
         na += m * (top_a - mx[ga])
         nb += m * (top_b - mx[gb])
         if na <= old_max and nb <= old_max and na + nb < old_sum:
@@ -152,12 +150,3 @@ def _try(ra, rb, rc, rd, d, x, t, mx, tok, f, m, graph):
             x[rc], x[rd] = xc, xd
         d //= 2
     return False
-
-
-@njit_inline
-def _largest(g, x, gpu_ptr, gpu_replica):
-    top = 0
-    for k in range(gpu_ptr[g], gpu_ptr[g + 1]):
-        if x[gpu_replica[k]] > top:
-            top = x[gpu_replica[k]]
-    return top
