@@ -46,7 +46,8 @@ def _acc(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
-def _pow2(n: int) -> int:
+def next_pow2(n: int) -> int:
+    """The smallest power of two >= n (1 for n <= 1): Triton block sizes are powers of two."""
     return 1 << max(0, (n - 1).bit_length())
 
 
@@ -204,8 +205,8 @@ if HAVE_TRITON:
 
 def _token_blocks(h: int, k: int) -> tuple[int, int]:
     """(KP, BH): K padded to a power of two and a column block of about _TILE / KP elements."""
-    kp = _pow2(k)
-    return kp, min(_pow2(h), max(64, _TILE // kp))
+    kp = next_pow2(k)
+    return kp, min(next_pow2(h), max(64, _TILE // kp))
 
 
 def _scatter(x: torch.Tensor, pos: torch.Tensor, k: int, num_rows: int) -> torch.Tensor:
@@ -227,7 +228,7 @@ def _gather_sum(rows: torch.Tensor, pos: torch.Tensor, k: int, weight: torch.Ten
     kp, bh = _token_blocks(h, k)
     if t:
         w = weight if weight is not None else pos  # placeholder pointer, never read
-        bh = min(_pow2(h), 2048)  # one row block per program, K rows summed in registers
+        bh = min(next_pow2(h), 2048)  # one row block per program, K rows summed in registers
         grid = (t, triton.cdiv(h, bh))
         _gather_sum_kernel[grid](rows, pos, w, out, h, K=k, KP=kp, BH=bh, HAS_W=weight is not None)
     return out
@@ -247,7 +248,7 @@ def _combine_bwd(dy, rows, pos, weight, num_rows):
 
 
 def _swiglu_blocks(f: int) -> tuple[int, int]:
-    bf = min(_pow2(f), 256)
+    bf = min(next_pow2(f), 256)
     return _TILE // bf, bf
 
 

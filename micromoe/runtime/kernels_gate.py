@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from micromoe.runtime.kernels import HAVE_TRITON, uses_triton
+from micromoe.runtime.kernels import HAVE_TRITON, next_pow2, uses_triton
 
 if HAVE_TRITON:
     import triton
@@ -68,7 +68,7 @@ if HAVE_TRITON:
 
 def _blocks(e: int, k: int) -> tuple[int, int, int]:
     """(KP, BT, EP): K and E padded to powers of two, rows per program (about 4K one-hot entries)."""
-    kp, ep = 1 << max(0, (k - 1).bit_length()), 1 << max(0, (e - 1).bit_length())
+    kp, ep = next_pow2(k), next_pow2(e)
     return kp, max(1, 4096 // (kp * ep)), ep
 
 

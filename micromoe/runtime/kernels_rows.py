@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from micromoe.runtime.kernels import HAVE_TRITON, triton_device
+from micromoe.runtime.kernels import HAVE_TRITON, next_pow2, triton_device
 
 MAX_ROWS = 1 << 17  # entries (T*K) up to which the counting sort is used
 _MAX_CHUNKS = 128
@@ -112,15 +112,11 @@ def uses_rows_kernel(expert_TK: torch.Tensor) -> bool:
     return triton_device(expert_TK) and 0 < expert_TK.numel() <= MAX_ROWS
 
 
-def _pow2(n: int) -> int:
-    return 1 << max(0, (n - 1).bit_length())
-
-
 def _blocks(n: int, e: int) -> tuple[int, int, int, int, int]:
     """(EP, SB, C, NC, CB): padded experts, entries per step, per chunk, chunks, count rows per step."""
-    ep = 1 << max(0, (e - 1).bit_length())
+    ep = next_pow2(e)
     sb = max(16, _TILE // ep)
-    c = max(sb, 1 << max(0, (-(-n // _MAX_CHUNKS) - 1).bit_length()))
+    c = max(sb, next_pow2(-(-n // _MAX_CHUNKS)))
     nc = -(-n // c)
     return ep, sb, c, nc, max(1, _TILE // ep)
 
@@ -148,6 +144,6 @@ def rows_layout(
     rows, ends = torch.empty(e, **i32), torch.empty(e, **i32)
     _hist_kernel[(nc,)](ids, hist, n, e, nc, C=c, SB=sb, EP=ep)
     _place_kernel[(nc,)](
-        ids, hist, pos, bounds, rows, ends, n, e, nc, ALIGN=align, C=c, SB=sb, EP=ep, CB=cb, NCP=_pow2(nc)
+        ids, hist, pos, bounds, rows, ends, n, e, nc, ALIGN=align, C=c, SB=sb, EP=ep, CB=cb, NCP=next_pow2(nc)
     )
     return pos, rows, bounds, ends
