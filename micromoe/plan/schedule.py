@@ -22,7 +22,7 @@ from micromoe.plan.highs import highs_replica_quota
 from micromoe.plan.kernel import check_copy_sum, own_gpu_tokens, plan_kernel
 from micromoe.plan.placement import Placement
 from micromoe.plan.route import fill_routes, routes_from_source, routes_to_gpu
-from micromoe.plan.timed import SlotCostModel, check_cost_model, time_replica_quota
+from micromoe.plan.timed import SlotCostModel, time_replica_quota
 
 Solver = Literal["flow", "highs"]
 
@@ -181,9 +181,7 @@ def schedule(
     timed = None
     if cost is not None:
         base = None if base_load is None else base_G
-        timed = time_replica_quota(
-            counts_copy, quota_R, p, check_cost_model(cost), base_load=base, certificate=cert
-        )
+        timed = time_replica_quota(counts_copy, quota_R, p, cost, base_load=base, certificate=cert)
         quota_R = timed.replica_quota
         gpu_load = base_G + np.bincount(p.host_gpu, weights=quota_R, minlength=p.num_gpus).astype(np.int64)
         max_load = gpu_load.max()

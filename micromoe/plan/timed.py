@@ -112,10 +112,13 @@ def _fixed_point_table(cost: SlotCostModel, f_us: FloatArray, n: int) -> IntArra
 
 
 def cost_tables(cost: SlotCostModel, max_rows: int) -> _Tables:
-    """f(0..N) as float and fixed-point tables, N >= max_rows (cached per model, grown by doubling)."""
+    """f(0..N) as float and fixed-point tables, N >= max_rows (cached per model, grown by doubling).
+
+    The model is checked (`check_cost_model`) when its tables are built, not on every plan."""
     hit = _CACHE.get(id(cost))
     if hit is not None and hit[0] is cost and hit[1].f_us.size > max_rows:
         return hit[1]
+    check_cost_model(cost)
     n = _MIN_TABLE
     while n <= max_rows:
         n *= 2
@@ -173,7 +176,7 @@ def time_replica_quota(
         counts: int64 [G, E] >= 0, validated by the caller (the micro-batch's routing counts).
         token_replica_quota: int64 [R]; a quota that places every token (the exact token plan's).
         placement: the layout (G GPUs, E experts).
-        cost: the cost model (`check_cost_model`).
+        cost: the cost model (checked by `cost_tables` when its tables are first built).
         base_load: int64 [G]; rows a GPU already runs in a separate group (costed as f(base)).
         certificate: bool [G]; the token plan's Hall set, used for a tighter lower bound.
         token_slack: no GPU's tokens grow above max((1 + token_slack) x the mean load, the token
