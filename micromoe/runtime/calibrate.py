@@ -52,10 +52,7 @@ class Samples:
     @classmethod
     def from_json(cls, obj: dict) -> Samples:
         """Inverse of `to_json` (for refitting stored samples)."""
-        slots = np.array([len(r) for r in obj["rows"]], dtype=np.int64)
-        rows = np.zeros((len(slots), int(slots.max())), dtype=np.int64)
-        for i, r in enumerate(obj["rows"]):
-            rows[i, : len(r)] = r
+        rows, slots = _padded(obj["rows"])
         return cls(
             rows,
             slots,
@@ -71,6 +68,15 @@ class Samples:
             "kinds": self.kinds,
             "heldout": self.heldout.tolist(),
         }
+
+
+def _padded(rows_list: Sequence[Sequence[int]]) -> tuple[np.ndarray, np.ndarray]:
+    """Ragged rows per slot -> (rows int64 [N, S_max] zero-padded, slots int64 [N])."""
+    slots = np.array([len(r) for r in rows_list], dtype=np.int64)
+    rows = np.zeros((len(rows_list), int(slots.max())), dtype=np.int64)
+    for i, r in enumerate(rows_list):
+        rows[i, : len(r)] = r
+    return rows, slots
 
 
 # --------------------------------------------------------------------------------------------
@@ -217,10 +223,7 @@ def measure(
         times.append(timer.time_us(rows, reps=reps, warmup=2 if not times else 1))
         rows_list.append(rows)
         kinds.append(kind)
-    slots = np.array([len(r) for r in rows_list], dtype=np.int64)
-    padded = np.zeros((len(rows_list), int(slots.max())), dtype=np.int64)
-    for i, r in enumerate(rows_list):
-        padded[i, : len(r)] = r
+    padded, slots = _padded(rows_list)
     heldout = np.arange(len(times)) % 4 == 3
     return Samples(padded, slots, np.array(times), kinds, heldout)
 
