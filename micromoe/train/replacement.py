@@ -321,36 +321,19 @@ def build_replacement(
     threshold: float,
     parallel: ParallelState,
     *,
-    micro_batches: int = 1,
-    trigger_after: int = 3,
-    cooldown: int = 4,
-    warmup: int = 2,
-    window: int = 4,
-    min_gain: float = 0.01,
-    seed: int = 0,
     cost: SlotCostModel | None = None,
+    **options: Any,
 ) -> Replacer:
     """The hook for a run: `interval` steps between interval checks (0 = adaptive replacement
     off), `threshold` the score above which a layer is re-placed, `parallel` the run's
-    ParallelState, `cost` an optional GEMM time model for time-aware scores; the other options
-    are `AdaptiveReplacement`'s."""
+    ParallelState, `cost` an optional GEMM time model for time-aware scores; `options` are
+    `AdaptiveReplacement`'s keywords (micro_batches, trigger_after, cooldown, warmup, window,
+    min_gain, seed, ...), with its defaults."""
     if interval == 0:
         return NoReplacement()
     if cost is not None and parallel is not None and parallel.distributed:
         cost = rank0_cost_model(cost, parallel)  # collective (world)
-    return AdaptiveReplacement(
-        parallel,
-        interval=interval,
-        threshold=threshold,
-        micro_batches=micro_batches,
-        trigger_after=trigger_after,
-        cooldown=cooldown,
-        warmup=warmup,
-        window=window,
-        min_gain=min_gain,
-        seed=seed,
-        cost=cost,
-    )
+    return AdaptiveReplacement(parallel, interval=interval, threshold=threshold, cost=cost, **options)
 
 
 def rank0_cost_model(cost: SlotCostModel, parallel: ParallelState) -> CostModel:
