@@ -7,8 +7,9 @@ Needs 2, 4, 8 or 16 ranks: the 8 experts x 2 replicas = 16 slots must split even
 and EP = ranks / 2. Any other count stops with that message. With 4 ranks: DP = 4, EP = 2, merge
 factor d = 2: one MicroEP group of 4 GPUs holding 8 experts twice (symmetric placement).
 `--timeout` (seconds, default 300) bounds every collective: if a rank stalls or dies, the others
-stop with an error naming the timeout (and, on rank 0, the rank that did not respond). Each step prints, on rank 0, how skewed the routing is (hottest expert's
-load over the mean expert load) and the largest per-GPU load of MicroEP's plan over the mean.
+stop with an error naming the timeout (and, on rank 0, the rank that did not respond). Each step
+prints, on rank 0, how skewed the routing is (hottest expert's load over the mean expert load)
+and the largest per-GPU load of MicroEP's plan over the mean.
 """
 
 from __future__ import annotations
@@ -77,15 +78,15 @@ def train(rank: int, world: int, cuda: bool) -> None:
     groups = build_process_groups(layout, placement, rank)
 
     torch.manual_seed(0)  # every rank builds the same full layer, then keeps its slots
-    layer = MoELayer(MoEConfig(hidden=64, ffn_hidden=128, num_experts=8, top_k=2)).to(device)
+    layer = MoELayer(MoEConfig(hidden=64, ffn_hidden=128, num_experts=NUM_EXPERTS, top_k=2)).to(device)
     apply_expert_parallel(layer, groups, "microep")
     opt = torch.optim.SGD(layer.parameters(), lr=0.1)
-    zipf = torch.arange(1, 9, dtype=torch.float64) ** -1.2  # the same hot experts on every rank
+    zipf = torch.arange(1, NUM_EXPERTS + 1, dtype=torch.float64) ** -1.2  # the same hot experts on every rank
 
     gen = torch.Generator().manual_seed(rank)
     for step in range(3):
         x = torch.randn(256, 64, generator=gen).to(device)
-        expert = torch.multinomial(zipf.expand(256, 8), 2, generator=gen).to(device)
+        expert = torch.multinomial(zipf.expand(256, NUM_EXPERTS), 2, generator=gen).to(device)
         y = layer(x, forced_expert=expert)
         loss = y.pow(2).mean()
         opt.zero_grad()
