@@ -7,12 +7,11 @@ Per layer and micro-batch, on every rank of the dispatch group:
   permutes -> row map -> reorder rows by destination -> [collective] all-to-all -> slot-major,
   padded, grouped rows.
 
-The pipeline itself is `LocalDispatcher`'s reference path; this class fills in its three
-distributed steps (count all-gather, row map from the route, all-to-all each way) and never takes
-the single-device fast path. `combine` runs the same steps backwards. Subclasses implement only
-`_route`: which rows of this
-rank go to which rank, and which it receives, from the gathered counts (identical on every rank,
-so no route is ever communicated). Error bits ride the count all-gather, so a bad input on any
+The pipeline itself is `LocalDispatcher`'s reference path; this class fills in its four
+distributed steps (the count all-gather, the row map from the route, the all-to-all out and back)
+and never takes the single-device fast path. `combine` runs the same steps backwards. Subclasses
+implement only `_route`: which rows of this rank go to which rank, and which it receives, from
+the gathered counts (identical on every rank, so no route is ever communicated). Error bits ride the count all-gather, so a bad input on any
 rank makes every rank raise the same ValueError before the all-to-all.
 
 Legend: T tokens on this rank, K top-k, H hidden, E experts, S local slots, G ranks of the dispatch
