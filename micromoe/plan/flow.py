@@ -120,25 +120,12 @@ def _bfs_levels(rem, assigned, cap, x, preferred, spare_preferred, graph, dist_e
 
 
 @njit
-def _blocking_flow(
-    e0,
-    rem,
-    assigned,
-    cap,
-    x,
-    preferred,
-    spare_preferred,
-    graph,
-    dist_e,
-    dist_g,
-    arc_e,
-    arc_g,
-    stack,
-    stack_arc,
-):
+def _blocking_flow(e0, rem, assigned, cap, x, preferred, spare_preferred, graph, level):
     """Dinic's phase for one source expert: push its load along level-graph paths (depth-first,
-    with current-arc pointers) until it is placed or no level path remains."""
+    with current-arc pointers) until it is placed or no level path remains. level: the phase's
+    work arrays (dist_e, dist_g, arc_e, arc_g, stack, stack_arc) of `_augment`."""
     host_ptr, host_gpu, gpu_ptr, gpu_replica, replica_expert = graph
+    dist_e, dist_g, arc_e, arc_g, stack, stack_arc = level
     num_e = rem.size
     while rem[e0] > 0:
         top = 0
@@ -211,6 +198,7 @@ def _augment(rem, assigned, cap, x, preferred, graph, vis_g):
     arc_g = np.empty(num_g, dtype=np.int64)
     stack = np.empty(num_e + num_g + 1, dtype=np.int64)
     stack_arc = np.empty(num_e + num_g + 1, dtype=np.int64)
+    level = (dist_e, dist_g, arc_e, arc_g, stack, stack_arc)
     first_tier = 0
     while True:
         if rem.max() <= 0:
@@ -224,22 +212,7 @@ def _augment(rem, assigned, cap, x, preferred, graph, vis_g):
                 arc_g[:] = gpu_ptr[:-1]
                 for e0 in range(num_e):
                     if rem[e0] > 0 and dist_e[e0] == 0:
-                        _blocking_flow(
-                            e0,
-                            rem,
-                            assigned,
-                            cap,
-                            x,
-                            preferred,
-                            spare_preferred,
-                            graph,
-                            dist_e,
-                            dist_g,
-                            arc_e,
-                            arc_g,
-                            stack,
-                            stack_arc,
-                        )
+                        _blocking_flow(e0, rem, assigned, cap, x, preferred, spare_preferred, graph, level)
                 found = True
                 break
             first_tier = 1  # preferred-sparing paths ran out: stop trying them first
