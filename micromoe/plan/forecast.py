@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from micromoe.plan.checks import positive_int
 from micromoe.plan.density import balance_ratio
 from micromoe.plan.layouts import integer_loads
 from micromoe.plan.placement import Placement
@@ -259,8 +260,7 @@ class ReplacementPolicy:
             ("warmup", warmup),
             ("window", window),
         ):
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"{name} must be a positive integer, got {v!r}")
+            positive_int(v, name)
         if isinstance(cooldown, bool) or not isinstance(cooldown, int) or cooldown < 0:
             raise ValueError(f"cooldown must be an integer >= 0, got {cooldown!r}")
         if threshold < 1.0:
