@@ -40,6 +40,15 @@ def check_copy_sum(counts):
     return copy, load, True
 
 
+@njit
+def gpu_tokens(x, base, host_gpu):
+    """int64 [G]: each GPU's tokens, base [G] plus the quota x [R] of its replicas."""
+    tok = base.copy()
+    for r in range(x.size):
+        tok[host_gpu[r]] += x[r]
+    return tok
+
+
 @njit_inline
 def own_gpu_tokens(counts, graph):
     """int64 [R]: the tokens of replica r's expert that already sit on replica r's GPU."""
@@ -98,7 +107,4 @@ def plan_kernel(counts, base, has_nodes, node_of, graph):
     if has_nodes:
         preferred = preferred_with_nodes(counts, preferred, graph, node_of)
     x, t, cert = solve_min_max(load, base, preferred, graph)
-    gpu_load = base.copy()
-    for r in range(host_gpu.size):
-        gpu_load[host_gpu[r]] += x[r]
-    return True, counts, x, t, cert, gpu_load
+    return True, counts, x, t, cert, gpu_tokens(x, base, host_gpu)

@@ -19,7 +19,7 @@ import numpy.typing as npt
 from micromoe.plan.checks import BoolArray, IntArray, as_int_array, positive_int
 from micromoe.plan.flow import inside_load
 from micromoe.plan.highs import highs_replica_quota
-from micromoe.plan.kernel import check_copy_sum, own_gpu_tokens, plan_kernel
+from micromoe.plan.kernel import check_copy_sum, gpu_tokens, own_gpu_tokens, plan_kernel
 from micromoe.plan.placement import Placement
 from micromoe.plan.route import fill_routes, routes_from_source, routes_to_gpu
 from micromoe.plan.timed import SlotCostModel, time_replica_quota
@@ -183,7 +183,7 @@ def schedule(
         base = None if base_load is None else base_G
         timed = time_replica_quota(counts_copy, quota_R, p, cost, base_load=base, certificate=cert)
         quota_R = timed.replica_quota
-        gpu_load = base_G + np.bincount(p.host_gpu, weights=quota_R, minlength=p.num_gpus).astype(np.int64)
+        gpu_load = gpu_tokens(quota_R, base_G, p.host_gpu)
         max_load = gpu_load.max()
     for a in (counts_copy, quota_R, gpu_load, cert):
         a.setflags(write=False)
@@ -200,8 +200,7 @@ def _highs_plan(counts_GE: IntArray, base_G: IntArray, p: Placement):
     if not ok:
         return (False, counts_GE) + (None,) * 4
     quota_R, max_load, cert = highs_replica_quota(load_E, base_G, own_gpu_tokens(counts_GE, p.graph), p)
-    gpu_load = base_G + np.bincount(p.host_gpu, weights=quota_R, minlength=p.num_gpus).astype(np.int64)
-    return True, counts_GE, quota_R, max_load, cert, gpu_load
+    return True, counts_GE, quota_R, max_load, cert, gpu_tokens(quota_R, base_G, p.host_gpu)
 
 
 def certificate_bound(plan: Plan, counts: npt.ArrayLike, base_load: npt.ArrayLike | None = None) -> int:

@@ -38,15 +38,6 @@ def largest_slot(g, x, gpu_ptr, gpu_replica):
 
 
 @njit
-def gpu_tokens(x, base, host_gpu):
-    """int64 [G]: each GPU's tokens, base [G] plus the quota x [R] of its replicas."""
-    tok = base.copy()
-    for r in range(x.size):
-        tok[host_gpu[r]] += x[r]
-    return tok
-
-
-@njit
 def expert_bound(load, off, f, m, graph):
     """Some replica of every expert gets >= ceil(load / replicas) rows: a lower bound on the
     slowest GPU's time of any plan (in the units of `off` and `f`)."""

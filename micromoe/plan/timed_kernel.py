@@ -33,14 +33,8 @@ from __future__ import annotations
 import numpy as np
 
 from micromoe.plan.jit import njit, njit_inline
-from micromoe.plan.timed_bound import (
-    expert_bound,
-    gpu_time,
-    gpu_tokens,
-    largest_slot,
-    lower_bound_us,
-    predict_times,
-)
+from micromoe.plan.kernel import gpu_tokens, own_gpu_tokens
+from micromoe.plan.timed_bound import expert_bound, gpu_time, largest_slot, lower_bound_us, predict_times
 from micromoe.plan.timed_smooth import smooth_splits
 
 SMOOTH_PASSES = 1
@@ -299,9 +293,7 @@ def timed_plan(
     for g in range(num_g):
         for e in range(num_e):
             load[e] += counts[g, e]
-    local = np.empty(host_gpu.size, dtype=np.int64)
-    for r in range(host_gpu.size):
-        local[r] = counts[host_gpu[r], replica_expert[r]]
+    local = own_gpu_tokens(counts, graph)
     token_us = predict_times(x, off_us, f_us, m_us, gpu_ptr, gpu_replica)
     x0 = x.copy()
     tok_cap = max(mean_cap, gpu_tokens(x, base, host_gpu).max())

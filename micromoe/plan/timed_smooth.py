@@ -24,7 +24,8 @@ from __future__ import annotations
 import numpy as np
 
 from micromoe.plan.jit import njit, njit_inline
-from micromoe.plan.timed_bound import gpu_time, gpu_tokens, largest_slot
+from micromoe.plan.kernel import gpu_tokens
+from micromoe.plan.timed_bound import gpu_time, largest_slot
 
 MAX_HALVINGS = 4
 MIN_SPREAD = 8  # experts whose replicas differ by less than 1/8 of the largest are left
