@@ -138,7 +138,7 @@ def packed_slots(
 ) -> IntArray:
     """Replica counts by load per replica, packed into slot indices, GPUs of each group at random."""
     reps = replica_counts_for(loads, num_gpus * slots_per_gpu, num_gpus)
-    columns = _pack_columns(np.asarray(loads, dtype=np.float64), reps, num_gpus, slots_per_gpu)
+    columns = pack_columns(np.asarray(loads, dtype=np.float64), reps, num_gpus, slots_per_gpu)
     return random_gpus(columns, num_gpus, slots_per_gpu, rng)
 
 
@@ -157,11 +157,14 @@ def random_gpus(
     return slots
 
 
-def _pack_columns(loads, reps, num_gpus: int, num_slots: int) -> list[list[tuple[int, int]]]:
-    """First-fit decreasing of replica groups into slot indices of width num_gpus.
+def pack_columns(
+    loads, reps, num_gpus: int, num_slots: int, *, fill: bool = True
+) -> list[list[tuple[int, int]]]:
+    """First-fit decreasing of replica groups (expert, replicas) into slot indices of width num_gpus.
 
-    An expert that fits nowhere is shrunk to the largest free width; free width left at the end
-    goes, one replica at a time, to the hottest-per-replica expert of that column.
+    An expert that fits nowhere is shrunk to the largest free width; with `fill`, free width left
+    at the end goes, one replica at a time, to the hottest-per-replica expert of that column
+    (without it, leftover slots stay empty).
     """
     order = sorted(range(loads.size), key=lambda e: (-reps[e], -loads[e], e))
     free = [num_gpus] * num_slots
@@ -177,7 +180,7 @@ def _pack_columns(loads, reps, num_gpus: int, num_slots: int) -> list[list[tuple
         columns[j].append([e, r])
         free[j] -= r
     for j in range(num_slots):
-        while free[j] > 0 and columns[j]:
+        while fill and free[j] > 0 and columns[j]:
             item = max(columns[j], key=lambda it: (loads[it[0]] / it[1], -it[0]))
             item[1] += 1
             free[j] -= 1

@@ -29,7 +29,7 @@ from micromoe.plan.checks import FloatArray, IntArray, as_expected_loads, positi
 from micromoe.plan.placement import Placement
 from micromoe.plan.schedule import schedule
 from micromoe.plan.slot_layout import SlotLayout
-from micromoe.plan.slots import _pack_columns, random_gpus, replica_counts_for
+from micromoe.plan.slots import pack_columns, random_gpus, replica_counts_for
 from micromoe.plan.timed import SlotCostModel, check_cost_model, cost_tables, gpu_constant_us
 
 SPARE_FRACTIONS = (1.0, 0.5, 0.25, 0.0)
@@ -145,24 +145,11 @@ def prefer_even(scored: list[tuple[float, int, IntArray]], margin: float) -> tup
 def replica_columns(loads: FloatArray, g: int, s: int, total: int) -> list[list[tuple[int, int]]]:
     """Replica groups (expert, replicas) of each slot index: `total` replicas by EPLB's rule (one
     each, then each spare to the largest load per replica, at most G), first-fit decreasing into
-    slot indices of width G. With total = G * S every slot is used (`slots._pack_columns`: free
+    slot indices of width G (`slots.pack_columns`). With total = G * S every slot is used (free
     width goes to the hottest per replica of its slot index); otherwise an expert that fits
     nowhere shrinks to the widest free slot index and leftover slots stay empty."""
     reps = replica_counts_for(loads, total, g)
-    if total == g * s:
-        return _pack_columns(loads, reps, g, s)
-    order = sorted(range(loads.size), key=lambda e: (-reps[e], -loads[e], e))
-    free = [g] * s
-    columns: list[list[tuple[int, int]]] = [[] for _ in range(s)]
-    for e in order:
-        r = int(reps[e])
-        j = next((j for j in range(s) if free[j] >= r), None)
-        if j is None:  # shrink to the widest free column
-            j = max(range(s), key=lambda k: (free[k], -k))
-            r = free[j]
-        columns[j].append((e, r))
-        free[j] -= r
-    return columns
+    return pack_columns(loads, reps, g, s, fill=total == g * s)
 
 
 def assign_gpus(
