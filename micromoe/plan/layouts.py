@@ -18,7 +18,15 @@ import numpy.typing as npt
 from micromoe.plan.checks import IntArray, as_expected_loads, positive_int
 from micromoe.plan.density import balance_ratio, lp_optimum_fraction
 from micromoe.plan.slot_layout import SlotLayout
-from micromoe.plan.slots import cayley_slots, check_sizes, expert_parallel_slots, packed_slots, random_slots
+from micromoe.plan.slots import (
+    cayley_slots,
+    check_sizes,
+    expert_parallel_slots,
+    packed_columns,
+    packed_slots,
+    random_gpus,
+    random_slots,
+)
 
 # --------------------------------------------------------------------------------------------
 # symmetric
@@ -93,9 +101,10 @@ def asymmetric_slots(
     positive_int(num_samples, "num_samples")
     int_loads = integer_loads(loads)
     rng = np.random.default_rng(seed)
+    columns = packed_columns(loads, num_gpus, slots_per_gpu)  # the same for every sample
     best, best_t = None, None
     for _ in range(num_samples):
-        slots = packed_slots(loads, num_gpus, slots_per_gpu, rng)
+        slots = random_gpus(columns, num_gpus, slots_per_gpu, rng)
         t = lp_optimum_fraction(int_loads, SlotLayout.from_slots(slots, loads.size))
         if best_t is None or t < best_t:
             best, best_t = slots, t

@@ -133,13 +133,20 @@ def replica_counts_for(expected_loads: npt.ArrayLike, total_slots: int, max_repl
     return reps
 
 
+def packed_columns(
+    loads: npt.NDArray[np.float64], num_gpus: int, slots_per_gpu: int
+) -> list[list[tuple[int, int]]]:
+    """Replica counts by load per replica (every slot used), packed into slot indices: the
+    deterministic part of `packed_slots`, for callers that sample the GPUs many times."""
+    reps = replica_counts_for(loads, num_gpus * slots_per_gpu, num_gpus)
+    return pack_columns(np.asarray(loads, dtype=np.float64), reps, num_gpus, slots_per_gpu)
+
+
 def packed_slots(
     loads: npt.NDArray[np.float64], num_gpus: int, slots_per_gpu: int, rng: np.random.Generator
 ) -> IntArray:
     """Replica counts by load per replica, packed into slot indices, GPUs of each group at random."""
-    reps = replica_counts_for(loads, num_gpus * slots_per_gpu, num_gpus)
-    columns = pack_columns(np.asarray(loads, dtype=np.float64), reps, num_gpus, slots_per_gpu)
-    return random_gpus(columns, num_gpus, slots_per_gpu, rng)
+    return random_gpus(packed_columns(loads, num_gpus, slots_per_gpu), num_gpus, slots_per_gpu, rng)
 
 
 def random_gpus(
