@@ -71,6 +71,7 @@ def test_replacement_is_logged_checkpointed_and_resumable(tmp_path):
     meta = json.loads((full / "checkpoints" / "step_00000003" / "meta.json").read_text())
     symmetric = Placement.symmetric(4, 16, 2).slot_expert
     moved = {e["layer"] for e in events if e["step"] < 3}
+    assert len(meta["placements"]) == 2, "one placement per MoE layer in the checkpoint"
     for i, slots in enumerate(meta["placements"]):
         assert (not np.array_equal(slots, symmetric)) == (i in moved), (
             "the checkpoint holds the new placement"
