@@ -25,6 +25,7 @@ from micromoe.plan.cost import CostModel, bundled_name, load
 from micromoe.plan.forecast import ReplacementPolicy
 from micromoe.plan.timed_layouts import EVEN_MARGIN
 from micromoe.sim.balancers import BALANCERS, Balancer, GroupConfig, MicroEP, make_balancers
+from micromoe.sim.predicted import local_slot_rows
 from micromoe.sim.traces import load_trace
 from micromoe.sim.workload import Workload, workload_from_aggregate, workload_from_zipf
 
@@ -82,31 +83,6 @@ def build_workload(spec: CaseSpec, args: argparse.Namespace) -> Workload:
 
 # --------------------------------------------------------------------------------------------
 # planning (CPU)
-def gpu_slot_rows(balancer: Any, layer: int, quota_EG: np.ndarray, slots_per_gpu: int) -> np.ndarray:
-    """rows int64 [G, S]: each GPU's rows per local slot (sorted descending, zero-padded).
-
-    A quota [E, G] merges replicas of one expert on one GPU (EPLB may place two there); those are
-    split evenly again, as EPLB's even split does.
-    """
-    e_count, g_count = quota_EG.shape
-    mult = np.ones((e_count, g_count), dtype=np.int64)
-    slot_tables = getattr(balancer, "_slots", None)
-    if isinstance(slot_tables, list):  # EPLB: slot_expert [G, S] per layer
-        se = slot_tables[layer]
-        mult = np.zeros((e_count, g_count), dtype=np.int64)
-        for g in range(g_count):
-            np.add.at(mult[:, g], se[g][se[g] >= 0], 1)
-    out = np.zeros((g_count, slots_per_gpu), dtype=np.int64)
-    for g in range(g_count):
-        parts = []
-        for e in np.flatnonzero(quota_EG[:, g]):
-            q, m = int(quota_EG[e, g]), max(int(mult[e, g]), 1)
-            parts += [q // m + (1 if i < q % m else 0) for i in range(m)]
-        assert len(parts) <= slots_per_gpu, "more busy slots than the GPU has"
-        out[g, : len(parts)] = sorted(parts, reverse=True)
-    return out
-
-
 class TimedMicroEP(MicroEP):
     """MicroEP on the symmetric placement, each micro-batch planned in predicted time."""
 
@@ -199,7 +175,7 @@ def plan_case(spec: CaseSpec, args: argparse.Namespace) -> dict[str, Any]:
                 assert np.array_equal(quota.sum(axis=1), loads)
                 if (m, l) in picks:
                     s = int(b.info()["slots"]) // spec.gpus
-                    rows[b.name].append(gpu_slot_rows(b, l, quota, s).tolist())
+                    rows[b.name].append(local_slot_rows(quota, s, b.local_slots(l)).tolist())
                     token_ratio[b.name].append(float(quota.sum(axis=0).max() * spec.gpus / loads.sum()))
                 b.observe(l, loads)
             if (m, l) in picks:

@@ -12,33 +12,85 @@ from hypothesis import strategies as st
 
 from micromoe.cli import main
 from micromoe.plan.cost import ROW_ALIGN, CostModel
-from micromoe.sim.predicted import even_split_times, predict_quota, slot_rows, time_summary
+from micromoe.sim.balancers import GroupConfig, make_balancers
+from micromoe.sim.predicted import even_split_times, local_slot_rows, predict_quota, slot_rows, time_summary
+from micromoe.sim.runner import simulate
+from micromoe.sim.workload import workload_from_zipf
 
 SMALL = ["--zipf", "1.0", "--experts", "16", "--gpus", "4", "--layers", "2", "--micro-batches", "4"]
 SMALL += ["--tokens-per-gpu", "512", "--no-progress"]
 MODEL = CostModel(fixed_us=30.0, max_row_us=0.002, tile=128, c_slot=0.5, c_row=0.01, c_tile=2.0, c_active=5.0)
 
 
-def _reference_slot_rows(quota_EG: np.ndarray, slots: int) -> np.ndarray:
+def _reference_slot_rows(quota_EG: np.ndarray, slots: int, slots_EG: np.ndarray | None = None) -> np.ndarray:
     out = np.zeros((quota_EG.shape[1], slots), dtype=np.int64)
     for g in range(quota_EG.shape[1]):
-        rows = sorted((int(q) for q in quota_EG[:, g] if q > 0), reverse=True)
-        rows = [-(-r // ROW_ALIGN) * ROW_ALIGN for r in rows]
+        rows = []
+        for e in range(quota_EG.shape[0]):
+            q = int(quota_EG[e, g])
+            if q > 0:
+                m = 1 if slots_EG is None else int(slots_EG[e, g])
+                rows += [q // m + (1 if i < q % m else 0) for i in range(m)]
+        rows = [-(-r // ROW_ALIGN) * ROW_ALIGN for r in sorted(rows, reverse=True)]
         out[g, : len(rows)] = rows
     return out
 
 
-@settings(max_examples=50, deadline=None)
-@given(st.integers(1, 6), st.integers(1, 5), st.integers(0, 2**31 - 1))
-def test_slot_rows_matches_reference(num_gpus, slots, seed):
+@settings(max_examples=60, deadline=None)
+@given(st.integers(1, 6), st.integers(1, 5), st.booleans(), st.integers(0, 2**31 - 1))
+def test_slot_rows_matches_reference(num_gpus, slots, several, seed):
+    """Rows per slot, with an expert's quota split over its local slots when it holds several."""
     rng = np.random.default_rng(seed)
-    quota = np.zeros((num_gpus * slots + 3, num_gpus), dtype=np.int64)
-    for g in range(num_gpus):  # at most `slots` busy experts per GPU
-        busy = rng.choice(quota.shape[0], size=rng.integers(0, slots + 1), replace=False)
-        quota[busy, g] = rng.integers(1, 5000, size=busy.size)
-    got = slot_rows(quota, slots)
-    np.testing.assert_array_equal(got, _reference_slot_rows(quota, slots))
-    np.testing.assert_allclose(predict_quota(MODEL, quota, slots), MODEL.predict(got))
+    num_experts = num_gpus * slots + 3
+    quota = np.zeros((num_experts, num_gpus), dtype=np.int64)
+    mult = np.zeros_like(quota)
+    for g in range(num_gpus):  # at most `slots` busy slots per GPU
+        free = slots
+        for e in rng.permutation(num_experts)[: rng.integers(0, slots + 1)]:
+            if free == 0:
+                break
+            mult[e, g] = rng.integers(1, free + 1) if several else 1
+            free -= mult[e, g]
+            quota[e, g] = rng.integers(0 if several else 1, 5000)  # an idle slot stays empty
+    slots_EG = mult if several else None
+    got = slot_rows(quota, slots, slots_EG)
+    np.testing.assert_array_equal(got, _reference_slot_rows(quota, slots, slots_EG))
+    np.testing.assert_allclose(predict_quota(MODEL, quota, slots, slots_EG), MODEL.predict(got))
+    unpadded = local_slot_rows(quota, slots, slots_EG)
+    np.testing.assert_array_equal(unpadded.sum(axis=1), quota.sum(axis=0))  # no row lost or added
+    assert np.all(np.diff(unpadded, axis=1) <= 0)  # largest slot first
+
+
+def test_eplb_colocated_replicas_are_scored_as_separate_slots():
+    """EPLB can put two replicas of a hot expert on one GPU: simulate prices two GEMM groups of
+    half the rows there, not one of all of them."""
+    cfg = GroupConfig(num_gpus=2, replicas=2, cost_model=MODEL)
+    w = workload_from_zipf(
+        2.5,
+        num_experts=4,
+        top_k=1,
+        num_gpus=2,
+        tokens_per_gpu=4096,
+        num_layers=1,
+        num_micro_batches=2,
+        noise=0.0,
+        drift=0.0,
+        seed=0,
+    )
+    eplb = make_balancers(["eplb"], cfg)[0]
+    eplb.setup(w)
+    mult = eplb.local_slots(0)
+    assert mult.sum() == 8 and mult.max() >= 2, "the hot expert should hold two slots on one GPU"
+    counts = w.counts[0, 0]
+    quota = eplb.decide(0, counts)
+    rows = local_slot_rows(quota, 4, mult)
+    e, g = np.unravel_index(np.argmax(mult), mult.shape)
+    per_slot = quota[e, g] // mult[e, g]
+    assert np.sum(rows[g] >= per_slot) >= mult[e, g]  # the expert's rows appear as mult[e, g] slots
+    [result] = simulate([w], ["eplb"], cfg, progress=False, cost_model=MODEL)
+    want = MODEL.predict(slot_rows(quota, 4, mult)).max()
+    assert result.samples["eplb"].time_max_us[0, 0] == pytest.approx(want)
+    assert want != pytest.approx(MODEL.predict(slot_rows(quota, 4)).max())
 
 
 def test_even_split_and_summary():

@@ -116,6 +116,12 @@ class Balancer(ABC):
         del layer
         return None
 
+    def local_slots(self, layer: int) -> IntArray | None:
+        """int64 [E, G]: local slots expert e has on GPU g in `layer`, where one expert can hold
+        several on one GPU (each a weight copy and GEMM group); None when it holds at most one."""
+        del layer
+        return None
+
 
 class ExpertParallel(Balancer):
     """Plain EP: `Placement.expert_parallel`, GPU g holds experts g*E/G .. (g+1)*E/G - 1, no replicas."""
@@ -147,9 +153,13 @@ class Eplb(Balancer):
         self._slots = [eplb_slots(workload.history[l], g, slots_per_gpu) for l in range(workload.num_layers)]
         self._num_experts = e
         self._layouts: dict[int, SlotLayout] = {}
+        self._local_slots = [_slot_multiplicity(s, e) for s in self._slots]
 
     def decide(self, layer: int, counts: IntArray) -> IntArray:
         return even_quota(counts.sum(axis=0), self._slots[layer])
+
+    def local_slots(self, layer: int) -> IntArray:
+        return self._local_slots[layer]
 
     def placement(self, layer: int) -> SlotLayout:
         if layer not in self._layouts:  # built once per layer, outside the timed decision
@@ -306,6 +316,15 @@ def _slots_per_gpu(num_experts: int, num_gpus: int, replicas: int) -> int:
             f"evenly over {num_gpus} GPUs; any --replicas d with experts x d divisible by --gpus works"
         )
     return num_experts * replicas // num_gpus
+
+
+def _slot_multiplicity(slot_expert: IntArray, num_experts: int) -> IntArray:
+    """int64 [E, G]: how many of GPU g's slots hold expert e (slot_expert int [G, S], -1 empty)."""
+    g_idx = np.repeat(np.arange(slot_expert.shape[0]), slot_expert.shape[1])
+    flat = slot_expert.ravel()
+    mult = np.zeros((num_experts, slot_expert.shape[0]), dtype=np.int64)
+    np.add.at(mult, (flat[flat >= 0], g_idx[flat >= 0]), 1)
+    return mult
 
 
 def _host_layout(hosts_GE: np.ndarray) -> SlotLayout:

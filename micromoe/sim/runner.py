@@ -97,12 +97,14 @@ def _run_one(
     return WorkloadResult(w.name, ordered, {b.name: b.info() for b in balancers})
 
 
-def _scorer(b: Balancer, cost: CostModel | None, num_gpus: int) -> Callable[[np.ndarray], np.ndarray] | None:
-    """quota [E, G] -> predicted time [G] for this balancer's slots per GPU, or None."""
+def _scorer(
+    b: Balancer, cost: CostModel | None, num_gpus: int
+) -> Callable[[int, np.ndarray], np.ndarray] | None:
+    """(layer, quota [E, G]) -> predicted time [G] for this balancer's slots per GPU, or None."""
     if cost is None:
         return None
     slots_per_gpu = -(-int(b.info()["slots"]) // num_gpus)
-    return lambda quota_EG: predict_quota(cost, quota_EG, slots_per_gpu)
+    return lambda layer, quota_EG: predict_quota(cost, quota_EG, slots_per_gpu, b.local_slots(layer))
 
 
 def _step(
@@ -113,7 +115,7 @@ def _step(
     counts: np.ndarray,
     loads: np.ndarray,
     gpn: int | None,
-    scorer: Callable[[np.ndarray], np.ndarray] | None = None,
+    scorer: Callable[[int, np.ndarray], np.ndarray] | None = None,
 ) -> None:
     t0 = time.perf_counter_ns()
     quota_EG = b.decide(l, counts)
@@ -126,7 +128,7 @@ def _step(
     s.total[m, l] = loads.sum()
     s.remote[m, l], s.remote_node[m, l] = traffic(counts, quota_EG, gpn)
     if scorer is not None:
-        t = scorer(quota_EG)
+        t = scorer(l, quota_EG)
         s.time_max_us[m, l], s.time_mean_us[m, l] = t.max(), t.mean()
     b.observe(l, loads)
 
