@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import re
 from importlib import resources
 from pathlib import Path
 
 import pytest
 
-from micromoe.cli import main
+from micromoe.cli import build_parser, main
 from micromoe.sim import load_trace
-from micromoe.train.config import resolve
+from micromoe.train.config import RUN_PRESETS, TrainConfig, resolve
 
 TINY = [
     "--layers",
@@ -38,6 +40,73 @@ def test_defaults_then_preset_then_flags():
     assert resolve("small", {}).lr == 6e-4  # the preset overrides the default
     assert resolve("small", {"lr": 1e-3, "max_steps": None}).lr == 1e-3  # a flag overrides the preset
     assert resolve("small", {"max_steps": None}).max_steps == 1000  # None means "not given"
+
+
+def _help_defaults(capsys, monkeypatch) -> dict[str, str]:
+    """Option dest -> the text of '(default: ...)' at the end of its help in `micromoe train
+    --help`, read from the printed help (one line per option with a wide terminal)."""
+    monkeypatch.setenv("COLUMNS", "1000")
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    lines = capsys.readouterr().out.splitlines()
+    shown = {}
+    for i, line in enumerate(lines):
+        option = re.match(r"^  (--[\w-]+)\S*(?: \S+)*?(?:\s{2,}(\S.*))?$", line)
+        if option is None:
+            continue
+        text = option.group(2) or lines[i + 1].strip()
+        default = re.search(r"\(default: (.*)\)$", text)
+        if default is not None:
+            shown[option.group(1)[2:].replace("-", "_")] = default.group(1)
+    return shown
+
+
+def _parse_shown(text: str) -> dict[str, object]:
+    """'V' -> {preset: V} for every preset; 'V1 for p1/p2, V2 for p3' -> {p1: V1, p2: V1, p3: V2};
+    values as bool (on/off), int, float or str."""
+
+    def value(v: str) -> object:
+        if v in ("on", "off"):
+            return v == "on"
+        for kind in (int, float):
+            try:
+                return kind(v)
+            except ValueError:
+                pass
+        return v
+
+    if " for " not in text:
+        return dict.fromkeys(RUN_PRESETS, value(text))
+    out = {}
+    for part in text.split(", "):
+        v, presets = part.split(" for ")
+        out.update(dict.fromkeys(presets.split("/"), value(v)))
+    return out
+
+
+def test_help_shows_the_defaults_a_run_gets(capsys, monkeypatch):
+    """Every default in --help is the value the run really gets without the flag: TrainConfig's
+    field default, or each preset's where RUN_PRESETS sets it (resolved here from parsed empty
+    flags). Every option backed by a TrainConfig field with a non-None default shows one."""
+    shown = _help_defaults(capsys, monkeypatch)
+    fields = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+    dests = {a.dest for a in build_parser()._subparsers._group_actions[0].choices["train"]._actions}
+    # --resume is a plain switch (off unless given); None defaults, and the model options' (the
+    # preset's), are explained in words
+    want = {d for d in dests & fields.keys() if fields[d] is not None} - {"resume"}
+    words = {name: shown.pop(name) for name in set(shown) - want}
+    assert set(shown) == want, want - set(shown)
+    assert not any(re.search(r"\d", text) for text in words.values()), words  # no copied numbers
+    assert shown.pop("preset") == fields["preset"]
+    for name, text in shown.items():
+        per_preset = _parse_shown(text)
+        assert set(per_preset) == set(RUN_PRESETS), (name, text)
+        for p, v in per_preset.items():
+            args = build_parser().parse_args(["train", "--preset", p])
+            real = getattr(resolve(p, vars(args)), name)
+            assert (type(v), v) == (type(real), real), (name, p, text)
+            if not any(name in values for values in RUN_PRESETS.values()):
+                assert v == fields[name], (name, text)
 
 
 @pytest.mark.parametrize(

@@ -13,6 +13,10 @@ import argparse
 import json
 from pathlib import Path
 
+# the sampled grid's defaults, shown by --help as typed on the command line
+SLOTS = (8, 16, 32)
+ROWS = (2048, 8192, 16384, 32768, 65536)
+
 
 def _int_list(text: str) -> list[int]:
     try:
@@ -24,6 +28,10 @@ def _int_list(text: str) -> list[int]:
     return vals
 
 
+def _csv(values: tuple[int, ...]) -> str:
+    return ",".join(map(str, values))
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The options of `micromoe calibrate`."""
     parser.add_argument("--hidden", type=int, required=True, metavar="H", help="model hidden size")
@@ -33,31 +41,31 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--device",
         choices=("auto", "cuda", "cpu"),
         default="auto",
-        help="device to time on (default auto: cuda when available, else cpu)",
+        help="device to time on; auto: cuda when available, else cpu (default %(default)s)",
     )
     parser.add_argument(
         "--budget-s",
         type=float,
         default=30.0,
         metavar="S",
-        help="stop taking new samples after this many seconds (default 30; at least 12 samples)",
+        help="stop taking new samples after this many seconds (at least 12 samples; default %(default)s)",
     )
     parser.add_argument(
         "--slots",
         type=_int_list,
-        default=[8, 16, 32],
+        default=list(SLOTS),
         metavar="S1,S2,...",
-        help="local slot counts per GPU to sample (default 8,16,32)",
+        help=f"local slot counts per GPU to sample (default {_csv(SLOTS)})",
     )
     parser.add_argument(
         "--rows",
         type=_int_list,
-        default=[2048, 8192, 16384, 32768, 65536],
+        default=list(ROWS),
         metavar="N1,N2,...",
-        help="rows per GPU to sample (default 2048,8192,16384,32768,65536)",
+        help=f"rows per GPU to sample (default {_csv(ROWS)})",
     )
     parser.add_argument(
-        "--reps", type=int, default=5, help="timed repetitions per sample (median; default 5)"
+        "--reps", type=int, default=5, help="timed repetitions per sample (median; default %(default)s)"
     )
     parser.add_argument(
         "--samples-out", type=Path, default=None, metavar="FILE", help="also write the raw timed samples"

@@ -14,7 +14,13 @@ from typing import Any
 from micromoe.plan.cost import bundled_models
 from micromoe.plan.cost import load as load_cost_model
 from micromoe.sim.balancers import BALANCERS, GroupConfig
-from micromoe.sim.command_workloads import DEFAULT_GPUS, TRACE_TOP_K, ZIPF_TOP_K, build_workloads
+from micromoe.sim.command_workloads import (
+    DEFAULT_GPUS,
+    DEFAULT_TRACE,
+    TRACE_TOP_K,
+    ZIPF_TOP_K,
+    build_workloads,
+)
 from micromoe.sim.lplb import TOPOLOGIES
 from micromoe.sim.outputs import check_outputs
 from micromoe.sim.report import build_report, format_report, write_json
@@ -33,7 +39,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _add_workload_arguments(parser: argparse.ArgumentParser) -> None:
-    src = parser.add_argument_group("workload (default: the bundled counts57b.json trace)")
+    src = parser.add_argument_group(f"workload (default: the bundled {DEFAULT_TRACE} trace)")
     src.add_argument(
         "--trace",
         action="append",
@@ -49,20 +55,25 @@ def _add_workload_arguments(parser: argparse.ArgumentParser) -> None:
         help="synthetic loads instead of traces: P(i-th most loaded expert) ~ i^-s, one workload per s",
     )
     src.add_argument(
-        "--experts", type=int, default=32, metavar="E", help="experts per layer for --zipf (default 32)"
+        "--experts",
+        type=int,
+        default=32,
+        metavar="E",
+        help="experts per layer for --zipf (default %(default)s)",
     )
     src.add_argument(
         "--hot-experts",
         choices=("random", "first"),
         default="random",
-        help="--zipf: which expert ids are hot: random per layer (default) or expert i = (i+1)-th most loaded",
+        help="--zipf: which expert ids are hot: random per layer, or first (expert i is the (i+1)-th most "
+        "loaded) (default %(default)s)",
     )
     src.add_argument(
         "--layers",
         type=int,
         default=4,
         metavar="L",
-        help="layers for --zipf, each with its own hot experts (default 4)",
+        help="layers for --zipf, each with its own hot experts (default %(default)s)",
     )
 
 
@@ -80,7 +91,7 @@ def _add_group_arguments(parser: argparse.ArgumentParser) -> None:
         type=int,
         default=2,
         metavar="d",
-        help="replicas per expert: slots = experts x d (default 2)",
+        help="replicas per expert: slots = experts x d (default %(default)s)",
     )
     grp.add_argument(
         "--gpus-per-node",
@@ -94,7 +105,7 @@ def _add_group_arguments(parser: argparse.ArgumentParser) -> None:
         type=int,
         default=4096,
         metavar="N",
-        help="tokens per GPU per micro-batch when sampling (default 4096)",
+        help="tokens per GPU per micro-batch when sampling (default %(default)s)",
     )
     grp.add_argument(
         "--top-k",
@@ -108,29 +119,32 @@ def _add_group_arguments(parser: argparse.ArgumentParser) -> None:
         type=int,
         default=32,
         metavar="M",
-        help="micro-batches to sample per workload (default 32; a routing log replays all of its own)",
+        help="micro-batches to sample per workload (default %(default)s; a routing log replays all of its own)",
     )
     grp.add_argument(
         "--warmup",
         type=int,
         default=0,
         metavar="W",
-        help="micro-batches run first but not measured (adaptive balancers learn from them; default 0)",
+        help="micro-batches run first but not measured (adaptive balancers learn from them; default %(default)s)",
     )
     grp.add_argument(
         "--noise",
         type=float,
         default=0.1,
-        help="per-source-GPU log-normal noise on expert shares (default 0.1)",
+        help="per-source-GPU log-normal noise on expert shares (default %(default)s)",
     )
     grp.add_argument(
         "--drift",
         type=float,
         default=0.1,
-        help="std of the slow, shared drift of log expert shares (default 0.1)",
+        help="std of the slow, shared drift of log expert shares (default %(default)s)",
     )
     grp.add_argument(
-        "--seed", type=int, default=0, help="random seed: the same seed gives the same results (default 0)"
+        "--seed",
+        type=int,
+        default=0,
+        help="random seed: the same seed gives the same results (default %(default)s)",
     )
 
 
@@ -153,15 +167,15 @@ def _add_balancer_arguments(parser: argparse.ArgumentParser) -> None:
         "--lplb-solver",
         choices=("exact", "ipm"),
         default="exact",
-        help="LPLB's per-micro-batch LP: exact (HiGHS, the layout at its best; default) or ipm (LPLB's "
-        "own 5 interior-point steps, with its fallback to an even split)",
+        help="LPLB's per-micro-batch LP: exact (HiGHS, the layout at its best) or ipm (LPLB's own 5 "
+        "interior-point steps, with its fallback to an even split) (default %(default)s)",
     )
     bal.add_argument(
         "--ar-interval",
         type=int,
         default=4,
         metavar="K",
-        help="microep-ar re-checks each layer's placement every K micro-batches (default 4)",
+        help="microep-ar re-checks each layer's placement every K micro-batches (default %(default)s)",
     )
     bal.add_argument(
         "--cost-model",

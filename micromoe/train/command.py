@@ -29,7 +29,7 @@ import torch.multiprocessing as mp
 from micromoe.allocator import tune_allocator
 from micromoe.model import PRESETS, ModelConfig, preset
 from micromoe.train import checkpoint as ckpt
-from micromoe.train.config import TrainConfig, resolve
+from micromoe.train.config import RUN_PRESETS, TrainConfig, resolve
 from micromoe.train.data import TokenData, load_tokens
 from micromoe.train.loop import train
 from micromoe.train.metrics import measure_bf16_peak
@@ -57,7 +57,8 @@ MODEL_FLAGS = {
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    """Every option defaults to None so that the preset's value shows through unless given."""
+    """Every option defaults to None so that the preset's value shows through unless given; the
+    defaults that --help shows come from TrainConfig and RUN_PRESETS (`_default`)."""
     _model_options(p.add_argument_group("model"))
     _data_options(p.add_argument_group("data"))
     _optimization_options(p.add_argument_group("optimization"))
@@ -65,9 +66,33 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     _parallel_options(p.add_argument_group("parallelism"))
 
 
+def _show(value: object) -> str:
+    """A default as --help shows it: switches as on/off, everything else as str()."""
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    return str(value)
+
+
+def _default(name: str) -> str:
+    """'(default: V)' for TrainConfig field `name` as `resolve` sets it when the flag is not given:
+    TrainConfig's default unless a preset overrides it, then each value with its presets
+    ('(default: 500 for tiny, 1000 for small)'). Written into help texts so that no default is
+    copied by hand; None defaults are explained in words instead."""
+    base = {f.name: f.default for f in dataclasses.fields(TrainConfig)}[name]
+    by_value: dict[str, list[str]] = {}
+    for preset_name, values in RUN_PRESETS.items():
+        by_value.setdefault(_show(values.get(name, base)), []).append(preset_name)
+    if len(by_value) == 1:
+        return f"(default: {next(iter(by_value))})"
+    return "(default: " + ", ".join(f"{v} for {'/'.join(ps)}" for v, ps in by_value.items()) + ")"
+
+
 def _model_options(m: argparse._ArgumentGroup) -> None:
     m.add_argument(
-        "--preset", default="tiny", choices=list(PRESETS), help="model shape and training defaults (tiny)"
+        "--preset",
+        default=TrainConfig.preset,
+        choices=list(PRESETS),
+        help="model shape and training defaults (default: %(default)s)",
     )
     m.add_argument("--layers", type=int, help="number of transformer blocks (override the preset)")
     m.add_argument("--seq-len", type=int, help="tokens per training sequence")
@@ -93,44 +118,73 @@ def _data_options(d: argparse._ArgumentGroup) -> None:
         "--data",
         help="text file, folder of .txt/.md files, or uint16 .bin (default: bundled tiny-shakespeare)",
     )
-    d.add_argument("--val-fraction", type=float, help="share of the tokens held out for validation (0.1)")
+    d.add_argument(
+        "--val-fraction",
+        type=float,
+        help=f"share of the tokens held out for validation {_default('val_fraction')}",
+    )
 
 
 def _optimization_options(o: argparse._ArgumentGroup) -> None:
-    o.add_argument("--micro-batch", type=int, help="sequences per micro-batch per rank")
-    o.add_argument("--grad-accum", type=int, help="micro-batches per rank and optimizer step (1)")
+    o.add_argument(
+        "--micro-batch", type=int, help=f"sequences per micro-batch per rank {_default('micro_batch')}"
+    )
+    o.add_argument(
+        "--grad-accum", type=int, help=f"micro-batches per rank and optimizer step {_default('grad_accum')}"
+    )
     o.add_argument("--global-batch", type=int, help="sequences per optimizer step; sets --grad-accum")
-    o.add_argument("--lr", type=float, help="peak AdamW learning rate")
-    o.add_argument("--min-lr", type=float, help="learning rate at the end of the cosine decay")
-    o.add_argument("--warmup-steps", type=int, help="linear warmup steps")
+    o.add_argument("--lr", type=float, help=f"peak AdamW learning rate {_default('lr')}")
+    o.add_argument(
+        "--min-lr", type=float, help=f"learning rate at the end of the cosine decay {_default('min_lr')}"
+    )
+    o.add_argument("--warmup-steps", type=int, help=f"linear warmup steps {_default('warmup_steps')}")
     o.add_argument("--lr-decay-steps", type=int, help="length of the cosine decay (default: --max-steps)")
-    o.add_argument("--grad-clip", type=float, help="clip the global gradient norm to this (1.0; 0 = off)")
-    o.add_argument("--weight-decay", type=float, help="AdamW weight decay on matrices (0.1)")
+    o.add_argument(
+        "--grad-clip",
+        type=float,
+        help=f"clip the global gradient norm to this, 0 = off {_default('grad_clip')}",
+    )
+    o.add_argument(
+        "--weight-decay", type=float, help=f"AdamW weight decay on matrices {_default('weight_decay')}"
+    )
 
 
 def _run_options(r: argparse._ArgumentGroup) -> None:
-    r.add_argument("--max-steps", type=int, help="optimizer steps to train")
+    r.add_argument("--max-steps", type=int, help=f"optimizer steps to train {_default('max_steps')}")
     r.add_argument(
-        "--eval-interval", type=int, help="validation loss every N steps and at the end (0 = never)"
+        "--eval-interval",
+        type=int,
+        help=f"validation loss every N steps and at the end, 0 = never {_default('eval_interval')}",
     )
-    r.add_argument("--eval-batches", type=int, help="validation micro-batches per rank (4)")
-    r.add_argument("--seed", type=int, help="model init and data sampling seed (0)")
-    r.add_argument("--out", help="output folder: log.jsonl, config.json, report, checkpoints (runs/train)")
+    r.add_argument(
+        "--eval-batches", type=int, help=f"validation micro-batches per rank {_default('eval_batches')}"
+    )
+    r.add_argument("--seed", type=int, help=f"model init and data sampling seed {_default('seed')}")
+    r.add_argument(
+        "--out", help=f"output folder: log.jsonl, config.json, report, checkpoints {_default('out')}"
+    )
     r.add_argument(
         "--bf16",
         action=argparse.BooleanOptionalAction,
         default=None,
-        help="bf16 weights on GPU (on by default; CPU runs fp32)",
+        help=f"bf16 weights on GPU; CPU runs fp32 {_default('bf16')}",
     )
     r.add_argument(
         "--compile",
         action=argparse.BooleanOptionalAction,
         default=None,
-        help="on GPU, fuse RoPE with torch.compile (on for the small preset)",
+        help=f"on GPU, fuse RoPE with torch.compile {_default('compile')}",
     )
-    r.add_argument("--ckpt-interval", type=int, help="checkpoint every N steps (0 = only at the end)")
     r.add_argument(
-        "--save", action=argparse.BooleanOptionalAction, default=None, help="write checkpoints (on)"
+        "--ckpt-interval",
+        type=int,
+        help=f"checkpoint every N steps, 0 = only at the end {_default('ckpt_interval')}",
+    )
+    r.add_argument(
+        "--save",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help=f"write checkpoints {_default('save')}",
     )
     r.add_argument(
         "--resume", action="store_true", default=None, help="continue from OUT's newest checkpoint"
@@ -141,7 +195,9 @@ def _run_options(r: argparse._ArgumentGroup) -> None:
         help="write per-micro-batch counts[src, e] (simulator's routing-log format)",
     )
     r.add_argument(
-        "--log-interval", type=int, help="steps between progress lines when not on a terminal (10)"
+        "--log-interval",
+        type=int,
+        help=f"steps between progress lines when not on a terminal {_default('log_interval')}",
     )
     r.add_argument("--no-report", action="store_true", help="skip the Markdown/PNG report at the end")
 
@@ -154,63 +210,70 @@ def _parallel_options(q: argparse._ArgumentGroup) -> None:
         "--merge", type=int, help="MicroEP merge factor d: EP groups per MicroEP group (2 for microep)"
     )
     q.add_argument(
-        "--dispatcher", choices=["ep", "microep"], help="plain EP or MicroEP token dispatch (microep)"
+        "--dispatcher",
+        choices=["ep", "microep"],
+        help=f"plain EP or MicroEP token dispatch {_default('dispatcher')}",
     )
     q.add_argument(
         "--placement",
         choices=["symmetric", "random", "asymmetric"],
-        help="initial MicroEP placement (symmetric)",
+        help=f"initial MicroEP placement {_default('placement')}",
     )
     q.add_argument(
         "--replace-interval",
         type=int,
-        help="adaptive replacement: optimizer steps between checks of the load forecast (0 = off, the "
-        "default; the --replace-* options below only act when it is on)",
+        help="adaptive replacement: optimizer steps between checks of the load forecast, 0 = off; the "
+        f"--replace-* options below only act when it is on {_default('replace_interval')}",
     )
     q.add_argument(
         "--replace-threshold",
         type=float,
         help="adaptive replacement: a micro-batch is imbalanced, and a check re-places its layer, when the "
         "placement's score (T*/mean GPU load, or predicted time over the fair share with --cost-model) "
-        "exceeds this (1.05)",
+        f"exceeds this {_default('replace_threshold')}",
     )
     q.add_argument(
         "--replace-trigger-after",
         type=int,
         metavar="K",
         help="adaptive replacement: check a layer at once after K consecutive micro-batches whose realized "
-        "score exceeded --replace-threshold, without waiting for the interval (3)",
+        f"score exceeded --replace-threshold, without waiting for the interval {_default('replace_trigger_after')}",
     )
     q.add_argument(
         "--replace-cooldown",
         type=int,
         metavar="N",
         help="adaptive replacement hysteresis: no layer is re-placed again within N micro-batches of its "
-        "last replacement, so loads that swing back and forth do not make it flap (4; 0 = off)",
+        "last replacement, so loads that swing back and forth do not make it flap; 0 = off "
+        f"{_default('replace_cooldown')}",
     )
     q.add_argument(
         "--replace-min-gain",
         type=float,
-        help="adaptive replacement hysteresis: a new placement must lower the score by at least this (0.01)",
+        help="adaptive replacement hysteresis: a new placement must lower the score by at least this "
+        f"{_default('replace_min_gain')}",
     )
     q.add_argument(
         "--replace-warmup",
         type=int,
         metavar="N",
         help="adaptive replacement: micro-batches observed before the first load-aware placement "
-        "(a fresh run has no load history; a resumed run keeps its own) (2)",
+        f"(a fresh run has no load history; a resumed run keeps its own) {_default('replace_warmup')}",
     )
     q.add_argument(
         "--replace-window",
         type=int,
         metavar="N",
-        help="adaptive replacement: a check scores placements by their mean over the last N micro-batches (4)",
+        help="adaptive replacement: a check scores placements by their mean over the last N micro-batches "
+        f"{_default('replace_window')}",
     )
     q.add_argument(
         "--cost-model",
         help="MicroEP plans for predicted GPU time: a bundled cost-model name, a JSON path, 'bundled' (this GPU and layer shape) or 'auto' (calibrated at start-up); also scores placements for --replace-interval",
     )
-    q.add_argument("--timeout", type=float, help="seconds before a stuck collective fails (300)")
+    q.add_argument(
+        "--timeout", type=float, help=f"seconds before a stuck collective fails {_default('timeout')}"
+    )
 
 
 def resolve_configs(args: argparse.Namespace, world: int, vocab_min: int) -> tuple[TrainConfig, ModelConfig]:
