@@ -237,3 +237,92 @@ def test_cli_runs_lplbs_own_solver(tmp_path, capsys) -> None:
     assert doc["config"]["lplb_solver"] == "ipm"
     info = doc["workloads"][0]["info"]["lplb"]
     assert info["solver"] == "ipm" and info["topology"] == "cube" and info["ipm_fallbacks"] >= 0
+
+
+# ------------------------------------------------------------------------------------------------
+# one solver object over many micro-batches answers as a fresh one does
+
+SHAPES = [(8, 16, "cube"), (8, 32, "cube"), (16, 32, "hypercube"), (6, 18, "torus"), (5, 10, "ring")]
+
+
+def _micro_batch(rng: np.random.Generator, kind: int, history: np.ndarray) -> np.ndarray:
+    """Loads [E] of one of five kinds: multinomial, all zero, one expert only, half the experts
+    idle, and a very skewed Dirichlet draw with few tokens."""
+    e = history.size
+    if kind == 0:
+        return rng.multinomial(int(rng.integers(0, 60_000)), history)
+    if kind == 1:
+        return np.zeros(e, dtype=np.int64)
+    if kind == 2:
+        loads = np.zeros(e, dtype=np.int64)
+        loads[rng.integers(e)] = rng.integers(1, 10**6)
+        return loads
+    if kind == 3:
+        loads = rng.multinomial(100_000, history)
+        loads[rng.random(e) < 0.5] = 0
+        return loads
+    return rng.multinomial(int(rng.integers(1, 400)), rng.dirichlet(np.full(e, 0.05)))
+
+
+def _check_valid(quota: np.ndarray, loads: np.ndarray, orig: np.ndarray, copy: np.ndarray) -> None:
+    """Keeps every token, no negative share, tokens only on the two GPUs hosting the expert."""
+    e = loads.size
+    np.testing.assert_array_equal(quota.sum(axis=1), loads)
+    allowed = np.zeros_like(quota, dtype=bool)
+    allowed[np.arange(e), orig] = allowed[np.arange(e), copy] = True
+    assert quota.min() >= 0 and np.all(quota[~allowed] == 0)
+
+
+@settings(max_examples=20, deadline=None)
+@given(st.integers(0, 2**31), st.sampled_from(SHAPES), st.floats(0.0, 3.0))
+def test_consecutive_micro_batches_equal_a_fresh_solve(
+    seed: int, shape: tuple[int, int, str], s: float
+) -> None:
+    """Bounds changed in place, then a cold solve: each quota equals a freshly built solver's, is
+    valid, and its max load is the enumerated LP optimum up to rounding each copy's share."""
+    g, e, topo = shape
+    rng = np.random.default_rng(seed)
+    history = _zipf_history(e, s, seed)
+    orig, copy = lplb_layout(history, g, topo)  # type: ignore[arg-type]
+    solver, ipm = LplbSolver(orig, copy, g), LplbIpmSolver(orig, copy, g)
+    touching = np.bincount(orig, minlength=g) + np.bincount(copy, minlength=g)
+    for i in range(10):
+        loads = _micro_batch(rng, (i + seed) % 5, history)
+        quota = solver.quota(loads)
+        np.testing.assert_array_equal(
+            quota, LplbSolver(orig, copy, g).quota(loads), err_msg=f"micro-batch {i}"
+        )
+        _check_valid(quota, loads, orig, copy)
+        t_star = _density(loads, orig, copy, g)
+        assert np.ceil(t_star - 1e-9) <= quota.sum(axis=0).max() <= t_star + touching.max() / 2
+        ipm_quota = ipm.quota(loads)
+        np.testing.assert_array_equal(ipm_quota, LplbIpmSolver(orig, copy, g).quota(loads))
+        _check_valid(ipm_quota, loads, orig, copy)
+
+
+@settings(max_examples=10, deadline=None)
+@given(st.integers(0, 2**31), st.sampled_from(SHAPES))
+def test_warm_start_stays_valid_and_optimal(seed: int, shape: tuple[int, int, str]) -> None:
+    """warm_start=True may end at another optimal vertex, but never at a worse max load."""
+    g, e, topo = shape
+    rng = np.random.default_rng(seed)
+    history = _zipf_history(e, 1.0, seed)
+    orig, copy = lplb_layout(history, g, topo)  # type: ignore[arg-type]
+    warm = LplbSolver(orig, copy, g, warm_start=True)
+    touching = np.bincount(orig, minlength=g) + np.bincount(copy, minlength=g)
+    for i in range(10):
+        loads = _micro_batch(rng, i % 5, history)
+        quota = warm.quota(loads)
+        _check_valid(quota, loads, orig, copy)
+        t_star = _density(loads, orig, copy, g)
+        assert np.ceil(t_star - 1e-9) <= quota.sum(axis=0).max() <= t_star + touching.max() / 2
+
+
+@pytest.mark.parametrize("solver", [LplbSolver, LplbIpmSolver])
+def test_loads_are_checked(solver) -> None:
+    orig, copy = lplb_layout(np.ones(16), 8, "cube")
+    balancer = solver(orig, copy, 8)
+    with pytest.raises(ValueError, match=r"one load per expert: shape \(15,\), expected \(16,\)"):
+        balancer.quota(np.ones(15, dtype=np.int64))
+    with pytest.raises(ValueError, match="non-negative"):
+        balancer.quota(np.full(16, -1))

@@ -25,7 +25,10 @@ So every expert has exactly 2 replicas (original + copy) and load moves only alo
 
 Per micro-batch: minimize T subject to, for every GPU g,
   sum_{e original on g} (L_e - f_e) + sum_{e copied onto g} f_e <= T,  0 <= f_e <= L_e,
-solved exactly by HiGHS (warm-started: only bounds change); the copy takes round(f_e) tokens.
+solved exactly by HiGHS; the copy takes round(f_e) tokens. `LplbSolver` builds the LP of a layer
+once and per micro-batch changes only the bounds (the loads), then solves from scratch: the LP has
+many optimal vertices, and a warm start from the last micro-batch's basis ends at another one in
+most micro-batches, which would make the quota depend on the order of the micro-batches.
 LPLB itself solves the LP approximately (5 interior-point iterations on the GPU); `LplbSolver`
 gets the exact optimum, so it shows what LPLB's topology allows, not its solver's error.
 `LplbIpmSolver` (`--lplb-solver ipm`) runs LPLB's own 5 steps instead, for comparison.
@@ -138,10 +141,21 @@ def _check_blocks(num_gpus: int, block: int, name: str) -> None:
 
 
 class LplbSolver:
-    """Warm-started HiGHS model of the per-micro-batch LP for one layout."""
+    """The per-micro-batch LP of one layout as one HiGHS model, built once.
 
-    def __init__(self, orig_gpu: IntArray, copy_gpu: IntArray, num_gpus: int) -> None:
+    Columns: f_e (tokens expert e moves to its copy, bounds [0, L_e]) and T (cost 1); rows, one
+    per GPU g: sum of f over experts copied onto g - sum of f over originals on g - T <= -(load
+    of the originals on g). Only the bounds depend on the loads. `quota` solves cold by default
+    (the basis is cleared after the bounds change), so its answer is the one a fresh solver gives
+    for the same loads; `warm_start=True` re-solves from the last basis instead: faster, equally
+    LP-optimal, but a different optimal vertex in most micro-batches (history-dependent quotas).
+    """
+
+    def __init__(
+        self, orig_gpu: IntArray, copy_gpu: IntArray, num_gpus: int, *, warm_start: bool = False
+    ) -> None:
         self.orig_gpu, self.copy_gpu, self.num_gpus = orig_gpu, copy_gpu, num_gpus
+        self.warm_start = warm_start
         num_e = orig_gpu.size
         h = new_highs()
         inf = np.inf  # HiGHS reads any bound >= 1e20 as infinite
@@ -153,26 +167,43 @@ class LplbSolver:
             idx = np.concatenate([inc, out, [num_e]]).astype(np.int32)
             val = np.concatenate([np.ones(inc.size), -np.ones(out.size), [-1.0]])
             h.addRow(-inf, 0.0, idx.size, idx, val)
-        self._h, self._inf = h, inf
+        self._h = h
         self._cols = np.arange(num_e, dtype=np.int32)
         self._rows = np.arange(num_gpus, dtype=np.int32)
+        self._col_lower = np.zeros(num_e)
+        self._row_lower = np.full(num_gpus, -inf)
+        self._experts = np.arange(num_e)
 
     def quota(self, loads: npt.ArrayLike) -> IntArray:
-        """quota int64 [E, G] for per-expert loads [E]: original keeps L_e - f_e, copy takes f_e."""
-        load = np.asarray(loads, dtype=np.int64)
-        num_e = load.size
+        """quota int64 [E, G] for per-expert loads [E] (non-negative integers): the original keeps
+        L_e - round(f_e), the copy takes round(f_e)."""
+        load = _check_loads(loads, self.orig_gpu.size)
         h = self._h
-        h.changeColsBounds(num_e, self._cols, np.zeros(num_e), load.astype(np.float64))
+        h.changeColsBounds(load.size, self._cols, self._col_lower, load.astype(np.float64))
         orig_load = np.bincount(self.orig_gpu, weights=load, minlength=self.num_gpus)
-        h.changeRowsBounds(self.num_gpus, self._rows, np.full(self.num_gpus, -self._inf), -orig_load)
+        h.changeRowsBounds(self.num_gpus, self._rows, self._row_lower, -orig_load)
+        if not self.warm_start:
+            h.clearSolver()  # drop the last basis: presolve and solve as a fresh model would
         h.run()
-        f = np.asarray(h.getSolution().col_value[:num_e], dtype=np.float64)
-        moved = np.clip(np.floor(f + 0.5).astype(np.int64), 0, load)
-        quota = np.zeros((num_e, self.num_gpus), dtype=np.int64)
-        experts = np.arange(num_e)
-        quota[experts, self.orig_gpu] = load - moved
-        quota[experts, self.copy_gpu] += moved
+        assert h.modelStatusToString(h.getModelStatus()) == "Optimal", "the LPLB LP is always feasible"
+        f = np.asarray(h.getSolution().col_value[: load.size], dtype=np.float64)
+        return self._split(load, np.clip(np.floor(f + 0.5).astype(np.int64), 0, load))
+
+    def _split(self, load: IntArray, moved: IntArray) -> IntArray:
+        quota = np.zeros((load.size, self.num_gpus), dtype=np.int64)
+        quota[self._experts, self.orig_gpu] = load - moved
+        quota[self._experts, self.copy_gpu] += moved
         return quota
+
+
+def _check_loads(loads: npt.ArrayLike, num_experts: int) -> IntArray:
+    """loads as int64 [E]; ValueError for another shape or a negative load."""
+    load = np.asarray(loads, dtype=np.int64)
+    if load.shape != (num_experts,):
+        raise ValueError(f"LPLB needs one load per expert: shape {load.shape}, expected ({num_experts},)")
+    if load.size and load.min() < 0:
+        raise ValueError(f"LPLB loads must be non-negative token counts, got {load.min()}")
+    return load
 
 
 class LplbIpmSolver:
@@ -194,11 +225,12 @@ class LplbIpmSolver:
         pairs, self._edge_of = np.unique(np.stack([orig_gpu, copy_gpu], axis=1), axis=0, return_inverse=True)
         self._edge_of = self._edge_of.reshape(-1)
         self._src, self._dst = pairs[:, 0], pairs[:, 1]
+        self._a0, self._b, self._c = self._lp_template()
         self.fallbacks = 0  # micro-batches where the IPM result was rejected (p = 0.5 everywhere)
 
     def quota(self, loads: npt.ArrayLike) -> IntArray:
         """quota int64 [E, G] for per-expert loads [E] (see the class docstring)."""
-        load = np.asarray(loads, dtype=np.int64)
+        load = _check_loads(loads, self.orig_gpu.size)
         keep = self._kept_shares(load)
         moved = np.clip(np.floor((1.0 - keep[self._edge_of]) * load + 0.5).astype(np.int64), 0, load)
         quota = np.zeros((load.size, self.num_gpus), dtype=np.int64)
@@ -228,18 +260,27 @@ class LplbIpmSolver:
         return np.clip(x[:n_edges], 0.0, 1.0)
 
     def _lp(self, w: npt.NDArray[np.float64]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(A [NC, NV], b [NC], c [NV]) of the standard-form LP, NV = 2 edges + G + 2."""
-        n, g = w.size, self.num_gpus
-        nv, nc = 2 * n + g + 2, g + n
-        a = np.zeros((nc, nv))
+        """(A [NC, NV], b [NC], c [NV]) of the standard-form LP, NV = 2 edges + G + 2: the
+        load-free template with the edge loads w [edges] and the big-M column filled in."""
+        n = w.size
+        a = self._a0.copy()
         k = np.arange(n)
         a[self._src, k] = w  # kept on the original's GPU
         a[self._dst, n + k] = w  # moved to the copy's GPU
+        a[:, -1] = self._b - a[:, :-1].sum(axis=1)  # big-M column: A @ 1 = b
+        return a, self._b, self._c
+
+    def _lp_template(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(A0, b, c): the LP's entries that do not depend on the loads (A0's w entries and big-M
+        column are zero), built once per layout."""
+        n, g = self._src.size, self.num_gpus
+        nv, nc = 2 * n + g + 2, g + n
+        a = np.zeros((nc, nv))
+        k = np.arange(n)
         a[g + k, k] = a[g + k, n + k] = 1.0  # p_k + q_k = 1
         a[np.arange(g), 2 * n + np.arange(g)] = 1.0  # slack
         a[:g, 2 * n + g] = -1.0  # T
         b = np.concatenate([np.zeros(g), np.ones(n)])
-        a[:, -1] = b - a[:, :-1].sum(axis=1)  # big-M column: A @ 1 = b
         c = np.zeros(nv)
         c[-2], c[-1] = 1.0, 1000.0
         return a, b, c
