@@ -8,6 +8,12 @@ GPU, even over its slots) is timed G times the same way: its max/mean is the noi
 measurement, and its max is what a balancer's max is compared with (both maxima of G noisy
 timings). The cost model's prediction of each GPU's time is reported beside the measurement.
 
+Timing is interleaved: per sample, every distinct per-GPU row set of every variant and the ideal's
+G GPUs are timed once per round, in a fresh seeded shuffle each round, for --rounds rounds; a GPU's
+time is the median over rounds. Drift of the GPU between rounds so hits all variants alike. The
+raw rounds are kept in the results JSON; the ideal's one-round noise floor and its drift (max/min
+of its per-round median) are reported beside the noise floor of the medians.
+
 Two phases, so planning (which needs HiGHS for LPLB) runs on a CPU and only timing on the GPU:
 
     PYTHONPATH=. python3 benchmarks/bench_emulated.py plan --out plans.json          # CPU
@@ -24,9 +30,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import subprocess
 import sys
 import time
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -50,44 +58,121 @@ def ideal_rows(total: int, gpus: int, slots: int) -> np.ndarray:
     return np.full(slots, int(round(per / ALIGN)) * ALIGN, dtype=np.int64)
 
 
-def time_case(case: dict[str, Any], timer: Any, model: CostModel | None, reps: int) -> dict[str, Any]:
-    """Time every variant of every kept sample; measured and predicted us [K, G] per variant."""
+def sample_items(case: dict[str, Any], k: int) -> tuple[list[np.ndarray], dict[str, list[int]]]:
+    """The timed items of sample k: every distinct per-GPU row set of the variants once, then the
+    ideal's G GPUs as G separate items (identical work, so its spread is the noise floor).
+
+    Returns (items, item_of): items[i] is rows int64 [S_v] (padded to ALIGN); item_of[v] is the
+    item index of each GPU of variant v, int [G] ("ideal" included, last).
+    """
     g = case["spec"]["gpus"]
-    variants = list(case["rows"]) + ["ideal"]
-    meas = {v: [] for v in variants}
-    pred = {v: [] for v in variants}
-    cache: dict[tuple, float] = {}
-    for k, total in enumerate(case["totals"]):
-        for v in variants:
-            if v == "ideal":
-                one = ideal_rows(total, g, case["slots_per_gpu"])
-                rows_GS = np.tile(one, (g, 1))
-                times = [timer.time_us(one, reps=reps) for _ in range(g)]  # G fresh timings
-            else:
-                rows_GS = padded(np.asarray(case["rows"][v][k], dtype=np.int64))
-                times = []
-                for r in rows_GS:
-                    key = tuple(r)
-                    if key not in cache:
-                        cache[key] = timer.time_us(r, reps=reps)
-                    times.append(cache[key])
-            meas[v].append(times)
-            pred[v].append(model.predict(rows_GS).tolist() if model is not None else [float("nan")] * g)
-    return {"measured_us": meas, "predicted_us": pred}
+    items: list[np.ndarray] = []
+    index: dict[tuple[int, ...], int] = {}
+    item_of: dict[str, list[int]] = {}
+    for v in case["rows"]:
+        ids = []
+        for r in padded(np.asarray(case["rows"][v][k], dtype=np.int64)):
+            ids.append(index.setdefault(tuple(r.tolist()), len(items)))
+            if ids[-1] == len(items):
+                items.append(r)
+        item_of[v] = ids
+    item_of["ideal"] = list(range(len(items), len(items) + g))
+    items += [ideal_rows(case["totals"][k], g, case["slots_per_gpu"])] * g
+    return items, item_of
 
 
-def predictions(case: dict[str, Any], model: CostModel) -> dict[str, list]:
-    """The model's per-GPU prediction [K, G] of every variant (as `time_case` makes them)."""
-    g = case["spec"]["gpus"]
-    pred: dict[str, list] = {}
-    for v in [*case["rows"], "ideal"]:
-        pred[v] = []
-        for k, total in enumerate(case["totals"]):
-            if v == "ideal":
-                rows_GS = np.tile(ideal_rows(total, g, case["slots_per_gpu"]), (g, 1))
-            else:
-                rows_GS = padded(np.asarray(case["rows"][v][k], dtype=np.int64))
-            pred[v].append(model.predict(rows_GS).tolist())
+def round_orders(num_items: int, rounds: int, rng: np.random.Generator) -> list[list[int]]:
+    """R shuffled orders of the items, int [R, N]; consecutive rounds differ (when N > 1)."""
+    orders: list[list[int]] = []
+    while len(orders) < rounds:
+        order = rng.permutation(num_items).tolist()
+        if num_items < 2 or not orders or order != orders[-1]:
+            orders.append(order)
+    return orders
+
+
+def time_rounds(
+    timer: Any, items: list[np.ndarray], orders: list[list[int]], reps: int, warmup: int
+) -> np.ndarray:
+    """raw us float64 [R, N]: raw[r, i] the time of item i in round r (median of `reps` runs after
+    `warmup`), items timed in round r's order; rounded to 0.01 us (as recorded)."""
+    raw = np.zeros((len(orders), len(items)))
+    for r, order in enumerate(orders):
+        for i in order:
+            raw[r, i] = round(float(timer.time_us(items[i], reps=reps, warmup=warmup)), 2)
+    return raw
+
+
+def time_case(
+    case: dict[str, Any],
+    timer: Any,
+    model: CostModel | None,
+    *,
+    rounds: int,
+    reps: int,
+    warmup: int = 1,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Time every variant of every kept sample in interleaved rounds.
+
+    Per sample, the distinct per-GPU row sets of every variant and the ideal's G GPUs (`sample_items`)
+    are timed once per round, in a freshly shuffled order each round (seeded by `seed`, the case
+    name and the sample), for R rounds; a GPU's time is its item's median over the rounds. So slow
+    drift of the GPU (clocks, power, heat) hits every variant alike instead of whichever was timed
+    last. Returns measured and predicted us [K, G] per variant and, under "timing", the rounds:
+    per sample the item of each (variant, GPU), the orders [R, N] and the raw times [R, N].
+    """
+    if rounds < 1 or reps < 1 or warmup < 0:
+        raise ValueError(f"need rounds >= 1, reps >= 1, warmup >= 0; got {rounds}, {reps}, {warmup}")
+    meas: dict[str, list] = {v: [] for v in [*case["rows"], "ideal"]}
+    samples = []
+    name_key = zlib.crc32(case["spec"]["name"].encode())
+    for k in range(len(case["totals"])):
+        items, item_of = sample_items(case, k)
+        orders = round_orders(len(items), rounds, np.random.default_rng([seed, name_key, k]))
+        raw = time_rounds(timer, items, orders, reps, warmup)
+        med = np.median(raw, axis=0)  # [N] per item, over rounds
+        for v, ids in item_of.items():
+            meas[v].append(med[ids].tolist())
+        samples.append({"items": item_of, "order": orders, "raw_us": raw.tolist()})
+    timing = {"rounds": rounds, "reps": reps, "warmup": warmup, "seed": seed, "samples": samples}
+    return {"measured_us": meas, "predicted_us": predictions(case, model), "timing": timing}
+
+
+def noise_stats(timing: dict[str, Any]) -> dict[str, float]:
+    """Measurement quality from the raw rounds of `time_case` (medians over samples):
+
+    - noise_floor_round: the ideal's max/mean over its G timings within one round (what a single
+      back-to-back measurement gives; also median over rounds);
+    - drift: max/min over rounds of the median of the ideal's G timings in a round (slow change of
+      the GPU during a sample's rounds; 1.0 = none);
+    - item_spread: max/min over rounds of one item's time (median over all items).
+    """
+    one_round, drift, spread = [], [], []
+    for s in timing["samples"]:
+        raw = np.asarray(s["raw_us"], dtype=np.float64)  # [R, N]
+        ideal = raw[:, s["items"]["ideal"]]  # [R, G]
+        one_round += (ideal.max(axis=1) / ideal.mean(axis=1)).tolist()
+        per_round = np.median(ideal, axis=1)
+        drift.append(per_round.max() / per_round.min())
+        spread += (raw.max(axis=0) / raw.min(axis=0)).tolist()
+    return {
+        "noise_floor_round": float(np.median(one_round)),
+        "drift": float(np.median(drift)),
+        "item_spread": float(np.median(spread)),
+    }
+
+
+def predictions(case: dict[str, Any], model: CostModel | None) -> dict[str, list]:
+    """The model's per-GPU prediction us [K, G] of every variant and the ideal (NaN without a model)."""
+    pred: dict[str, list] = {v: [] for v in [*case["rows"], "ideal"]}
+    for k in range(len(case["totals"])):
+        items, item_of = sample_items(case, k)
+        for v, ids in item_of.items():
+            rows_GS = np.stack([items[i] for i in ids])
+            pred[v].append(
+                model.predict(rows_GS).tolist() if model is not None else [float("nan")] * len(ids)
+            )
     return pred
 
 
@@ -137,6 +222,8 @@ def summarize(case: dict[str, Any], timed: dict[str, Any]) -> dict[str, dict[str
         if v in case["token_ratio"]:
             row["token_max_mean"] = float(np.median(case["token_ratio"][v]))
         out[v] = row
+    if "timing" in timed:  # results timed in rounds (older ones were not)
+        out["ideal"].update(noise_stats(timed["timing"]))
     return out
 
 
@@ -161,7 +248,9 @@ def run_timing(plans: dict[str, Any], args: argparse.Namespace) -> dict[str, Any
             )
             timers[shape] = ExpertTimer(*shape, device, max_rows=max(max_rows, 4 * 65536), seed=args.seed)
         t0 = time.perf_counter()
-        timed = time_case(case, timers[shape], model, args.reps)
+        timed = time_case(
+            case, timers[shape], model, rounds=args.rounds, reps=args.reps, warmup=args.warmup, seed=args.seed
+        )
         summary = summarize(case, timed)
         kept = {k: v for k, v in case.items() if k != "rows"}  # the plans file keeps the rows
         results.append(
@@ -180,6 +269,7 @@ def run_timing(plans: dict[str, Any], args: argparse.Namespace) -> dict[str, Any
         "hardware": env,
         "config": plans["config"],
         "commit": _commit(),
+        "timing": {k: getattr(args, k) for k in ("rounds", "reps", "warmup", "seed")},
         "targets": targets,
         "cases": results,
     }
@@ -206,6 +296,7 @@ def target_rows(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
                     "time_max_mean": o["time_max_mean"],
                     "token_max_mean": o["token_max_mean"],
                     "noise_floor": s["ideal"]["time_max_mean"],
+                    "drift": s["ideal"].get("drift", float("nan")),
                     "model_err_all": float(np.median([v["model_median_err"] for v in s.values()])),
                     "ratio_err_all": float(
                         np.median([abs(v["predicted_vs_ideal"] - v["vs_ideal_mean"]) for v in s.values()])
@@ -217,12 +308,13 @@ def target_rows(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def format_targets(rows: list[dict[str, Any]]) -> str:
     head = f"{'case':<28}{'variant':<14}{'vs best peer':>13}{'':>6}{'vs eplb':>9}{'t max/mean':>11}"
-    head += f"{'tok max/mean':>13}{'noise floor':>12}{'model err':>10}{'ratio err':>10}"
+    head += f"{'tok max/mean':>13}{'noise floor':>12}{'drift':>7}{'model err':>10}{'ratio err':>10}"
     lines = ["targets: vs best peer <= 0.98 (<= 0.90 vs EPLB when noisy), time and token max/mean", head]
     for r in rows:
         lines.append(
             f"{r['case']:<28}{r['variant']:<14}{r['vs_best_peer']:>13.3f}{r['best_peer']:>6}{r['vs_eplb']:>9.3f}"
             f"{r['time_max_mean']:>11.3f}{r['token_max_mean']:>13.3f}{r['noise_floor']:>12.3f}"
+            f"{r.get('drift', float('nan')):>7.3f}"
             f"{r['model_err_all']:>10.3f}{r['ratio_err_all']:>10.3f}"
         )
     return "\n".join(lines)
@@ -243,7 +335,26 @@ def format_table(summary: dict[str, dict[str, float]]) -> str:
     for v, row in summary.items():
         cells = "".join(f"{fmt.format(row[k]) if k in row else '-':>14}" for k, _, fmt in cols)
         lines.append("  " + f"{v:<16}" + cells)
+    ideal = summary.get("ideal", {})
+    if "drift" in ideal:
+        lines.append(
+            f"  noise floor {ideal['time_max_mean']:.3f} (one round: {ideal['noise_floor_round']:.3f}), "
+            f"drift {ideal['drift']:.3f} (max/min of the ideal's per-round median), "
+            f"item spread {ideal['item_spread']:.3f} (max/min over rounds)"
+        )
     return "\n".join(lines)
+
+
+def dumps(obj: Any) -> str:
+    """JSON indented by 1, with every list of plain values on one line (the raw rounds stay compact)."""
+
+    def one_line(m: re.Match) -> str:
+        text = m.group(0)
+        if "\n" not in text:  # not an indented list (json.dumps escapes newlines inside strings)
+            return text
+        return "[" + ", ".join(x.strip() for x in text[1:-1].split(",")) + "]"
+
+    return re.sub(r"\[[^\[\]{}\"]*\]", one_line, json.dumps(obj, indent=1))
 
 
 def _commit() -> str:
@@ -274,7 +385,11 @@ def main() -> int:
     ap.add_argument("--layers", type=int, default=4, help="layers per workload (a spread of a trace's)")
     ap.add_argument("--samples", type=int, default=6, help="timed (micro-batch, layer) samples per case")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--reps", type=int, default=5, help="timed repetitions per GPU (median)")
+    ap.add_argument(
+        "--rounds", type=int, default=5, help="interleaved rounds per sample; a GPU's time is its median"
+    )
+    ap.add_argument("--reps", type=int, default=1, help="timed runs per item per round (their median)")
+    ap.add_argument("--warmup", type=int, default=1, help="untimed runs before each item's timed runs")
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--models", default=None, help="folder of cost-model JSON files (default: bundled)")
     ap.add_argument(
@@ -283,7 +398,7 @@ def main() -> int:
     args = ap.parse_args()
     if args.phase == "rescore":
         out = rescore(json.loads(args.plans.read_text()), json.loads(args.results.read_text()), args.models)
-        (args.json or args.results).write_text(json.dumps(out, indent=1) + "\n")
+        (args.json or args.results).write_text(dumps(out) + "\n")
         return 0
     if args.phase in ("plan", "all"):
         plans = make_plans(args)
@@ -295,7 +410,7 @@ def main() -> int:
         plans = json.loads(args.plans.read_text())
     result = run_timing(plans, args)
     if args.json:
-        args.json.write_text(json.dumps(result, indent=1) + "\n")
+        args.json.write_text(dumps(result) + "\n")
     return 0
 
 
