@@ -19,12 +19,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import _env  # benchmarks/ (this script's folder) is on sys.path
 import numpy as np
 import torch
 import torch.distributed as dist
@@ -263,21 +262,6 @@ def measure_grouped_gemm(layer, x, expert, cfg: MoEConfig, iters: int = 20) -> f
     return flops / (s.elapsed_time(e) * 1e-3) / 1e12
 
 
-def versions() -> dict:
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
-    except OSError:
-        commit = ""
-    return {
-        "torch": torch.__version__,
-        "cuda": torch.version.cuda,
-        "nccl": ".".join(map(str, torch.cuda.nccl.version())),
-        "python": platform.python_version(),
-        "numpy": np.__version__,
-        "micromoe_commit": commit if len(commit) == 40 else "unknown (no git history on this machine)",
-    }
-
-
 def targets(rows: list[dict], peak: float, gemm: float, base: str) -> dict:
     """The issue's targets; `base` is plain EP with MicroEP's expert memory (ep2 on 4 GPUs)."""
     t = {(r["variant"], r["skew"]): r["median_ms"] for r in rows}
@@ -366,8 +350,11 @@ def main() -> None:
         del layer
     if rank == 0:
         result = {
-            "gpu": torch.cuda.get_device_name(device),
-            "versions": versions(),
+            "gpu": _env.device_name(device),
+            "versions": {
+                **_env.versions("torch", "cuda", "nccl", "python", "numpy"),
+                "micromoe_commit": _env.git_commit(),
+            },
             "config": {
                 "world_size": world,
                 "hidden": cfg.hidden,

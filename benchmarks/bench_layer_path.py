@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import sys
 import tempfile
@@ -36,6 +35,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import _env  # benchmarks/ (this script's folder) is on sys.path
 import torch
 import torch.nn.functional as F
 
@@ -359,16 +359,6 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm().clamp_min(1e-30))
 
 
-def versions(with_tt: bool) -> dict:
-    out = {"python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda}
-    for mod in ("triton", "torchtitan") if with_tt else ("triton",):
-        try:
-            out[mod] = __import__(mod).__version__
-        except Exception as exc:  # noqa: BLE001 - report, do not fail
-            out[mod] = f"unavailable: {exc}"
-    return out
-
-
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", type=Path, required=True, help="JSON file to write")
@@ -394,7 +384,12 @@ def main() -> int:
             with_tt = False
     shapes = [s for s in SHAPES if args.shapes == "all" or s.name in args.shapes.split(",")]
     peak = bf16_peak_tflops()
-    result = {"gpu": torch.cuda.get_device_name(), "versions": versions(with_tt), "bf16_peak_tflops": peak}
+    packages = ("triton", "torchtitan") if with_tt else ("triton",)
+    result = {
+        "gpu": _env.device_name(torch.device("cuda")),
+        "versions": _env.versions("python", "torch", "cuda", *packages),
+        "bf16_peak_tflops": peak,
+    }
     result["rows"] = []
     for shape in shapes:
         row = bench_shape(shape, args.reps, with_tt, peak, args.align8, args.graphed)

@@ -27,15 +27,14 @@ import argparse
 import dataclasses
 import json
 import os
-import platform
 import socket
-import subprocess
 import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import _env  # benchmarks/ (this script's folder) is on sys.path
 import numpy as np
 import torch
 import torch.distributed as dist
@@ -257,10 +256,11 @@ def bench(rank: int, world: int, args: argparse.Namespace, device: torch.device)
                 )
     cfg = model_config(args)
     return {
-        "gpu": torch.cuda.get_device_name(device)
-        if device.type == "cuda"
-        else f"cpu ({platform.processor() or 'unknown'})",
-        "versions": versions(),
+        "gpu": _env.device_name(device),
+        "versions": {
+            **_env.versions("torch", "cuda", "python", "numpy"),
+            "micromoe_commit": _env.git_commit(),
+        },
         "config": {
             "world_size": world,
             "backend": dist.get_backend() if world > 1 else "none",
@@ -280,20 +280,6 @@ def bench(rank: int, world: int, args: argparse.Namespace, device: torch.device)
             "skipped": skipped,
         },
         "rows": rows,
-    }
-
-
-def versions() -> dict[str, str | None]:
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
-    except OSError:
-        commit = ""
-    return {
-        "torch": torch.__version__,
-        "cuda": torch.version.cuda,
-        "python": platform.python_version(),
-        "numpy": np.__version__,
-        "micromoe_commit": commit if len(commit) == 40 else "unknown (no git history on this machine)",
     }
 
 

@@ -17,6 +17,7 @@ import pytest
 from _dist import run_workers
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))  # bench_train imports _env from there
 _spec = importlib.util.spec_from_file_location("bench_train", ROOT / "benchmarks" / "bench_train.py")
 bench_train = importlib.util.module_from_spec(_spec)
 sys.modules["bench_train"] = bench_train  # dataclasses look their module up there
