@@ -194,7 +194,8 @@ def time_replica_quota(
             f"token_slack must be None or in [0, 1] (0.01 = within 1% of the mean), got {token_slack}"
         )
     p = placement
-    max_rows = int(counts.sum(axis=0).max()) if counts.size else 0
+    load = counts.sum(axis=0)  # int64 [E]: one pass over counts for the table size and the total
+    max_rows = int(load.max()) if load.size else 0  # no slot takes more than its expert's load
     if base_load is not None and np.size(base_load):
         max_rows = max(max_rows, int(np.max(base_load)))  # f(base) is read from the same table
     tables = cost_tables(cost, max_rows)
@@ -206,7 +207,7 @@ def time_replica_quota(
         off_int = tables.f_int[np.asarray(base_load)]
     cert = _all_gpus(p.num_gpus) if certificate is None else np.asarray(certificate, np.bool_)
     base = _zero_offsets(p.num_gpus)[1] if base_load is None else np.asarray(base_load, dtype=np.int64)
-    total = int(counts.sum()) + int(base.sum())
+    total = int(load.sum()) + int(base.sum())
     if token_slack is None:
         mean_cap = total  # no GPU can exceed every token
     else:
