@@ -21,6 +21,7 @@ import argparse
 import json
 import time
 
+import _env  # benchmarks/ (this script's folder) is on sys.path
 import numpy as np
 
 from micromoe.sim.lplb import LplbIpmSolver, LplbSolver, default_topology, lplb_layout
@@ -95,7 +96,12 @@ def main() -> None:
         )
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"micro_batches": args.micro_batches, "rows": rows}, f, indent=1)
+            env = {
+                "cpu": _env.cpu_name(),
+                **_env.versions("python", "numpy", "highspy"),
+                "commit": _env.git_commit(),
+            }
+            json.dump({"env": env, "micro_batches": args.micro_batches, "rows": rows}, f, indent=1)
 
 
 if __name__ == "__main__":

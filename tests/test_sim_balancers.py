@@ -232,22 +232,39 @@ def test_results_do_not_depend_on_future_micro_batches(case, cut: int) -> None:
         np.testing.assert_array_equal(part[n], full[n][:cut], err_msg=n)
 
 
-def test_adaptive_replacement_reaches_the_bound_after_learning() -> None:
-    """A strongly skewed, stationary load: the static symmetric placement cannot balance it; after
-    the first check AR's placement can, and the no-peeking rule shows in the first micro-batches."""
-    rng = np.random.default_rng(3)
+def _skewed_stationary(seed: int = 3) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
     g, e, m = 8, 32, 12
     probs = np.arange(1, e + 1, dtype=np.float64) ** -1.6
     probs = probs[rng.permutation(e)] / probs.sum()
-    counts = rng.multinomial(8192, probs, size=(m, 1, g))
-    w = Workload("zipf", counts.astype(np.int64), probs[None, :], top_k=2)
-    cfg = GroupConfig(num_gpus=g, replicas=2, ar_interval=4)
-    (res,) = simulate([w], ["microep", "microep-ar", "bound"], cfg, progress=False)
+    return probs, rng.multinomial(8192, probs, size=(m, 1, g)).astype(np.int64)
+
+
+def test_adaptive_replacement_starts_from_the_history() -> None:
+    """A strongly skewed, stationary load that the static symmetric placement cannot balance: given
+    the load history EPLB gets, AR starts load-aware and is at the bound from the first micro-batch."""
+    probs, counts = _skewed_stationary()
+    w = Workload("zipf", counts, probs[None, :], top_k=2)
+    (res,) = simulate([w], ["microep", "microep-ar", "bound"], GroupConfig(8, 2), progress=False)
     static, ar, bound = (res.samples[n].max_load[:, 0] for n in ("microep", "microep-ar", "bound"))
-    np.testing.assert_array_equal(ar[:4], static[:4])  # nothing learned yet
     assert np.all(static > bound)
-    np.testing.assert_array_equal(ar[4:], bound[4:])
-    assert res.info["microep-ar"]["replacements"] >= 1
+    np.testing.assert_array_equal(ar, bound)
+    log = res.info["microep-ar"]["replacement_log"]
+    assert [r["rule"] for r in log] == ["history"] and log[0]["micro_batch"] == 0
+
+
+def test_adaptive_replacement_learns_without_a_useful_history() -> None:
+    """The same loads with a uniform history: AR starts on the symmetric placement, sees only the
+    past, and re-places on the realized-imbalance trigger after `trigger_after` (3) micro-batches."""
+    probs, counts = _skewed_stationary()
+    w = Workload("zipf", counts, np.full((1, probs.size), 1.0 / probs.size), top_k=2)
+    (res,) = simulate([w], ["microep", "microep-ar", "bound"], GroupConfig(8, 2), progress=False)
+    static, ar, bound = (res.samples[n].max_load[:, 0] for n in ("microep", "microep-ar", "bound"))
+    np.testing.assert_array_equal(ar[:3], static[:3])  # nothing learned yet: no peeking
+    np.testing.assert_array_equal(ar[3:], bound[3:])
+    log = res.info["microep-ar"]["replacement_log"]
+    assert [(r["rule"], r["micro_batch"]) for r in log] == [("realized", 3)]
+    assert res.info["microep-ar"]["replacements"] == 1
 
 
 # ------------------------------------------------------------------------------------------------

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from micromoe.plan import LoadTracker, Placement, decide_replacement, schedule
+from micromoe.plan import Placement, schedule
 from micromoe.plan.checks import IntArray, positive_int
 from micromoe.plan.cost import CostModel
 from micromoe.plan.forecast import ReplacementPolicy
@@ -236,63 +236,53 @@ class MicroEP(Balancer):
 
 
 class MicroEPAdaptive(MicroEP):
-    """MicroEP with adaptive replacement: every `ar_interval` micro-batches a layer's placement is
-    rescored on the moving-average forecast of the loads seen so far and replaced when worse than
-    the threshold (the new one serves from the next micro-batch on; migration cost not modelled).
-    With a cost model, `ReplacementPolicy` decides in predicted time and starts every layer from
-    its history (scaled to the rows of a micro-batch, known in advance as batch size x top-k)."""
+    """MicroEP with adaptive replacement, as `micromoe train` runs it: `ReplacementPolicy` starts
+    every layer load-aware from its history (the one EPLB and LPLB get; scaled to the rows of a
+    micro-batch, known in advance as batch size x top-k), then re-places it on the realized-
+    imbalance trigger and every `ar_interval` micro-batches, with hysteresis. Scores are tokens
+    (T*/mean), or predicted time with a cost model; a new placement serves from the next
+    micro-batch on (migration cost not modelled)."""
 
     name = "microep-ar"
 
     def setup(self, workload: Workload) -> None:
         super().setup(workload)
         self.placements = list(self.placements)
-        self._tracker = LoadTracker(workload.num_layers, workload.num_experts)
-        self.replacements = 0
-        self._policy = None
-        cost = self.cfg.cost_model
-        if cost is not None:
-            self._policy = ReplacementPolicy(
-                workload.num_layers,
-                workload.num_experts,
-                cost=cost,
-                interval=self.cfg.ar_interval,
-                seed=self.cfg.seed,
-            )
-            first = workload.first_micro_batch() if workload.num_micro_batches else None
-            for l in range(workload.num_layers):
-                hist = workload.history[l]
-                rows = float(first[l].sum()) if first is not None else 0.0
-                scaled = hist * (rows / hist.sum()) if hist.sum() > 0 and rows > 0 else None
-                self.placements[l] = self._policy.start(l, self.placements[l], history=scaled)
+        self._policy = ReplacementPolicy(
+            workload.num_layers,
+            workload.num_experts,
+            cost=self.cfg.cost_model,
+            interval=self.cfg.ar_interval,
+            seed=self.cfg.seed,
+        )
+        first = workload.first_micro_batch() if workload.num_micro_batches else None
+        for l in range(workload.num_layers):
+            hist = workload.history[l]
+            rows = float(first[l].sum()) if first is not None else 0.0
+            scaled = hist * (rows / hist.sum()) if hist.sum() > 0 and rows > 0 else None
+            self.placements[l] = self._policy.start(l, self.placements[l], history=scaled)
 
     def observe(self, layer: int, loads: IntArray) -> None:
-        if self._policy is not None:
-            p, plan, cost = self.placements[layer], self.last_plan, self.cfg.cost_model
+        realized = None  # tokens: the policy scores the placement on these loads (= the exact plan's)
+        cost = self.cfg.cost_model
+        if cost is not None:
+            p = self.placements[layer]
             ideal = ideal_time_us(np.asarray(loads, dtype=np.int64), p.num_gpus, p.slots_per_gpu, cost)
-            r = self._policy.observe(layer, loads, realized=float(plan.predicted_us.max()) / ideal)
-            if r.replace:
-                self.placements[layer] = r.placement
-                self.replacements += 1
-            return
-        self._tracker.observe(layer, loads)
-        if self._tracker.observations(layer) % self.cfg.ar_interval:
-            return
-        r = decide_replacement(
-            self._tracker.forecast(layer), self.placements[layer], seed=self.cfg.seed + layer
-        )
+            realized = float(self.last_plan.predicted_us.max()) / ideal
+        r = self._policy.observe(layer, loads, realized=realized)
         if r.replace:
             self.placements[layer] = r.placement
-            self.replacements += 1
 
     def info(self) -> dict[str, Any]:
-        out = {**super().info(), "replacements": self.replacements, "ar_interval": self.cfg.ar_interval}
-        if self._policy is not None:
-            out["replacement_log"] = [
+        return {
+            **super().info(),
+            "replacements": len(self._policy.events),
+            "ar_interval": self.cfg.ar_interval,
+            "replacement_log": [
                 {"layer": e.layer, "micro_batch": e.micro_batch, "rule": e.rule, "reason": e.reason}
                 for e in self._policy.events
-            ]
-        return out
+            ],
+        }
 
 
 def make_balancers(names: list[str], cfg: GroupConfig) -> list[Balancer]:
