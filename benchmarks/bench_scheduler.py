@@ -15,16 +15,13 @@ import argparse
 import json
 import math
 import os
-import platform
 import statistics
-import subprocess
 import sys
 import time
 from dataclasses import dataclass
-from importlib.metadata import version
 from pathlib import Path
 
-import numba
+import _env  # benchmarks/ is on sys.path when run as a script
 import numpy as np
 from traffic_lp import min_traffic_lp, traffic_cost  # benchmarks/ is on sys.path when run as a script
 
@@ -130,42 +127,15 @@ def bench_size(num_experts: int, num_gpus: int, replicas: int, args, stream: Str
 
 def environment() -> dict:
     return {
-        "cpu": _cpu_name(),
+        "cpu": _env.cpu_name(),
         "cores": os.cpu_count(),
-        "python": platform.python_version(),
-        "numpy": np.__version__,
-        "numba": numba.__version__,
-        "highspy": _version("highspy"),
+        **_env.versions("python", "numpy", "numba", "highspy"),
         "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""),
         "allocator": allocator_settings() or "glibc defaults",
         "cpu_affinity": sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
         "date": time.strftime("%Y-%m-%d %H:%M:%S"),
-        "commit": _commit(),
+        "commit": _env.git_commit(),
     }
-
-
-def _commit() -> str:
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10
-        )
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-    return out.stdout.strip() or "unknown"
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def _version(name: str) -> str:
-    return version(name)
 
 
 def main(argv: list[str] | None = None) -> int:
