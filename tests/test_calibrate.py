@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+import time
 
 import numpy as np
 import pytest
 
+import micromoe.runtime.calibrate as cal
 from micromoe.cli import main
 from micromoe.plan.cost import load, relative_errors
 from micromoe.runtime.calibrate import ALIGN, KINDS, calibrate, calibrate_cost_model, design, split_rows
@@ -111,3 +113,27 @@ def test_fast_calibration_on_cpu():
     model = calibrate_cost_model(16, 32, "cpu", budget_s=0.5, num_slots=4, rows_per_gpu=128)
     assert model.meta["slot_counts"] == [2, 4, 8] and model.meta["totals"] == [32, 64, 128, 256]
     assert model.meta["heldout"]["samples"] >= 3
+
+
+def test_warm_up_runs_once_per_slot_count_before_the_budget(monkeypatch):
+    """A fresh process's one-time start-up (here a slow first run per slot count) is paid before the
+    budget starts, so it neither counts as a sample nor cuts the measurement short."""
+    calls: list[tuple[int, ...]] = []
+    real = cal.ExpertTimer.time_us
+
+    def slow_first(self, rows, *, reps, warmup=1):
+        first = len(rows) not in {len(c) for c in calls}
+        calls.append(tuple(int(r) for r in rows))
+        if first:
+            time.sleep(0.4)  # stands in for CUDA and GEMM-library start-up
+        return real(self, rows, reps=reps, warmup=warmup)
+
+    monkeypatch.setattr(cal.ExpertTimer, "time_us", slow_first)
+    model, samples = calibrate(16, 32, "cpu", slot_counts=(2, 4), totals=(64, 256), budget_s=0.6, reps=1)
+    # the first call per slot count is the warm-up: an even split of the smallest total
+    assert calls[:2] == [(32, 32), (16, 16, 16, 16)]
+    assert len(samples.times_us) == len(calls) - 2  # warm-up runs are not samples
+    # had the 0.8 s start-up counted against the 0.6 s budget, it would stop at the minimum
+    assert len(samples.times_us) > cal.MIN_SAMPLES
+    assert samples.startup_s >= 0.8 and model.meta["startup_seconds"] >= 0.8
+    assert model.meta["seconds"] >= model.meta["startup_seconds"]

@@ -48,6 +48,7 @@ class Samples:
     times_us: np.ndarray
     kinds: list[str]
     heldout: np.ndarray
+    startup_s: float = 0.0  # one-time warm-up before the budget started (not stored in JSON)
 
     @classmethod
     def from_json(cls, obj: dict) -> Samples:
@@ -213,19 +214,35 @@ def measure(
     reps: int = 5,
     seed: int = 0,
 ) -> Samples:
-    """Time designed samples until `budget_s` seconds have passed (at least MIN_SAMPLES)."""
+    """Time designed samples until `budget_s` seconds have passed (at least MIN_SAMPLES).
+
+    The budget starts after one untimed run per slot count (`warm_up`): a fresh process pays for
+    its first CUDA and GEMM-library work there (seconds), once, as its first training step would;
+    it is recorded as `Samples.startup_s`, so that one-time cost does not eat the samples.
+    """
     t_start = time.perf_counter()
     timer = ExpertTimer(hidden, ffn, device, max_rows=_max_rows(slot_counts, totals), seed=seed)
+    warm_up(timer, slot_counts, min(totals))
+    startup_s = time.perf_counter() - t_start
+    t_start = time.perf_counter()
     rows_list, kinds, times = [], [], []
     for rows, kind in design(slot_counts, totals, seed=seed):
         if len(times) >= MIN_SAMPLES and time.perf_counter() - t_start > budget_s:
             break
-        times.append(timer.time_us(rows, reps=reps, warmup=2 if not times else 1))
+        times.append(timer.time_us(rows, reps=reps))
         rows_list.append(rows)
         kinds.append(kind)
     padded, slots = _padded(rows_list)
     heldout = np.arange(len(times)) % 4 == 3
-    return Samples(padded, slots, np.array(times), kinds, heldout)
+    return Samples(padded, slots, np.array(times), kinds, heldout, startup_s=startup_s)
+
+
+def warm_up(timer: ExpertTimer, slot_counts: Sequence[int], total: int) -> None:
+    """One untimed forward+backward per slot count at an even split of `total` rows (module
+    creation, first kernel loads and library handles happen here, not in a timed sample)."""
+    for s in sorted(set(slot_counts)):
+        per_slot = max(ALIGN, -(-total // s // ALIGN) * ALIGN)
+        timer.time_us(np.full(s, per_slot, dtype=np.int64), reps=1, warmup=1)
 
 
 def _max_rows(slot_counts: Sequence[int], totals: Sequence[int]) -> int:
@@ -313,6 +330,7 @@ def calibrate(
     meta = {
         **environment(device),
         "seconds": round(time.perf_counter() - t0, 2),
+        "startup_seconds": round(samples.startup_s, 2),
         "hidden": hidden,
         "ffn": ffn,
         "dtype": "bfloat16" if device.type == "cuda" else "float32",
@@ -333,7 +351,9 @@ def calibrate_cost_model(
     num_slots: int | None = None,
     rows_per_gpu: int | None = None,
 ) -> CostModel:
-    """Fast start-up calibration: a model for this GPU and shape within about `budget_s` seconds.
+    """Fast start-up calibration: a model for this GPU and shape from about `budget_s` seconds of
+    measurement, after a one-time warm-up of the expert GEMMs (`meta['startup_seconds']`; seconds
+    in a process that has not used CUDA yet, well under a second in one that has).
 
     `num_slots` and `rows_per_gpu` (the dispatcher's local slots and expected rows) centre the
     design on the regime the planner will see; by default 8-32 slots and 4k-32k rows.
