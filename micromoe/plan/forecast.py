@@ -23,7 +23,7 @@ from micromoe.plan.checks import positive_int
 from micromoe.plan.density import balance_ratio
 from micromoe.plan.layouts import integer_loads
 from micromoe.plan.placement import Placement
-from micromoe.plan.timed import SlotCostModel, check_cost_model
+from micromoe.plan.timed import TOKEN_SLACK, SlotCostModel, check_cost_model
 from micromoe.plan.timed_layouts import EVEN_MARGIN, time_aware_slots, time_score
 
 
@@ -134,8 +134,12 @@ def decide_replacement(
     """Replace when the current score exceeds `threshold` and a new load-aware placement with the
     same GPUs and slots improves it by at least `min_gain`. Deterministic for a given seed.
 
-    With `cost`, scores are predicted times (`placement_score`) and the candidate is the best of
-    `timed_layouts.time_aware_slots` (num_samples // 4 GPU samples for each replica budget).
+    With `cost`, scores are predicted times (`placement_score`) and the candidates are the best of
+    `timed_layouts.time_aware_slots` (num_samples // 4 GPU samples for each replica budget) and the
+    token-balanced load-aware layout. A candidate must also keep tokens balanced: its T*/mean may
+    not exceed max(1 + TOKEN_SLACK, the current placement's), since tokens are all-to-all volume,
+    which the model does not cost (a layout that only saves GEMM groups can leave one GPU with far
+    more tokens once loads move).
     `samples` (recent per-micro-batch loads, float [E] each): placements are scored by their mean
     score over these instead of on the forecast alone, which favours layouts that stay balanced
     when loads move; `alternatives`: more candidates (e.g. the symmetric layout) scored the same way.
@@ -153,16 +157,28 @@ def decide_replacement(
     if current_score <= threshold:
         why = f"kept: {unit} {current_score:.4f} <= threshold {threshold:.4f}"
         return Replacement(False, current_score, current_score, current, why)
-    candidate = _load_aware(forecast, current, cost, seed, num_samples, even_margin)
-    new_score = score(candidate)
-    for alt in alternatives:
-        if alt != current and alt != candidate and (alt_score := score(alt)) < new_score:
-            candidate, new_score = alt, alt_score
+    candidates = [_load_aware(forecast, current, cost, seed, num_samples, even_margin)]
+    if cost is not None:
+        candidates.append(_load_aware(forecast, current, None, seed, num_samples, even_margin))
+        token_cap = max(1.0 + TOKEN_SLACK, _token_score(current, loads))
+        candidates = [c for c in candidates if _token_score(c, loads) <= token_cap]
+    scored = [(score(c), i, c) for i, c in enumerate([*candidates, *alternatives]) if c != current]
+    if not scored:
+        why = f"kept: {unit} {current_score:.4f}; no other placement" + (
+            f" keeps T*/mean within {token_cap:.4f}" if cost is not None else ""
+        )
+        return Replacement(False, current_score, current_score, current, why)
+    new_score, _, candidate = min(scored, key=lambda t: t[:2])  # ties: the earlier candidate
     if new_score <= current_score - min_gain:
         why = f"{unit} {current_score:.4f} > threshold {threshold:.4f}; new placement {new_score:.4f}"
         return Replacement(True, current_score, new_score, candidate, why)
     why = f"kept: {unit} {current_score:.4f}, best new {new_score:.4f} gains < min_gain {min_gain}"
     return Replacement(False, current_score, new_score, current, why)
+
+
+def _token_score(placement: Placement, loads: Sequence[npt.ArrayLike]) -> float:
+    """Mean T*/mean over loads (float [E] each): how evenly the placement can spread the tokens."""
+    return float(np.mean([balance_ratio(integer_loads(np.asarray(x, np.float64)), placement) for x in loads]))
 
 
 def initial_placement(

@@ -276,7 +276,7 @@ class MicroEPAdaptive(MicroEP):
     def info(self) -> dict[str, Any]:
         return {
             **super().info(),
-            "replacements": len(self._policy.events),
+            "replacements": sum(e.rule != "history" for e in self._policy.events),  # the start is no move
             "ar_interval": self.cfg.ar_interval,
             "replacement_log": [
                 {"layer": e.layer, "micro_batch": e.micro_batch, "rule": e.rule, "reason": e.reason}
