@@ -26,6 +26,10 @@ from micromoe.plan.placement import Placement
 from micromoe.plan.timed import TOKEN_SLACK, SlotCostModel, check_cost_model
 from micromoe.plan.timed_layouts import EVEN_MARGIN, time_aware_slots, time_score
 
+# micro-batches a check scores placements over: with 4, replacements chased noise (on a training
+# run's routing log, twice as many moves for the same predicted time; docs/RESULTS.md)
+REPLACE_WINDOW = 8
+
 
 class LoadTracker:
     """Exponential moving average of per-expert load, one row per layer.
@@ -264,7 +268,7 @@ class ReplacementPolicy:
         trigger_after: int = 3,
         cooldown: int = 4,
         warmup: int = 2,
-        window: int = 4,
+        window: int = REPLACE_WINDOW,
         decay: float = 0.9,
         seed: int = 0,
         num_samples: int = 32,

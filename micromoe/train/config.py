@@ -10,6 +10,8 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from micromoe.plan.forecast import REPLACE_WINDOW
+
 Dispatcher = Literal["ep", "microep"]
 PlacementKind = Literal["symmetric", "random", "asymmetric"]
 
@@ -56,7 +58,7 @@ class TrainConfig:
     replace_trigger_after: int = 3  # consecutive imbalanced micro-batches that trigger a check
     replace_cooldown: int = 4  # micro-batches after a replacement without another
     replace_warmup: int = 2  # micro-batches before the cold-start placement
-    replace_window: int = 4  # a check scores placements over this many recent micro-batches
+    replace_window: int = REPLACE_WINDOW  # a check scores placements over this many recent micro-batches
     replace_min_gain: float = 0.01  # a new placement must lower the score by this much
     cost_model: str | None = None  # MicroEP plans for predicted GPU time (runtime's cost-model spec)
     timeout: float = 300.0

@@ -35,7 +35,7 @@ import torch.distributed as dist
 
 from micromoe.plan import Placement, ReplacementPolicy, placement_score
 from micromoe.plan.cost import CostModel
-from micromoe.plan.forecast import ReplacementEvent
+from micromoe.plan.forecast import REPLACE_WINDOW, ReplacementEvent
 from micromoe.plan.timed import SlotCostModel
 from micromoe.runtime.migrate import GroupCache, MigrationStats, migrate_layer, placement_hash
 from micromoe.train.parallel import ParallelState
@@ -103,7 +103,7 @@ class AdaptiveReplacement:
         trigger_after: int = 3,
         cooldown: int = 4,
         warmup: int = 2,
-        window: int = 4,
+        window: int = REPLACE_WINDOW,
         min_gain: float = 0.01,
         decay: float = 0.9,
         seed: int = 0,
