@@ -146,3 +146,21 @@ def test_bad_cost_model_is_a_clear_error(tmp_path, capsys):
     assert "bad.json" in capsys.readouterr().err
     assert main(["simulate", *SMALL, "--cost-model", "h100-1x1"]) == 2
     assert "neither a file nor a bundled name" in capsys.readouterr().err
+
+
+def _png_size(path: Path) -> tuple[int, int]:
+    head = path.read_bytes()[:24]
+    assert head[:8] == b"\x89PNG\r\n\x1a\n"
+    return int.from_bytes(head[16:20], "big"), int.from_bytes(head[20:24], "big")
+
+
+def test_plot_adds_a_predicted_time_row_with_a_cost_model(tmp_path, capsys):
+    """--plot with --cost-model draws the token row and a second row of predicted slowest-GPU time."""
+    model_path = tmp_path / "m.json"
+    MODEL.save(model_path)
+    tokens_png, timed_png = tmp_path / "tokens.png", tmp_path / "timed.png"
+    assert main(["simulate", *SMALL, "--plot", str(tokens_png)]) == 0
+    assert main(["simulate", *SMALL, "--cost-model", str(model_path), "--plot", str(timed_png)]) == 0
+    capsys.readouterr()
+    (w1, h1), (w2, h2) = _png_size(tokens_png), _png_size(timed_png)
+    assert w1 == w2 and h2 == pytest.approx(2 * h1, rel=0.05)

@@ -248,6 +248,7 @@ def run(args: argparse.Namespace) -> int:
             x_label="Zipf s" if zipf else "workload",
             title=_title(config),
             layer_ids=_layer_ids(workloads),
+            timed=cost is not None,
         )
         log.info("wrote %s", args.plot)
     return 0

@@ -1,16 +1,19 @@
 """Figures of a simulation (matplotlib, Agg backend: no display needed).
 
-Panels: (1) distribution of max/mean GPU load per balancer (ECDF over all (micro-batch, layer)
-samples); (2) mean max/mean per layer; (3) with several workloads, mean max/mean per workload
-(against the Zipf exponent for --zipf runs: the paper's balance figure).
+One row of panels for max/mean GPU load, and with a cost model a second row for the predicted
+slowest-GPU expert time (what a step waits for): (1) its distribution per balancer (ECDF over all
+(micro-batch, layer) samples); (2) its mean per layer; (3) with several workloads, its mean per
+workload (against the Zipf exponent for --zipf runs: the paper's balance figure).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 
+from micromoe.sim.metrics import Samples
 from micromoe.sim.runner import WorkloadResult, pooled
 
 STYLE = {
@@ -32,27 +35,61 @@ def plot_results(
     x_label: str = "workload",
     title: str = "",
     layer_ids: list[int] | None = None,
+    timed: bool = False,
 ) -> None:
     """Write the figure to `path` (format from its suffix, e.g. .png, .pdf, .svg).
 
     layer_ids: the per-layer panel's x values (a routing log's own layer ids; default 0..L-1).
+    timed: the run had a cost model: add the row of predicted slowest-GPU time.
     Samples without tokens (NaN ratio) are left out.
     """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    multi = len(results) > 1
+    rows = [("max / mean GPU load", "max/mean", lambda s: s.ratios(num_gpus))]
+    if timed:
+        rows.append(("predicted slowest-GPU expert time (ms)", "time", _time_ms))
+    fig, axes = plt.subplots(
+        len(rows), 3 if multi else 2, figsize=(16 if multi else 11, 4.2 * len(rows)), squeeze=False
+    )
+    for ax_row, (label, short, metric) in zip(axes, rows, strict=True):
+        _metric_row(ax_row, results, metric, label, short, x_values, x_label, layer_ids)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _time_ms(s: Samples) -> np.ndarray:
+    """Predicted slowest-GPU time in ms [M, L] (NaN for samples without tokens)."""
+    return np.where(s.total > 0, s.time_max_us / 1e3, np.nan)
+
+
+def _metric_row(
+    axes,
+    results: list[WorkloadResult],
+    metric: Callable[[Samples], np.ndarray],
+    label: str,
+    short: str,
+    x_values: list[float] | None,
+    x_label: str,
+    layer_ids: list[int] | None,
+) -> None:
+    """One row of panels for `metric` (Samples -> float [M, L]): ECDF, per layer, per workload."""
     from matplotlib.ticker import MaxNLocator
 
     multi = len(results) > 1
-    fig, axes = plt.subplots(1, 3 if multi else 2, figsize=(16 if multi else 11, 4.2))
-    pool = pooled(results)
-    for name, s in pool.items():
+    for name, s in pooled(results).items():
         color, marker = STYLE.get(name, ("gray", "x"))
-        r = np.sort(s.ratios(num_gpus).ravel())
+        values = metric(s)
+        r = np.sort(values.ravel())
         r = r[np.isfinite(r)]
         axes[0].step(r, np.arange(1, r.size + 1) / max(r.size, 1), where="post", color=color, label=name)
-        per_layer = _nanmean(s.ratios(num_gpus), axis=0)
+        per_layer = _nanmean(values, axis=0)
         if per_layer.size > 1:
             xs = (
                 layer_ids
@@ -63,27 +100,22 @@ def plot_results(
         else:
             axes[1].bar(name, per_layer[0], color=color)
         if multi:
-            ys = [_nanmean(r_.samples[name].ratios(num_gpus)) for r_ in results]
+            ys = [_nanmean(metric(r_.samples[name])) for r_ in results]
             xs = x_values if x_values is not None else list(range(len(results)))
             axes[2].plot(xs, ys, color=color, marker=marker, label=name)
-    axes[0].set(xlabel="max / mean GPU load", ylabel="share of (micro-batch, layer) samples <= x")
-    axes[0].set_title("distribution of max/mean")
-    axes[1].set(xlabel="layer", ylabel="mean max / mean GPU load")
+    axes[0].set(xlabel=label, ylabel="share of (micro-batch, layer) samples <= x")
+    axes[0].set_title(f"distribution of {short}")
+    axes[1].set(xlabel="layer", ylabel=f"mean {label}")
     axes[1].xaxis.set_major_locator(MaxNLocator(integer=True))
     axes[1].set_title("per layer")
     if multi:
-        axes[2].set(xlabel=x_label, ylabel="mean max / mean GPU load")
+        axes[2].set(xlabel=x_label, ylabel=f"mean {label}")
         axes[2].set_title(f"by {x_label}")
         if x_values is None:
             axes[2].set_xticks(range(len(results)), [r.name for r in results], rotation=20, fontsize=8)
     for ax in axes:
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
-    if title:
-        fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 def _nanmean(a: np.ndarray, axis: int | None = None) -> np.ndarray:
