@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 import subprocess
 import sys
@@ -289,3 +290,61 @@ def test_schedule_with_cost_routes_the_time_plan():
     assert (plan.quota[~held] == 0).all()
     with pytest.raises(ValueError, match="cost must be"):
         schedule(counts, p, cost="h200")
+
+
+def _compositions(n: int, k: int):
+    if k == 1:
+        yield (n,)
+        return
+    for i in range(n + 1):
+        for rest in _compositions(n - i, k - 1):
+            yield (i, *rest)
+
+
+def _brute_force_min_max(load, p, cm) -> float:
+    """The optimal slowest-GPU time by enumerating every split of every expert over its replicas."""
+    splits = [
+        list(_compositions(int(load[e]), int(p.host_ptr[e + 1] - p.host_ptr[e])))
+        for e in range(p.num_experts)
+    ]
+    best = np.inf
+    for choice in itertools.product(*splits):
+        x = np.fromiter(itertools.chain.from_iterable(choice), dtype=np.int64)
+        best = min(best, float(cm.predict(rows_per_slot(x, p)).max()))
+    return best
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.integers(0, 2**31 - 1))
+def test_lower_bound_is_valid_for_every_cost_term(seed):
+    """The reported lower bound never exceeds the true optimum (brute force on tiny instances), for
+    models with every term, including the convex n log n and big-slot terms, under which splitting
+    an expert costs less than running it whole (so f(load) alone is no bound)."""
+    rng = np.random.default_rng(seed)
+    g, e, reps, top = [(2, 2, 2, 11), (2, 3, 2, 4), (3, 3, 3, 1), (4, 4, 2, 1)][rng.integers(4)]
+    p = Placement.random(g, e, reps, seed=seed)
+    tile = int(rng.choice([2, 4, 8]))
+    terms = ["c_row", "c_tile", "c_active", "c_nlogn", "c_half_tile", "c_head", "c_big"]
+    coef = {t: float(rng.choice([0.0, rng.uniform(0.05, 2.0)])) for t in terms}
+    cm = CostModel(fixed_us=1.0, max_row_us=float(rng.choice([0.0, 0.3])), tile=tile, **coef)
+    counts = rng.integers(0, top + 1, size=(g, e)).astype(np.int64)
+    plan, tq = _timed(counts, p, cm, token_slack=None)
+    opt = _brute_force_min_max(counts.sum(axis=0), p, cm)
+    assert tq.lower_bound_us <= opt * (1 + 1e-9) + 1e-9
+    assert tq.max_us >= opt * (1 - 1e-9) - 1e-9  # no plan beats the optimum
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(0, 2**31 - 1))
+def test_convex_part_splits_f_into_convex_and_subadditive(seed):
+    """`convex_slot_cost_table`: c(0) = 0, c convex, f - c subadditive (what the bound relies on)."""
+    rng = np.random.default_rng(seed)
+    terms = ["c_row", "c_tile", "c_active", "c_nlogn", "c_half_tile", "c_head", "c_big"]
+    coef = {t: float(rng.choice([0.0, rng.uniform(0.0, 3.0)])) for t in terms}
+    cm = CostModel(fixed_us=0.0, max_row_us=0.0, tile=int(rng.choice([4, 16, 128])), **coef)
+    n = 600
+    f, c = cm.slot_cost_table(n), cm.convex_slot_cost_table(n)
+    assert c[0] == 0 and np.all(np.diff(c, 2) >= -1e-9)
+    s = f - c
+    a, b = rng.integers(0, n // 2, size=(2, 500))
+    assert np.all(s[a + b] <= s[a] + s[b] + 1e-9)

@@ -28,7 +28,7 @@ from __future__ import annotations
 import itertools
 import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -119,6 +119,13 @@ class CostModel:
         if max_rows < 0:
             raise ValueError(f"max_rows must be >= 0, got {max_rows}")
         return self.slot_cost(np.arange(max_rows + 1, dtype=np.int64))
+
+    def convex_slot_cost_table(self, max_rows: int) -> FloatArray:
+        """The convex part of f, c(n) = c_nlogn n log2 n + c_big max(0, n - 4 tile), for n = 0..max_rows
+        (float64 [max_rows + 1]). f - c is subadditive (f(a + b) <= f(a) + f(b)); c is not: splitting
+        a slot lowers it, which a lower bound on any plan's time must allow for."""
+        convex_only = replace(self, c_row=0.0, c_tile=0.0, c_active=0.0, c_half_tile=0.0, c_head=0.0, meta={})
+        return convex_only.slot_cost_table(max_rows)
 
     def slot_cost_table_int(self, max_rows: int, units_per_us: float) -> IntArray:
         """f(0..max_rows) as int64 [max_rows + 1] in units of 1 / `units_per_us` us, bit-identical

@@ -81,7 +81,8 @@ class _Tables:
     m_us: float
     m_int: int
     lin: FloatArray  # [2, 2] rows (a, b): f(n) >= a * n + b for n >= 1
-    subadditive: bool  # f(a + b) <= f(a) + f(b): true of CostModel's form (non-negative coefficients)
+    convex_us: FloatArray  # c(0..N): the convex part of f (CostModel's n log n and big-slot terms)
+    subadditive: bool  # f - c is subadditive, f(a + b) - c(a + b) <= ...: true of CostModel's form
 
 
 _CACHE: dict[int, tuple[Any, _Tables]] = {}
@@ -135,9 +136,10 @@ def cost_tables(cost: SlotCostModel, max_rows: int) -> _Tables:
         m_us=m_us,
         m_int=int(round(m_us * FIXED_POINT)),
         lin=_linear_minorants(f),
+        convex_us=cost.convex_slot_cost_table(n) if isinstance(cost, CostModel) else np.zeros(n + 1),
         subadditive=isinstance(cost, CostModel),
     )
-    for a in (tables.f_us, tables.f_int, tables.lin):
+    for a in (tables.f_us, tables.f_int, tables.lin, tables.convex_us):
         a.setflags(write=False)
     if len(_CACHE) >= 16:
         _CACHE.pop(next(iter(_CACHE)))
@@ -226,6 +228,7 @@ def time_replica_quota(
         base,
         mean_cap,
         tables.lin,
+        tables.convex_us,
         tables.subadditive,
         cert,
         p.graph,

@@ -67,15 +67,17 @@ def predict_times(x, off_us, f_us, m_us, gpu_ptr, gpu_replica):
 
 
 @njit
-def lower_bound_us(load, off_us, f_us, m_us, lin, subadditive, cert, graph):
+def lower_bound_us(load, off_us, f_us, conv_us, m_us, lin, subadditive, cert, graph):
     """A valid lower bound (us, fixed term excluded) on the slowest GPU's time of any plan.
 
     Args: load int64 [E]; off_us float64 [G]; f_us float64 [N+1] (N >= max load); m_us float;
-    lin float64 [2, 2]: rows (a, b) with f(n) >= a * n + b for every n >= 1; subadditive: f(a + b)
-    <= f(a) + f(b) holds (true of the cost model's form), so no split of an expert's load costs
-    less than f(load); cert bool [G]: a GPU set (the token plan's Hall set). The best of:
+    lin float64 [2, 2]: rows (a, b) with f(n) >= a * n + b for every n >= 1; conv_us float64
+    [N+1]: a convex part c of f with c(0) = 0 (zeros if none); subadditive: f - c is subadditive
+    (true of the cost model's form), so no split of an expert's load over its k replicas costs
+    less than (f - c)(load) + c at the most even split into k pieces (convexity); cert bool [G]: a
+    GPU set (the token plan's Hall set). The best of:
       - every GPU set S in {all GPUs, cert}: the experts with all replicas in S run there, each
-        costs >= a * load + b (>= f(load) when subadditive); S's GPUs hold at most max
+        costs >= a * load + b (>= the split bound above when subadditive); S's GPUs hold at most max
         replicas-per-GPU slots each, so their largest slots sum to >= load / that; the slowest
         GPU of S is >= the mean;
       - every GPU alone: the experts that have only this replica (their whole load, f exact);
@@ -112,7 +114,11 @@ def lower_bound_us(load, off_us, f_us, m_us, lin, subadditive, cert, graph):
             if ok and load[e] > 0:
                 inside += load[e]
                 active += 1
-                whole += f_us[load[e]]
+                k = host_ptr[e + 1] - host_ptr[e]
+                q, rem = load[e] // k, load[e] % k
+                whole += f_us[load[e]] - conv_us[load[e]] + (k - rem) * conv_us[q]
+                if rem > 0:
+                    whole += rem * conv_us[q + 1]
         for i in range(lin.shape[0] + 1):
             if i < lin.shape[0]:
                 work = lin[i, 0] * inside + lin[i, 1] * active

@@ -277,14 +277,29 @@ def _refresh(g, t, mx, x, off, f, m, gpu_ptr, gpu_replica):
 
 @njit
 def timed_plan(
-    counts, x, off, off_us, f, f_us, m, m_us, base, mean_cap, lin, subadditive, cert, graph, max_steps
+    counts,
+    x,
+    off,
+    off_us,
+    f,
+    f_us,
+    m,
+    m_us,
+    base,
+    mean_cap,
+    lin,
+    conv_us,
+    subadditive,
+    cert,
+    graph,
+    max_steps,
 ):
     """The whole time-aware pass in one compiled call (see `timed.time_replica_quota`).
 
     Args: counts int64 [G, E]; x int64 [R] the token quota (modified in place); off/off_us
     int64/float64 [G] per-GPU offsets; f/f_us int64/float64 [N+1] slot-cost tables; m/m_us the
     max-slot coefficient; base int64 [G] tokens a GPU already has; mean_cap: no GPU's tokens may
-    grow above max(mean_cap, the token plan's max load); lin, subadditive, cert as in
+    grow above max(mean_cap, the token plan's max load); lin, conv_us, subadditive, cert as in
     `lower_bound_us`; max_steps per search. Returns (x [R], predicted_us [G], token_predicted_us [G], lower_bound_us, steps).
     """
     host_ptr, host_gpu, gpu_ptr, gpu_replica, replica_expert = graph
@@ -304,7 +319,7 @@ def timed_plan(
     else:  # even out the splits where the model allows it for free (timed_smooth.py)
         smooth_splits(x, load, off, f, m, base, tok_cap, graph, SMOOTH_PASSES)
     out_us = predict_times(x, off_us, f_us, m_us, gpu_ptr, gpu_replica)
-    bound = lower_bound_us(load, off_us, f_us, m_us, lin, subadditive, cert, graph)
+    bound = lower_bound_us(load, off_us, f_us, conv_us, m_us, lin, subadditive, cert, graph)
     return x, out_us, token_us, bound, steps
 
 
