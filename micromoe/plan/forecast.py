@@ -164,9 +164,11 @@ def decide_replacement(
     candidates = [_load_aware(forecast, current, cost, seed, num_samples, even_margin)]
     if cost is not None:
         candidates.append(_load_aware(forecast, current, None, seed, num_samples, even_margin))
+    candidates = [c for c in [*candidates, *alternatives] if c != current]
+    if cost is not None:
         token_cap = max(1.0 + TOKEN_SLACK, _token_score(current, loads))
         candidates = [c for c in candidates if _token_score(c, loads) <= token_cap]
-    scored = [(score(c), i, c) for i, c in enumerate([*candidates, *alternatives]) if c != current]
+    scored = [(score(c), i, c) for i, c in enumerate(candidates)]
     if not scored:
         why = f"kept: {unit} {current_score:.4f}; no other placement" + (
             f" keeps T*/mean within {token_cap:.4f}" if cost is not None else ""
