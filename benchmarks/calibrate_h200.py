@@ -25,8 +25,8 @@ import numpy as np
 import torch
 from bench_emulated import ideal_rows, padded, predictions, summarize  # benchmarks/ is on sys.path
 
-from micromoe.plan.cost import BUNDLED_DIR, CostModel, bundled_name, fit_cost_model, relative_errors
-from micromoe.runtime.calibrate import Samples, calibrate, fit_samples
+from micromoe.plan.cost import BUNDLED_DIR, CostModel, bundled_name, fit_cost_model
+from micromoe.runtime.calibrate import Samples, calibrate, fit_samples, heldout_errors
 
 # (hidden, ffn, local slot counts, rows per GPU): what the model is, in the comment
 SHAPES = [
@@ -77,14 +77,7 @@ def joint_fit(samples: Samples, emulated: list, tile: int, meta: dict) -> CostMo
     model = fit_cost_model(
         rows, times, tile=tile, meta=meta, num_slots_N=slots, weights_N=weights, shape_terms=True
     )
-    test = samples.heldout
-    err = relative_errors(model, samples.rows[test], samples.times_us[test], samples.slots[test])
-    heldout = {
-        "samples": int(test.sum()),
-        "median_rel_err": float(np.median(err)),
-        "p90_rel_err": float(np.quantile(err, 0.9)),
-        "max_rel_err": float(err.max()),
-    }
+    heldout = heldout_errors(model, samples)
     workloads = sorted({e[0] for e in emulated})
     meta_out = {
         **model.meta,

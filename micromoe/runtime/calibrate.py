@@ -252,7 +252,7 @@ def _max_rows(slot_counts: Sequence[int], totals: Sequence[int]) -> int:
 
 def fit_samples(samples: Samples, *, meta: dict) -> CostModel:
     """Fit on the non-held-out samples (best of TILES in-sample), record held-out errors in meta."""
-    train, test = ~samples.heldout, samples.heldout
+    train = ~samples.heldout
     fits = [
         fit_cost_model(
             samples.rows[train], samples.times_us[train], tile=t, meta=meta, num_slots_N=samples.slots[train]
@@ -260,14 +260,19 @@ def fit_samples(samples: Samples, *, meta: dict) -> CostModel:
         for t in TILES
     ]
     model = min(fits, key=lambda m: m.meta["fit"]["median_rel_err"])
+    return CostModel(**{**model.__dict__, "meta": {**model.meta, "heldout": heldout_errors(model, samples)}})
+
+
+def heldout_errors(model: CostModel, samples: Samples) -> dict[str, float | int]:
+    """The model's relative errors on the held-out samples: count, median, p90 and max."""
+    test = samples.heldout
     err = relative_errors(model, samples.rows[test], samples.times_us[test], samples.slots[test])
-    heldout = {
+    return {
         "samples": int(test.sum()),
         "median_rel_err": float(np.median(err)),
         "p90_rel_err": float(np.quantile(err, 0.9)),
         "max_rel_err": float(err.max()),
     }
-    return CostModel(**{**model.__dict__, "meta": {**model.meta, "heldout": heldout}})
 
 
 def environment(device: torch.device) -> dict:
