@@ -1,6 +1,6 @@
 """Measure the bundled cost models: `micromoe calibrate` for every shape we ship, in one process.
 
-    PYTHONPATH=. python3 benchmarks/calibrate_h200.py --out OUT.json [--budget-s 25]
+    PYTHONPATH=. python3 benchmarks/calibrate_gpu.py --out OUT.json [--budget-s 25]
 
 Writes one JSON {name: {"model": ..., "samples": ...}} (split into
 micromoe/data/cost_models/<name>.json by `--install`).
