@@ -4,8 +4,10 @@ Each launch runs many cases (process start-up dominates the cost). For every cas
 forward output, input gradient, router gradient and every expert gradient equal the dense
 reference (float32, rel err <= 1e-5); the gathered counts, per-slot loads and planned per-GPU
 loads agree; a token-identity probe shows every (token, expert) pair reached exactly one replica of
-the right expert; after SGD steps all replicas of each expert are bit-identical and match the
-reference trained on the same batches.
+the right expert; every expert is owned by exactly one rank of each MicroEP group; after SGD steps
+the owners of each expert (one per MicroEP group) are bit-identical and match the reference
+trained on the same batches; with `gather="step"` and two micro-batches per step the gradients are
+those of one step over both.
 """
 
 from __future__ import annotations
@@ -74,7 +76,7 @@ def _my_slice(rank: int) -> slice:
     return slice(start, start + _num_tokens(rank))
 
 
-def _build(rank: int, world: int, case: Case):
+def _build(rank: int, world: int, case: Case, gather: str = "micro"):
     layout = ParallelLayout(world, world, case.ep, case.merge)
     placement = _placement(case, layout.microep_size)
     groups = build_process_groups(layout, placement, rank)
@@ -85,7 +87,7 @@ def _build(rank: int, world: int, case: Case):
         "w_gate_up": layer.experts.w_gate_up.detach().clone(),
         "w_down": layer.experts.w_down.detach().clone(),
     }
-    apply_expert_parallel(layer, groups, case.dispatcher)
+    apply_expert_parallel(layer, groups, case.dispatcher, gather=gather)
     return groups, layer, ref
 
 
@@ -99,6 +101,7 @@ def _reference(ref, x, expert, coef, world):
 
 def _check_case(rank: int, world: int, case: Case) -> None:
     groups, layer, ref = _build(rank, world, case)
+    _check_ownership(layer, groups, world)
     sl = _my_slice(rank)
     for i, skew in enumerate(case.skews):
         x, expert, coef = _global_batch(world, case.num_experts, skew, seed=100 + i)
@@ -112,13 +115,22 @@ def _check_case(rank: int, world: int, case: Case) -> None:
         assert rel_err(y.detach(), y_ref[sl]) <= TOL, f"forward {where}"
         assert rel_err(xr.grad, gx_ref[sl] * world) <= TOL, f"input grad {where}"
         assert rel_err(layer.router.weight.grad, g_ref["router"]) <= TOL, f"router grad {where}"
-        for j, e in enumerate(groups.local_slots):
-            if e >= 0:
-                for name in ("w_gate_up", "w_down"):
-                    got = getattr(layer.experts, name).grad[j]
-                    assert rel_err(got, g_ref[name][e]) <= TOL, f"{name} grad of expert {e} {where}"
+        for j, e in enumerate(layer.experts.owned):
+            for name in ("w_gate_up", "w_down"):
+                got = getattr(layer.experts, name).grad[j]
+                assert rel_err(got, g_ref[name][e]) <= TOL, f"{name} grad of expert {e} {where}"
         _check_counters(layer, groups, expert, world)
         _check_token_identity(layer, groups, expert, world, rank)
+
+
+def _check_ownership(layer: MoELayer, groups, world: int) -> None:
+    """Each MicroEP group owns every expert exactly once; owners hold the reference's rows."""
+    everyone: list = [None] * world
+    dist.all_gather_object(everyone, layer.experts.owned)  # collective (world)
+    size = groups.layout.microep_size
+    for first in range(0, world, size):
+        owned = sorted(e for r in range(first, first + size) for e in everyone[r])
+        assert owned == list(range(groups.placement.num_experts)), f"group at rank {first} owns {owned}"
 
 
 def _group_counts(groups, expert: torch.Tensor, world: int) -> np.ndarray:
@@ -182,36 +194,37 @@ def _check_token_identity(layer: MoELayer, groups, expert: torch.Tensor, world: 
     assert got == want, "some (token, expert) pair was lost or computed twice"
 
 
-def _check_training(rank: int, world: int, case: Case) -> None:
-    """SGD steps with synced gradients: replicas stay bit-identical and follow the reference."""
-    groups, layer, ref = _build(rank, world, case)
+def _check_training(rank: int, world: int, case: Case, gather: str = "micro", micro: int = 1) -> None:
+    """SGD steps with synced gradients (`micro` micro-batches per step): the owners of every expert
+    stay bit-identical and follow the reference."""
+    groups, layer, ref = _build(rank, world, case, gather=gather)
     ref = {k: v.clone().requires_grad_(True) for k, v in ref.items()}
     opt = torch.optim.SGD(layer.parameters(), lr=0.5, momentum=0.9)
     ref_opt = torch.optim.SGD(ref.values(), lr=0.5, momentum=0.9)
     sl = _my_slice(rank)
     for step in range(3):
-        x, expert, coef = _global_batch(world, case.num_experts, 1.5, seed=200 + step)
         opt.zero_grad()
-        (layer(x[sl], forced_expert=expert[sl]) * coef[sl]).sum().backward()
+        ref_opt.zero_grad()
+        for m in range(micro):
+            x, expert, coef = _global_batch(world, case.num_experts, 1.5, seed=200 + 10 * step + m)
+            (layer(x[sl], forced_expert=expert[sl]) * coef[sl]).sum().backward()
+            y = dense_moe(x, ref["router"], ref["w_gate_up"], ref["w_down"], expert)
+            ((y * coef).sum() / world).backward()
         sync_gradients(layer, groups)
         opt.step()
-        ref_opt.zero_grad()
-        y = dense_moe(x, ref["router"], ref["w_gate_up"], ref["w_down"], expert)
-        ((y * coef).sum() / world).backward()
         ref_opt.step()
     digests = {"router": hashlib.sha256(layer.router.weight.detach().numpy().tobytes()).hexdigest()}
-    for j, e in enumerate(groups.local_slots):
-        if e >= 0:
-            w = [layer.experts.w_gate_up[j], layer.experts.w_down[j]]
-            digests[e] = hashlib.sha256(b"".join(t.detach().numpy().tobytes() for t in w)).hexdigest()
-            assert rel_err(layer.experts.w_down[j].detach(), ref["w_down"][e].detach()) <= 1e-4
-            assert rel_err(layer.experts.w_gate_up[j].detach(), ref["w_gate_up"][e].detach()) <= 1e-4
+    for j, e in enumerate(layer.experts.owned):
+        w = [layer.experts.w_gate_up[j], layer.experts.w_down[j]]
+        digests[e] = hashlib.sha256(b"".join(t.detach().numpy().tobytes() for t in w)).hexdigest()
+        assert rel_err(layer.experts.w_down[j].detach(), ref["w_down"][e].detach()) <= 1e-4
+        assert rel_err(layer.experts.w_gate_up[j].detach(), ref["w_gate_up"][e].detach()) <= 1e-4
     assert rel_err(layer.router.weight.detach(), ref["router"].detach()) <= 1e-4
     everyone: list = [None] * world
-    dist.all_gather_object(everyone, digests)  # collective (world): compare replicas
-    for rg in groups.replicas:
-        found = {everyone[r][rg.expert] for r in rg.ranks}
-        assert len(found) == 1, f"replicas of expert {rg.expert} on ranks {rg.ranks} differ"
+    dist.all_gather_object(everyone, digests)  # collective (world): compare the owners' copies
+    for e in range(case.num_experts):
+        found = {d[e] for d in everyone if e in d}
+        assert len(found) == 1, f"the owners of expert {e} differ"
     assert len({everyone[r]["router"] for r in range(world)}) == 1, "dense weights differ across DP"
 
 
@@ -220,6 +233,7 @@ def _worker(rank: int, world: int, cases: list[Case], train_cases: list[Case]) -
         _check_case(rank, world, case)
     for case in train_cases:
         _check_training(rank, world, case)
+        _check_training(rank, world, case, gather="step", micro=2)
     return len(cases)
 
 

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from micromoe.runtime import MoEConfig, MoELayer
 
@@ -189,10 +190,15 @@ class DenseSwiGLU(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-norm transformer block; `ffn` is a `DenseSwiGLU` or an `MoELayer`."""
+    """Pre-norm transformer block; `ffn` is a `DenseSwiGLU` or an `MoELayer`.
+
+    `recompute` (activation checkpointing, set by `model.parallel.apply_activation_checkpointing`):
+    "none" keeps every activation for the backward, "full" recomputes the whole block in the
+    backward, "moe" only its MoE FFN (token dispatch and expert GEMMs, the largest activations)."""
 
     def __init__(self, cfg: ModelConfig, moe: bool) -> None:
         super().__init__()
+        self.recompute = "none"
         self.attn_norm = RMSNorm(cfg.hidden, cfg.norm_eps)
         self.attn = Attention(cfg)
         self.ffn_norm = RMSNorm(cfg.hidden, cfg.norm_eps)
@@ -201,10 +207,23 @@ class Block(nn.Module):
 
     def forward(self, x: torch.Tensor, rope: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """x [B, T, C] -> ([B, T, C], the MoE layer's aux loss or None)."""
+        if self.recompute == "full" and torch.is_grad_enabled():
+            return checkpoint(self._forward, x, rope, use_reentrant=False)
+        return self._forward(x, rope)
+
+    def _forward(self, x: torch.Tensor, rope: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         x = x + self.attn(self.attn_norm(x), rope)
-        x = x + self.ffn(self.ffn_norm(x))
-        aux = self.ffn.last_stats.aux_loss if isinstance(self.ffn, MoELayer) else None
-        return x, aux
+        if not isinstance(self.ffn, MoELayer):
+            return x + self.ffn(self.ffn_norm(x)), None
+        if self.recompute == "moe" and torch.is_grad_enabled():
+            y, aux = checkpoint(self._moe, self.ffn_norm(x), use_reentrant=False)
+        else:
+            y, aux = self._moe(self.ffn_norm(x))
+        return x + y, aux
+
+    def _moe(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        y = self.ffn(h)
+        return y, self.ffn.last_stats.aux_loss
 
 
 class MoETransformer(nn.Module):
@@ -221,6 +240,14 @@ class MoETransformer(nn.Module):
             self.head.weight = self.embed.weight
         self.register_buffer("rope", rope_table(cfg.seq_len, cfg.dim_head, cfg.rope_theta), persistent=False)
         self._init_weights()
+
+    @torch.no_grad()
+    def reset_buffers(self) -> None:
+        """Compute the buffers again (after `to_empty`): the RoPE table, zero expert biases."""
+        self.rope = rope_table(self.cfg.seq_len, self.cfg.dim_head, self.cfg.rope_theta).to(self.rope.device)
+        for layer in self.moe_layers():
+            if layer.router.expert_bias is not None:
+                layer.router.expert_bias.zero_()
 
     @torch.no_grad()
     def _init_weights(self) -> None:

@@ -44,15 +44,45 @@ def grouped_mm(
     return torch.cat(parts) if parts else x.new_zeros((0, w.shape[2]))
 
 
+def swiglu_experts(
+    x: torch.Tensor,
+    w_gate_up: torch.Tensor,
+    w_down: torch.Tensor,
+    rows: torch.Tensor,
+    *,
+    offs: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Per slot s: out[rows of s] = (silu(x W_gate[s]) * (x W_up[s])) W_down[s].
+
+    Args:
+        x: [N, H] slot-major rows.
+        w_gate_up: [S, H, 2F]; columns [:F] gate, [F:] up. w_down: [S, F, H].
+        rows: int32/int64 [S] rows per slot. offs: optional int32 [S] = cumsum(rows) on x's
+            device, when the dispatcher already has it (CUDA).
+
+    Returns [N, H]. A zero input row gives a zero output row and zero weight gradients (no
+    biases), so alignment padding is inert.
+    """
+    if offs is None and x.is_cuda:
+        offs = torch.cumsum(rows, 0, dtype=torch.int32)  # group ends, on the device
+    h = grouped_mm(x, w_gate_up, rows, offs=offs)
+    if uses_triton(h):
+        act = swiglu(h)  # one pass each way instead of split + silu + multiply
+    else:
+        gate, up = h.split(w_down.shape[1], dim=1)
+        act = F.silu(gate) * up
+    return grouped_mm(act, w_down, rows, offs=offs)
+
+
 class GroupedSwiGLU(nn.Module):
-    """SwiGLU experts in S local slots: out = (silu(x W_gate) * (x W_up)) W_down, per slot.
+    """All E experts of a layer on one device, as S = E slots of `swiglu_experts`.
 
-    Parameters:
-        w_gate_up: [S, H, 2F]; columns [:F] are the gate projection, [F:] the up projection.
-        w_down: [S, F, H].
+    Parameters (the master weights, in the dtype they were built with):
+        w_gate_up: [E, H, 2F]; columns [:F] are the gate projection, [F:] the up projection.
+        w_down: [E, F, H].
 
-    Rows of an empty slot (no expert) never arrive; its weights stay unused. A zero input row gives
-    a zero output row and zero weight gradients (no biases), so alignment padding is inert.
+    `compute_dtype` (None: the parameters' dtype) is what the GEMMs run in: with float32 masters
+    and bfloat16 compute, each forward casts the weights, and their gradients arrive in float32.
     """
 
     def __init__(
@@ -69,6 +99,7 @@ class GroupedSwiGLU(nn.Module):
         kw = {"device": device, "dtype": dtype}
         self.w_gate_up = nn.Parameter(torch.empty(num_slots, hidden, 2 * ffn_hidden, **kw))
         self.w_down = nn.Parameter(torch.empty(num_slots, ffn_hidden, hidden, **kw))
+        self.compute_dtype: torch.dtype | None = None
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -78,14 +109,6 @@ class GroupedSwiGLU(nn.Module):
     def forward(
         self, x: torch.Tensor, rows: torch.Tensor, *, offs: torch.Tensor | None = None
     ) -> torch.Tensor:
-        """x [N, H] slot-major, rows int32/int64 [S] -> [N, H]. `offs`: optional int32 [S] =
-        cumsum(rows) on x's device, when the dispatcher already has it (CUDA)."""
-        if offs is None and x.is_cuda:
-            offs = torch.cumsum(rows, 0, dtype=torch.int32)  # group ends, on the device
-        h = grouped_mm(x, self.w_gate_up, rows, offs=offs)
-        if uses_triton(h):
-            act = swiglu(h)  # one pass each way instead of split + silu + multiply
-        else:
-            gate, up = h.split(self.ffn_hidden, dim=1)
-            act = F.silu(gate) * up
-        return grouped_mm(act, self.w_down, rows, offs=offs)
+        """x [N, H] slot-major, rows int32/int64 [S] -> [N, H] (see `swiglu_experts`)."""
+        dtype = self.compute_dtype or self.w_down.dtype
+        return swiglu_experts(x, self.w_gate_up.to(dtype), self.w_down.to(dtype), rows, offs=offs)

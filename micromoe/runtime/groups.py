@@ -17,25 +17,11 @@ from micromoe.runtime.timeouts import world_timeout
 
 
 @dataclass(frozen=True)
-class ReplicaGroup:
-    """The ranks holding one expert; its gradient is all-reduced over them.
-
-    Attributes:
-        expert: expert id.
-        slot: the local slot index of every replica (the local-slot rule).
-        ranks: global ranks holding a replica, ascending.
-        group: the process group over `ranks`, or None when this rank is not a member.
-    """
-
-    expert: int
-    slot: int
-    ranks: tuple[int, ...]
-    group: dist.ProcessGroup | None
-
-
-@dataclass(frozen=True)
 class ProcessGroups:
-    """All groups one rank needs for one placement.
+    """All groups one rank needs, and the placement of one MoE layer.
+
+    The groups depend on the layout only, so every MoE layer (and every later placement) shares
+    them; `dataclasses.replace(groups, placement=new)` describes a re-placed layer.
 
     Attributes:
         layout: the validated parallel layout (world size, DP, EP, merge factor).
@@ -43,8 +29,11 @@ class ProcessGroups:
             same in every MicroEP group).
         rank: this process's global rank.
         dp: the group for dense-parameter gradients (all ranks).
-        microep: this rank's MicroEP group (d*EP ranks); the dispatcher's all-to-all runs here.
-        replicas: one `ReplicaGroup` per expert in collective order (slot, then expert id).
+        microep: this rank's MicroEP group (d*EP ranks); the token all-to-alls run here.
+        gather: the same ranks as `microep`, a second group for expert weights and their
+            gradients (so a prefetched gather can run beside the token all-to-alls).
+        expert_dp: the ranks at this rank's position in every MicroEP group: the owners of the
+            same experts, whose master gradients are summed (None when there is one MicroEP group).
     """
 
     layout: ParallelLayout
@@ -52,7 +41,8 @@ class ProcessGroups:
     rank: int
     dp: dist.ProcessGroup
     microep: dist.ProcessGroup
-    replicas: tuple[ReplicaGroup, ...]
+    gather: dist.ProcessGroup
+    expert_dp: dist.ProcessGroup | None
 
     @property
     def microep_rank(self) -> int:
@@ -70,7 +60,8 @@ def build_process_groups(layout: ParallelLayout, placement: Placement, rank: int
 
     Must be called by every rank with identical arguments (except `rank`), after
     `dist.init_process_group`. Raises ValueError before creating any group if the arguments do
-    not fit together.
+    not fit together. The groups do not depend on the placement: build them once and reuse them
+    for every layer (`dataclasses.replace(groups, placement=...)`).
     """
     layout.check_placement(placement)
     if not dist.is_initialized():
@@ -81,30 +72,19 @@ def build_process_groups(layout: ParallelLayout, placement: Placement, rank: int
             f"{layout.world_size}"
         )
     layout.microep_rank(rank)  # validates the rank
-    cache: dict[tuple[int, ...], dist.ProcessGroup | None] = {}
     timeout = world_timeout()  # subgroups do not inherit it by themselves (torch: 30 min)
 
-    def group_of(ranks: list[int]) -> dist.ProcessGroup | None:
-        # collective over the world (every rank calls new_group with the same ranks, in order)
-        key = tuple(ranks)
-        if key not in cache:
-            cache[key] = dist.new_group(list(key), timeout=timeout)
-        return cache[key] if rank in key else None
+    def mine(rank_lists: list[list[int]]) -> dist.ProcessGroup | None:
+        # collective over the world: every rank creates every group, in the same order
+        groups = [dist.new_group(r, timeout=timeout) for r in rank_lists]
+        return next((g for g, r in zip(groups, rank_lists, strict=True) if rank in r), None)
 
-    # the same groups in the same order on every rank: DP, MicroEP groups, replica groups (plain EP
+    # the same groups in the same order on every rank: DP, MicroEP, gather, expert-DP (plain EP
     # needs no group of its own: with merge factor 1 the MicroEP group is the EP group)
-    dp = group_of(layout.dp_ranks())
-    microep = [group_of(r) for r in layout.microep_group_ranks()]
-    replicas = []
-    for expert, _ in placement.replica_groups():  # collective order: (slot, expert)
-        ranks = layout.replica_ranks(placement, expert)
-        slot = int(placement.expert_slot[expert])
-        replicas.append(ReplicaGroup(expert, slot, tuple(ranks), group_of(ranks)))
-    return ProcessGroups(
-        layout=layout,
-        placement=placement,
-        rank=rank,
-        dp=dp,
-        microep=next(g for g in microep if g is not None),
-        replicas=tuple(replicas),
-    )
+    dp = mine([layout.dp_ranks()])
+    microep = mine(layout.microep_group_ranks())
+    gather = mine(layout.microep_group_ranks())
+    size, num = layout.microep_size, layout.num_microep_groups
+    expert_dp = mine([[m * size + q for m in range(num)] for q in range(size)]) if num > 1 else None
+    assert dp is not None and microep is not None and gather is not None
+    return ProcessGroups(layout, placement, rank, dp, microep, gather, expert_dp)

@@ -1,8 +1,9 @@
 """The MoE layer: router, token dispatcher, grouped SwiGLU experts.
 
 Written for one device: built with all E experts in E local slots and the `LocalDispatcher`.
-`parallelize.apply_expert_parallel` turns it into a plain-EP or MicroEP layer (keeps the local
-slots' weights, swaps the dispatcher); nothing else changes.
+`parallelize.apply_expert_parallel` turns it into a plain-EP or MicroEP layer (the experts become
+`OwnedExperts`: this rank's owned masters, local slots gathered from the owners; the dispatcher is
+swapped); nothing else changes.
 Legend: T tokens, H hidden, E experts, K top-k, S local slots, N dispatched rows, G ranks of the
 dispatch group.
 """
@@ -117,7 +118,10 @@ class MoELayer(nn.Module):
             device=device,
             dtype=dtype,
         )
-        self.experts = GroupedSwiGLU(cfg.num_experts, cfg.hidden, cfg.ffn_hidden, device=device, dtype=dtype)
+        # GroupedSwiGLU on one device; apply_expert_parallel swaps in an OwnedExperts
+        self.experts: nn.Module = GroupedSwiGLU(
+            cfg.num_experts, cfg.hidden, cfg.ffn_hidden, device=device, dtype=dtype
+        )
         self.dispatcher: LocalDispatcher = LocalDispatcher(cfg.num_experts)
         self.last_stats: MoEStats | None = None
 

@@ -7,15 +7,18 @@ from __future__ import annotations
 
 from typing import Literal
 
+import numpy as np
+import numpy.typing as npt
 import torch
-from torch import nn
 
+from micromoe.plan.ownership import expert_owners, gather_table
 from micromoe.runtime.cost_select import CostSpec, resolve_cost_model
 from micromoe.runtime.dispatch_ep import EPDispatcher
 from micromoe.runtime.dispatch_local import PhaseTimer
 from micromoe.runtime.dispatch_microep import MicroEPDispatcher
 from micromoe.runtime.groups import ProcessGroups
 from micromoe.runtime.layer import MoELayer
+from micromoe.runtime.owned import GatherMode, OwnedExperts
 
 DispatcherName = Literal["ep", "microep"]
 
@@ -28,12 +31,17 @@ def apply_expert_parallel(
     gpus_per_node: int | None = None,
     timer: PhaseTimer | None = None,
     cost_model: CostSpec = None,
+    owners: npt.ArrayLike | None = None,
+    compute_dtype: torch.dtype | None = None,
+    gather: GatherMode = "micro",
+    device: torch.device | None = None,
 ) -> MoELayer:
-    """Shard `layer`'s experts to this rank's local slots and swap in a distributed dispatcher.
+    """Give each expert one owner in the MicroEP group and swap in a distributed dispatcher.
 
-    The layer must hold all E experts (as built); each rank keeps the weights of the experts in
-    its local slots (so replicas start identical when every rank built the layer from the same
-    seed) and zeros for empty slots. In place; returns `layer`.
+    The layer must hold all E experts (as built, the same on every rank: build it from the same
+    seed). Each rank keeps the master weights of the experts it owns (`layer.experts` becomes an
+    `OwnedExperts`); its local slots are filled from the owners before every use. In place;
+    returns `layer`.
 
     Args:
         layer: a single-device MoE layer with E local slots.
@@ -46,11 +54,18 @@ def apply_expert_parallel(
         cost_model: MicroEP only: plan for predicted GPU time (`runtime.cost_select`): a
             `plan.cost.CostModel`, a bundled name or path, "bundled" (this GPU and the layer's
             shape) or "auto" (calibrated at start-up, ~2 s, collective over the MicroEP group).
+        owners: int [E], the owning GPU (MicroEP-group index) of every expert; default
+            `plan.ownership.expert_owners(placement)`. Keep them when the placement changes.
+        compute_dtype: dtype of the gathered slot copies (None: the masters' dtype).
+        gather: "micro" (gather per forward) or "step" (once per optimizer step; see
+            `runtime.owned`).
+        device: where the layer will run (for the cost model's calibration); default the
+            layer's (pass it when the layer is still on the meta device).
     """
     p, cfg = groups.placement, layer.cfg
     if p.num_experts != cfg.num_experts:
         raise ValueError(f"placement has {p.num_experts} experts but the layer has {cfg.num_experts}")
-    if layer.experts.num_slots != cfg.num_experts:
+    if isinstance(layer.experts, OwnedExperts) or layer.experts.num_slots != cfg.num_experts:
         raise ValueError("apply_expert_parallel needs an unsharded layer (all experts in local slots)")
     if dispatcher == "ep":
         if groups.layout.merge != 1:
@@ -65,7 +80,7 @@ def apply_expert_parallel(
             cost_model,
             hidden=cfg.hidden,
             ffn=cfg.ffn_hidden,
-            device=layer.experts.w_down.device,
+            device=device or layer.experts.w_down.device,
             group=groups.microep,
             num_slots=p.slots_per_gpu,
         )
@@ -74,19 +89,28 @@ def apply_expert_parallel(
         )
     else:
         raise ValueError(f"unknown dispatcher {dispatcher!r}; use 'ep' or 'microep'")
-    _shard_experts(layer, groups.local_slots)
+    owners = expert_owners(p) if owners is None else np.asarray(owners, dtype=np.int64)
+    table = gather_table(p, owners, groups.microep_rank)
+    ex = layer.experts
+    idx = torch.from_numpy(table.owned).to(ex.w_down.device)
+    layer.experts = OwnedExperts(
+        ex.w_gate_up.detach().index_select(0, idx),
+        ex.w_down.detach().index_select(0, idx),
+        table,
+        groups.gather,
+        compute_dtype=compute_dtype,
+        gather=gather,
+        owners=owners,
+    )
     layer.dispatcher = new
     return layer
 
 
-@torch.no_grad()
-def _shard_experts(layer: MoELayer, slot_expert: tuple[int, ...]) -> None:
-    ex = layer.experts
-    idx = torch.tensor([max(e, 0) for e in slot_expert], device=ex.w_down.device)
-    empty = torch.tensor([e < 0 for e in slot_expert], device=ex.w_down.device)
-    for name in ("w_gate_up", "w_down"):
-        full = getattr(ex, name)
-        local = full.index_select(0, idx)
-        local[empty] = 0
-        setattr(ex, name, nn.Parameter(local))
-    ex.num_slots = len(slot_expert)
+def link_prefetch(layers: list[MoELayer]) -> None:
+    """Let each MoE layer's experts prefetch the next layer's slots during its forward (layers in
+    forward order; all must be expert-parallel)."""
+    owned = [m.experts for m in layers]
+    for cur, nxt in zip(owned, owned[1:] + [None], strict=True):
+        if not isinstance(cur, OwnedExperts):
+            raise ValueError("link_prefetch needs layers made expert-parallel by apply_expert_parallel")
+        cur.set_next(nxt)

@@ -1,131 +1,482 @@
-"""Checkpoints: per-rank files written to a temporary folder that is renamed into place.
+"""Checkpoints: what one is, how it is written and read. Nothing in it is pickled.
 
-Layout under `DIR/checkpoints/`::
+Layout under `OUT/checkpoints/`::
 
-    step_00000100/meta.json        config, layout, placements (slot_expert per MoE layer), step
-    step_00000100/rank00000.pt     this rank's model + optimizer state, RNG states
-    latest                         the name of the newest complete checkpoint folder
+    step_00000100/meta.json          format, step, configs, layout, placements, optimizer step,
+                                     replacement history, data fingerprint (JSON)
+    step_00000100/state/*.safetensors  model and optimizer tensors by logical name, written by
+                                     every rank through torch.distributed.checkpoint (DCP) in the
+                                     safetensors format, one file per rank and layer
+    step_00000100/rng/rankNNNNN.safetensors   each rank's RNG states (restored on the same layout)
+    latest                           the name of the newest complete checkpoint folder
 
-Every rank writes `.tmp-step_N/rankR.pt`; after a barrier rank 0 writes meta.json, renames the
-folder to `step_N` and then atomically replaces `latest`. A process killed at any point leaves
-either the previous `latest` or the new one, never a partial checkpoint (leftover `.tmp-*` folders
-are ignored and removed by the next save). Multi-node runs need a shared file system.
+Logical names: the single-device model's names, with every MoE layer's experts split by expert
+id (`model.blocks.3.ffn.experts.17.w_gate_up` [H, 2F], `...w_down` [F, H]) and every optimizer
+tensor beside its parameter (`optim.<name>.exp_avg`, `.exp_avg_sq`). Dense parameters sharded by
+FSDP are saved as DCP saves DTensors (each rank its rows, with their offsets), experts by the
+ranks that own them (one MicroEP group). So a checkpoint does not depend on the world size, EP, d
+or placement that wrote it: any layout loads it, each rank reading only the pieces it keeps.
 
-Resuming needs the same world size, layout, dispatcher, placement kind and model; the placements
-themselves come from the checkpoint (adaptive replacement may have changed them). Anything else
-raises ValueError (no resharding).
+Every rank writes `.tmp-step_N/`; after all ranks report success rank 0 writes meta.json, renames
+the folder to `step_N`, atomically replaces `latest`, and prunes all but the newest `keep`. A
+process killed at any point leaves the previous `latest` intact; a failed save (a full disk) is
+removed again and reported with its cause. Reading validates the pointer (a `step_*` folder of
+this run only), meta.json and every file's safetensors header before any process starts
+(`check_checkpoint`); a failure while loading names the file and the rank that found it.
+Multi-node runs need a shared file system.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
-import random
+import re
 import shutil
+import struct
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch import nn
+from torch.distributed.checkpoint import HuggingFaceStorageReader, HuggingFaceStorageWriter
+from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.tensor import DTensor
 
+from micromoe.runtime import GroupedSwiGLU, OwnedExperts
+
+FORMAT = "micromoe-checkpoint/2"
 LATEST = "latest"
+_STEP_DIR = re.compile(r"step_\d{8}")
+_EXPERT_PARAMS = ("w_gate_up", "w_down")
+_OPTIM_KEYS = ("exp_avg", "exp_avg_sq")
 
 
-def _barrier(distributed: bool) -> None:
-    if distributed:
-        dist.barrier()  # collective (world): every rank's file is on disk before the rename
+def step_dir(step: int) -> str:
+    return f"step_{step:08d}"
 
 
-def rng_state() -> dict[str, Any]:
-    # the data sampler and the planner use no global RNG; torch's seeds nothing after init
-    # either, but a resumed run restores it for any randomness added later
-    state = {"python": random.getstate(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
+# ------------------------------------------------------------------------------------------------
+# logical state: names -> tensors (views into the model and optimizer)
 
 
-def set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+@dataclass(frozen=True)
+class _Entry:
+    """One logical tensor of the model: its key, its view, and the parameter it is (a row of)."""
+
+    key: str
+    view: torch.Tensor
+    param: torch.Tensor | None  # None for a buffer
+    row: int | None  # the expert row of `param`, None for the whole tensor
+    sharded: bool  # a DTensor: every rank holds (and writes) its own rows
+    expert: bool
+
+
+def _entries(model: nn.Module) -> list[_Entry]:
+    """Parameters (a tied weight once, under its first name) and persistent buffers."""
+    expert_of = _expert_modules(model)
+    persistent = set(model.state_dict().keys())
+    named = [(n, p, True) for n, p in model.named_parameters()]
+    named += [(n, b, False) for n, b in model.named_buffers() if n in persistent]
+    out: list[_Entry] = []
+    for name, t, is_param in named:
+        param = t if is_param else None
+        owner = expert_of.get(id(t))
+        if owner is None:
+            out.append(_Entry(f"model.{name}", t.detach(), param, None, isinstance(t, DTensor), False))
+            continue
+        base, ids = owner
+        leaf = name.rsplit(".", 1)[1]
+        for row, e in enumerate(ids):
+            out.append(_Entry(f"model.{base}.{e}.{leaf}", t.detach()[row], param, row, False, True))
+    return out
+
+
+def _expert_modules(model: nn.Module) -> dict[int, tuple[str, tuple[int, ...]]]:
+    """id(expert parameter) -> (its module's name, the expert ids of its rows)."""
+    found = {}
+    for mod_name, mod in model.named_modules():
+        if isinstance(mod, OwnedExperts):
+            ids = mod.owned
+        elif isinstance(mod, GroupedSwiGLU):
+            ids = tuple(range(mod.num_slots))
+        else:
+            continue
+        for p in mod.parameters():
+            found[id(p)] = (mod_name, ids)
+    return found
+
+
+def logical_state(
+    model: nn.Module, optimizer: torch.optim.Optimizer | None, *, writer: bool, for_save: bool
+) -> dict[str, torch.Tensor]:
+    """The model's (and optimizer's) tensors by logical name, as views of their own storage.
+
+    For a save (`for_save`), only what this rank writes: its DTensor shards always; experts and
+    replicated tensors only when it is a `writer` (a rank of the first MicroEP group: experts are
+    owned once per group). For a load, everything this rank keeps. The optimizer's moments come
+    beside each parameter (`optim.<name>.exp_avg`, `.exp_avg_sq`); a load creates them first.
+    """
+    if optimizer is not None:
+        init_optimizer_state(optimizer)
+    out: dict[str, torch.Tensor] = {}
+    for entry in _entries(model):
+        if for_save and not (entry.sharded or writer):
+            continue
+        out[entry.key] = entry.view
+        if optimizer is None or entry.param is None:
+            continue
+        for k in _OPTIM_KEYS:
+            state = optimizer.state[entry.param][k]
+            out[f"optim.{entry.key.removeprefix('model.')}.{k}"] = state if entry.row is None else state[entry.row]
+    return out
+
+
+def init_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
+    """Give every parameter AdamW's state (zero moments, step 0) if it has none, as AdamW itself
+    would on its first step, so a checkpoint can be loaded into it."""
+    for group in optimizer.param_groups:
+        on_device = group.get("fused") or group.get("capturable")
+        for p in group["params"]:
+            if optimizer.state.get(p):
+                continue
+            step_device = p.device if on_device else torch.device("cpu")
+            optimizer.state[p] = {
+                "step": torch.zeros((), dtype=torch.float32, device=step_device),
+                "exp_avg": torch.zeros_like(p, memory_format=torch.preserve_format),
+                "exp_avg_sq": torch.zeros_like(p, memory_format=torch.preserve_format),
+            }
+
+
+def optimizer_step(optimizer: torch.optim.Optimizer) -> int:
+    """AdamW's step count (the same for every parameter; 0 before the first step)."""
+    steps = {int(s["step"]) for s in optimizer.state.values() if "step" in s}
+    if len(steps) > 1:
+        raise ValueError(f"optimizer parameters are at different steps {sorted(steps)}")
+    return steps.pop() if steps else 0
+
+
+def set_optimizer_step(optimizer: torch.optim.Optimizer, step: int) -> None:
+    for s in optimizer.state.values():
+        s["step"].fill_(float(step))
+
+
+# ------------------------------------------------------------------------------------------------
+# writing
 
 
 def save_checkpoint(
-    root: Path, step: int, meta: dict[str, Any], rank_state: dict[str, Any], *, rank: int, distributed: bool
+    root: Path,
+    step: int,
+    meta: dict[str, Any],
+    state: dict[str, torch.Tensor],
+    rng: dict[str, torch.Tensor],
+    *,
+    rank: int,
+    distributed: bool,
+    keep: int = 0,
 ) -> Path:
-    """Write one checkpoint (collective when distributed: every rank calls it). Returns its folder."""
+    """Write one checkpoint (collective when distributed: every rank calls it). Returns its folder.
+
+    `state`: this rank's logical tensors to write; `rng`: its RNG state tensors; `keep`: how many
+    checkpoints to keep (0 = all). Raises ValueError on every rank when any rank failed (the
+    partial checkpoint removed, the previous one intact), naming the cause."""
     ck = Path(root) / "checkpoints"
-    name = f"step_{step:08d}"
+    name = step_dir(step)
     tmp = ck / f".tmp-{name}"
+    error = ""
     if rank == 0:
-        ck.mkdir(parents=True, exist_ok=True)
-        for old in ck.glob(".tmp-*"):  # leftovers of a killed save
-            shutil.rmtree(old, ignore_errors=True)
-        tmp.mkdir()
-    _barrier(distributed)
-    part = tmp / f"rank{rank:05d}.pt.part"
-    torch.save(rank_state, part)
-    os.replace(part, tmp / f"rank{rank:05d}.pt")
-    _barrier(distributed)
+        error = _try(lambda: _fresh_dir(ck, tmp))
+    _raise_any(_verdict(error, distributed), f"checkpoint {name}", tmp if rank == 0 else None)
+    try:
+        with _single_process_quiet():
+            dcp.save(
+                state,
+                storage_writer=HuggingFaceStorageWriter(
+                    str(tmp / "state"), fqn_to_index_mapping=_file_of(state, distributed), save_distributed=True
+                ),
+                no_dist=not distributed,
+            )
+    except CheckpointException as exc:
+        error = _describe(exc, tmp / "state")
+    if not error:
+        error = _try(lambda: _write_rng(tmp / "rng" / f"rank{rank:05d}.safetensors", rng))
+    _raise_any(_verdict(error, distributed), f"checkpoint {name}", tmp if rank == 0 else None)
     final = ck / name
     if rank == 0:
-        (tmp / "meta.json").write_text(json.dumps({**meta, "step": step}, indent=1))
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        pointer = ck / f"{LATEST}.part"
-        pointer.write_text(name)
-        os.replace(pointer, ck / LATEST)
-    _barrier(distributed)
+        error = _try(lambda: _publish(ck, tmp, final, {**meta, "format": FORMAT, "step": step}, keep))
+    _raise_any(_verdict(error, distributed), f"checkpoint {name}", tmp if rank == 0 else None)
     return final
 
 
+@contextmanager
+def _single_process_quiet() -> Iterator[None]:
+    """DCP warns on every single-process call that it assumes a single process: it is meant."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
+
+
+def _file_of(state: dict[str, torch.Tensor], distributed: bool) -> dict[str, int]:
+    """Every key's file index: one file per transformer block (their tensors staged together in
+    memory while a file is written), index 1 for the rest. The same map on every rank."""
+    layer = re.compile(r"^(?:model|optim)\.blocks\.(\d+)\.")
+    keys = list(state)
+    if distributed:
+        everyone: list[list[str] | None] = [None] * dist.get_world_size()
+        dist.all_gather_object(everyone, keys)  # collective (world): the union of keys
+        keys = sorted({k for part in everyone for k in part or []})
+    return {k: (int(m.group(1)) + 2 if (m := layer.match(k)) else 1) for k in keys}
+
+
+def _fresh_dir(ck: Path, tmp: Path) -> None:
+    ck.mkdir(parents=True, exist_ok=True)
+    for old in ck.glob(".tmp-*"):  # leftovers of a killed save
+        shutil.rmtree(old, ignore_errors=True)
+    (tmp / "rng").mkdir(parents=True)
+
+
+def _write_rng(path: Path, rng: dict[str, torch.Tensor]) -> None:
+    from safetensors.torch import save_file
+
+    save_file({k: v.contiguous() for k, v in rng.items()}, str(path))
+    with open(path, "rb") as fp:
+        os.fsync(fp.fileno())
+
+
+def _publish(ck: Path, tmp: Path, final: Path, meta: dict[str, Any], keep: int) -> None:
+    part = tmp / "meta.json.part"
+    with open(part, "w") as fp:
+        json.dump(meta, fp, indent=1)
+        fp.flush()
+        os.fsync(fp.fileno())
+    os.replace(part, tmp / "meta.json")
+    if final.exists():  # the same step saved again (a resumed run repeating it)
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    pointer = ck / f"{LATEST}.part"
+    pointer.write_text(final.name)
+    os.replace(pointer, ck / LATEST)
+    if keep > 0:
+        for old in sorted(p for p in ck.iterdir() if _STEP_DIR.fullmatch(p.name))[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def _try(fn) -> str:
+    try:
+        fn()
+    except OSError as exc:
+        return _os_error(exc)
+    return ""
+
+
+def _os_error(exc: OSError) -> str:
+    if exc.errno == errno.ENOSPC:
+        return f"no space left on device ({exc.filename or 'writing'})"
+    return f"{exc.strerror or exc} ({exc.filename})" if exc.filename else str(exc)
+
+
+def _describe(exc: CheckpointException, where: Path) -> str:
+    """One line for DCP's per-rank failures: the first failing rank and its cause."""
+    failures = getattr(exc, "failures", {}) or {}
+    if not failures:
+        return str(exc).splitlines()[0]
+    rank, err = min(failures.items())
+    cause = err[0] if isinstance(err, tuple) else err  # DCP wraps (exception, traceback summary)
+    text = _os_error(cause) if isinstance(cause, OSError) else (str(cause).strip().splitlines() or [""])[0]
+    if isinstance(cause, OSError) and cause.errno == errno.ENOSPC:
+        return f"no space left on device (rank {rank}, under {where})"
+    return f"rank {rank}: {type(cause).__name__}: {text} (under {where})"
+
+
+def _verdict(error: str, distributed: bool) -> list[str]:
+    """Every rank's error ('' = fine), identical on every rank."""
+    if not distributed:
+        return [error]
+    everyone: list[str | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, error)  # collective (world): who failed, and why
+    return [e or "" for e in everyone]
+
+
+def _raise_any(errors: list[str], what: str, cleanup: Path | None) -> None:
+    bad = [(r, e) for r, e in enumerate(errors) if e]
+    if not bad:
+        return
+    if cleanup is not None:
+        shutil.rmtree(cleanup, ignore_errors=True)
+    rank, err = bad[0]
+    where = f"rank {rank}: " if len(errors) > 1 and not err.startswith("rank ") else ""
+    raise ValueError(f"could not write {what}: {where}{err}; the partial checkpoint was removed")
+
+
+# ------------------------------------------------------------------------------------------------
+# reading
+
+
 def latest_checkpoint(root: Path) -> Path | None:
-    """The newest complete checkpoint folder under `root`, or None."""
+    """The newest complete checkpoint folder under `root`, or None; ValueError for a pointer that
+    names anything but a `step_*` folder of this run, or an incomplete one."""
     pointer = Path(root) / "checkpoints" / LATEST
     if not pointer.exists():
         return None
-    folder = pointer.parent / pointer.read_text().strip()
-    if not (folder / "meta.json").exists():
-        raise ValueError(f"{str(pointer)!r} names {folder.name!r}, which is not a complete checkpoint")
+    try:
+        name = pointer.read_text(encoding="ascii", errors="strict").strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ValueError(f"checkpoint pointer {pointer} is unreadable ({exc})") from None
+    if not _STEP_DIR.fullmatch(name):
+        raise ValueError(
+            f"checkpoint pointer {pointer} names {name[:80]!r}, not a step_NNNNNNNN folder of this run"
+        )
+    folder = pointer.parent / name
+    if not (folder / "meta.json").is_file():
+        raise ValueError(f"{pointer} names {name!r}, which is not a complete checkpoint (no meta.json)")
+    return folder
+
+
+def checkpoint_folder(root: Path, step: int | None = None) -> Path:
+    """The checkpoint of `step` under the run folder `root` (default: the latest); ValueError."""
+    if step is None:
+        folder = latest_checkpoint(root)
+        if folder is None:
+            raise ValueError(f"no checkpoint under {Path(root) / 'checkpoints'}")
+        return folder
+    folder = Path(root) / "checkpoints" / step_dir(step)
+    if not (folder / "meta.json").is_file():
+        have = sorted(p.name for p in (Path(root) / "checkpoints").glob("step_*"))
+        raise ValueError(f"no checkpoint of step {step} under {folder.parent} (found: {', '.join(have) or 'none'})")
     return folder
 
 
 def read_meta(folder: Path) -> dict[str, Any]:
-    return json.loads((Path(folder) / "meta.json").read_text())
+    """meta.json of a checkpoint; ValueError naming the file if it is torn or not ours."""
+    path = Path(folder) / "meta.json"
+    try:
+        meta = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"checkpoint file {path} is not readable JSON ({exc})") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        found = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
+        raise ValueError(f"checkpoint file {path} is not a {FORMAT} checkpoint (format {found!r})")
+    if not isinstance(meta.get("step"), int) or meta["step"] < 0:
+        raise ValueError(f"checkpoint file {path} has no valid step")
+    return meta
 
 
-def check_compatible(meta: dict[str, Any], now: dict[str, Any]) -> None:
-    """Raise ValueError unless the checkpoint's world size, layout, dispatcher, data stream
-    (micro-batch, accumulation, seed) and model match."""
-    keys = (
-        "world",
-        "dp",
-        "ep",
-        "merge",
-        "dispatcher",
-        "placement",
-        "micro_batch",
-        "grad_accum",
-        "seed",
-        "model",
-    )
-    for key in keys:
-        if meta.get(key) != now.get(key):
-            raise ValueError(
-                f"the checkpoint was written with {key}={meta.get(key)!r} but this run has {key}="
-                f"{now.get(key)!r}; resharding is not supported: resume with the same settings, or "
-                "train into a fresh --out"
-            )
+def check_checkpoint(folder: Path) -> dict[str, Any]:
+    """Validate a checkpoint without loading it (meta.json, and every safetensors file's header
+    against its size); returns the meta. ValueError naming the first bad file."""
+    meta = read_meta(folder)
+    files = sorted((Path(folder) / "state").glob("*.safetensors"))
+    if not files:
+        raise ValueError(f"checkpoint {folder} has no tensor files under state/")
+    for f in files + sorted((Path(folder) / "rng").glob("*.safetensors")):
+        safetensors_header(f)
+    return meta
 
 
-def load_rank_state(folder: Path, rank: int) -> dict[str, Any]:
-    """This rank's saved state, every tensor on the CPU: RNG states must be CPU ByteTensors
-    (`set_rng_state` rejects them on a GPU), and `load_state_dict` copies model and optimizer
-    tensors to their parameters' devices."""
-    path = Path(folder) / f"rank{rank:05d}.pt"
-    if not path.exists():
-        raise ValueError(f"checkpoint {str(folder)!r} has no file for rank {rank}: written by fewer ranks?")
-    return torch.load(path, map_location="cpu", weights_only=False)
+def safetensors_header(path: Path) -> dict[str, Any]:
+    """The JSON header of a safetensors file, checked against the file's size (truncation, random
+    bytes, another format); ValueError naming the file."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as fp:
+            head = fp.read(8)
+            if len(head) < 8:
+                raise ValueError("shorter than a header")
+            (n,) = struct.unpack("<Q", head)
+            if n > min(size - 8, 100_000_000):
+                raise ValueError("header length beyond the file")
+            header = json.loads(fp.read(n))
+        end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    except (OSError, ValueError, KeyError, TypeError, IndexError, UnicodeDecodeError) as exc:
+        raise ValueError(f"checkpoint file {path} is corrupt or not a safetensors file ({exc})") from None
+    if 8 + n + end != size:
+        raise ValueError(
+            f"checkpoint file {path} is truncated or corrupt: {size} bytes, its header says {8 + n + end}"
+        )
+    return header
+
+
+def load_checkpoint(folder: Path, state: dict[str, torch.Tensor], *, distributed: bool) -> None:
+    """Fill `state` (this rank's logical tensors, as views into the model and optimizer) from the
+    checkpoint, in place (collective when distributed). ValueError on every rank naming the file
+    and the rank that failed."""
+    reader = HuggingFaceStorageReader(str(Path(folder) / "state"))
+    try:
+        with _single_process_quiet():
+            dcp.load(state, storage_reader=reader, no_dist=not distributed)
+    except CheckpointException as exc:
+        raise ValueError(f"could not load checkpoint {folder}: {_describe(exc, Path(folder) / 'state')}") from None
+    except (RuntimeError, ValueError, OSError, KeyError) as exc:
+        text = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise ValueError(f"could not load checkpoint {folder}: {text}") from None
+
+
+def read_rng(folder: Path, rank: int) -> dict[str, torch.Tensor] | None:
+    """This rank's saved RNG states, or None if the checkpoint has none for it."""
+    from safetensors.torch import load_file
+
+    path = Path(folder) / "rng" / f"rank{rank:05d}.safetensors"
+    if not path.is_file():
+        return None
+    safetensors_header(path)
+    return load_file(str(path))
+
+
+# ------------------------------------------------------------------------------------------------
+# one process reading whole tensors (export)
+
+
+@dataclass
+class CheckpointReader:
+    """Whole logical tensors of one checkpoint, read on demand by a single process.
+
+    Attributes:
+        folder: the checkpoint folder. meta: its meta.json.
+    """
+
+    folder: Path
+    meta: dict[str, Any]
+
+    def __post_init__(self) -> None:
+        md = HuggingFaceStorageReader(str(self.folder / "state")).read_metadata()
+        self._chunks: dict[str, list[tuple[tuple[int, ...], str]]] = {}
+        self._shapes = {k: tuple(v.size) for k, v in md.state_dict_metadata.items()}
+        self._dtypes = {k: v.properties.dtype for k, v in md.state_dict_metadata.items()}
+        for index, info in md.storage_data.items():
+            self._chunks.setdefault(index.fqn, []).append((tuple(index.offset), str(info.relative_path)))
+
+    def tensor_names(self) -> list[str]:
+        """Logical model names (without the `model.` prefix), experts per expert id."""
+        return sorted(k.removeprefix("model.") for k in self._shapes if k.startswith("model."))
+
+    def tensor(self, name: str) -> torch.Tensor:
+        """The whole tensor `name` (a model name from `tensor_names`, or `optim.<...>`), float32 CPU."""
+        from safetensors import safe_open
+
+        key = name if name.startswith("optim.") else f"model.{name}"
+        if key not in self._shapes:
+            raise ValueError(f"checkpoint {self.folder} has no tensor {name!r}")
+        out = torch.empty(self._shapes[key], dtype=self._dtypes[key])
+        for offset, path in self._chunks[key]:
+            with safe_open(path, framework="pt") as f:
+                piece = f.get_tensor(key)
+            out[tuple(slice(o, o + n) for o, n in zip(offset, piece.shape, strict=True))] = piece
+        return out.float()
+
+    def tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
+        for name in self.tensor_names():
+            yield name, self.tensor(name)
+
+
+def open_checkpoint(run_out: Path, step: int | None = None) -> CheckpointReader:
+    """A reader of the run folder `run_out`'s checkpoint of `step` (default: the latest),
+    validated first (`check_checkpoint`)."""
+    folder = checkpoint_folder(Path(run_out), step)
+    return CheckpointReader(folder, check_checkpoint(folder))

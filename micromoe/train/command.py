@@ -34,8 +34,9 @@ from micromoe.train.data import TokenData, load_tokens
 from micromoe.train.loop import train
 from micromoe.train.metrics import measure_bf16_peak
 from micromoe.train.parallel import ParallelState, init_distributed, resolve_layout
+from micromoe.train.precision import resolve_precision
 from micromoe.train.report import summary_line, write_report
-from micromoe.train.trainer import build_run, run_meta
+from micromoe.train.trainer import build_run, check_compatible, run_meta
 
 log = logging.getLogger("micromoe.train")
 
@@ -164,10 +165,22 @@ def _run_options(r: argparse._ArgumentGroup) -> None:
         "--out", help=f"output folder: log.jsonl, config.json, report, checkpoints {_default('out')}"
     )
     r.add_argument(
-        "--bf16",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help=f"bf16 weights on GPU; CPU runs fp32 {_default('bf16')}",
+        "--precision",
+        choices=["auto", "fp32", "mixed", "bf16"],
+        help="mixed: fp32 master weights and AdamW state, bf16 compute; fp32: everything fp32; bf16: "
+        f"weights and AdamW state in bf16 too; auto: mixed on a GPU, fp32 on a CPU {_default('precision')}",
+    )
+    r.add_argument(
+        "--ac",
+        choices=["none", "full", "moe"],
+        help="activation checkpointing: recompute whole blocks (full) or only the MoE FFNs (moe) in the "
+        f"backward, to fit longer sequences {_default('ac')}",
+    )
+    r.add_argument(
+        "--expert-gather",
+        choices=["micro", "step"],
+        help="expert slot copies gathered from their owners for every micro-batch (micro: least memory), "
+        f"or once per optimizer step and kept (step: less traffic with --grad-accum) {_default('expert_gather')}",
     )
     r.add_argument(
         "--compile",
@@ -179,6 +192,9 @@ def _run_options(r: argparse._ArgumentGroup) -> None:
         "--ckpt-interval",
         type=int,
         help=f"checkpoint every N steps, 0 = only at the end {_default('ckpt_interval')}",
+    )
+    r.add_argument(
+        "--keep", type=int, help=f"checkpoints kept, older ones deleted; 0 = all {_default('keep')}"
     )
     r.add_argument(
         "--save",
@@ -363,7 +379,7 @@ def _preflight(args: argparse.Namespace, world: int) -> None:
         par = ParallelState(
             0, world, torch.device("cpu"), resolve_layout(cfg, world) if world > 1 else None, cfg.dispatcher
         )
-        ckpt.check_compatible(ckpt.read_meta(folder), run_meta(cfg, model_cfg, par))
+        check_compatible(ckpt.check_checkpoint(folder), run_meta(cfg, model_cfg, par))
 
 
 def _spawned(rank: int, world: int, args: argparse.Namespace, errors: str) -> None:
@@ -416,6 +432,8 @@ def _worker(
     cfg, model_cfg = resolve_configs(args, world, vocab)
     if backend is not None:
         init_distributed(backend, rank, world, cfg.timeout)
+    elif device.type == "cuda":  # one GPU: a one-rank group, so FSDP applies the mixed precision
+        dist.init_process_group("nccl", store=dist.HashStore(), rank=0, world_size=1, device_id=device)
     try:
         layout = resolve_layout(cfg, world) if world > 1 else None
         par = ParallelState(rank, world, device, layout, cfg.dispatcher)
@@ -427,6 +445,7 @@ def _worker(
                 "model": dataclasses.asdict(model_cfg),
                 "world": world,
                 "layout": str(layout),
+                "precision": resolve_precision(cfg.precision, device).describe(),
             }
             (out / "config.json").write_text(json.dumps(resolved, indent=1))
             log.info("micromoe train: %s", json.dumps(resolved))
@@ -443,7 +462,7 @@ def _worker(
             _report_error(errors, rank, exc, args)
         raise
     finally:
-        if backend is not None and dist.is_initialized():
+        if dist.is_initialized():
             dist.destroy_process_group()
 
 

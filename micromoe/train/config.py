@@ -14,6 +14,10 @@ from micromoe.plan.forecast import REPLACE_WINDOW
 
 Dispatcher = Literal["ep", "microep"]
 PlacementKind = Literal["symmetric", "random", "asymmetric"]
+Precision = Literal["auto", "fp32", "mixed", "bf16"]
+PRECISIONS = ("auto", "fp32", "mixed", "bf16")
+RECOMPUTE = ("none", "full", "moe")
+GATHER = ("micro", "step")
 
 
 @dataclass(frozen=True)
@@ -40,9 +44,12 @@ class TrainConfig:
     eval_batches: int = 4
     seed: int = 0
     out: str = "runs/train"
-    bf16: bool = True  # on GPU; CPU always runs float32
+    precision: Precision = "auto"  # auto = mixed on GPU, fp32 on CPU (see train.precision)
+    ac: str = "none"  # activation checkpointing: none | full | moe
+    expert_gather: str = "micro"  # expert slots gathered per micro-batch or once per step
     compile: bool = False  # on GPU: fuse RoPE with torch.compile
     ckpt_interval: int = 0  # 0 = only at the end
+    keep: int = 3  # checkpoints kept (0 = all)
     save: bool = True  # write checkpoints at all
     resume: bool = False
     record_routing: str | None = None
@@ -77,6 +84,7 @@ class TrainConfig:
             "warmup_steps",
             "eval_interval",
             "ckpt_interval",
+            "keep",
             "replace_interval",
             "replace_cooldown",
         ):
@@ -84,6 +92,13 @@ class TrainConfig:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
         if not (self.lr > 0 and 0 <= self.min_lr <= self.lr):
             raise ValueError(f"need lr > 0 and 0 <= min_lr <= lr, got lr={self.lr}, min_lr={self.min_lr}")
+        for flag, value, allowed in (
+            ("--precision", self.precision, PRECISIONS),
+            ("--ac", self.ac, RECOMPUTE),
+            ("--expert-gather", self.expert_gather, GATHER),
+        ):
+            if value not in allowed:
+                raise ValueError(f"{flag} must be one of {', '.join(allowed)}, got {value!r}")
         if self.dispatcher not in ("ep", "microep"):
             raise ValueError(f"--dispatcher must be 'ep' or 'microep', got {self.dispatcher!r}")
         if self.placement not in ("symmetric", "random", "asymmetric"):

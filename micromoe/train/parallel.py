@@ -7,6 +7,7 @@ the caller passes them in; a single process needs no process group at all.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 from dataclasses import dataclass, field
 
@@ -93,13 +94,10 @@ def build_placement(cfg: TrainConfig, layout: ParallelLayout, num_experts: int, 
 
 
 def build_groups(layout: ParallelLayout, placements: list[Placement], rank: int) -> list[ProcessGroups]:
-    """Process groups per MoE layer; layers with the same placement share them.
-    Collective over the world: every rank calls this with identical placements."""
-    cache: dict[bytes, ProcessGroups] = {}
-    out = []
+    """Process groups with each MoE layer's placement; the groups themselves are built once and
+    shared (they do not depend on the placement). Collective over the world: every rank calls
+    this with identical placements."""
     for p in placements:
-        key = p.slot_expert.astype(np.int64).tobytes() + bytes(str(p.slot_expert.shape), "ascii")
-        if key not in cache:
-            cache[key] = build_process_groups(layout, p, rank)
-        out.append(cache[key])
-    return out
+        layout.check_placement(p)
+    base = build_process_groups(layout, placements[0], rank)
+    return [dataclasses.replace(base, placement=p) for p in placements]

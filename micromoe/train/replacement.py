@@ -17,8 +17,9 @@ history instead), the realized-imbalance trigger (the realized score above `thre
 `trigger_after` consecutive micro-batches), the interval check on the moving-average forecast,
 and hysteresis (`cooldown` micro-batches after a replacement, `min_gain`). The realized score of a
 micro-batch is the worst MicroEP group's score of the executed placement under its own loads.
-A placement the policy chose is applied by `migrate_layer` at the step boundary (weights and AdamW
-moments move together; collective, world), after one all-gather checks that every rank chose it.
+A placement the policy chose is applied by `migrate_layer` at the step boundary (a new gather
+table and dispatcher: the experts' masters and AdamW state stay with their owners; collective,
+world), after one all-gather checks that every rank chose it.
 Legend: W ranks, L MoE layers, M micro-batches per step, E experts, G GPUs of a MicroEP group.
 """
 
@@ -37,7 +38,7 @@ from micromoe.plan import Placement, ReplacementPolicy, placement_score
 from micromoe.plan.cost import CostModel
 from micromoe.plan.forecast import REPLACE_WINDOW, ReplacementEvent
 from micromoe.plan.timed import SlotCostModel
-from micromoe.runtime.migrate import GroupCache, MigrationStats, migrate_layer, placement_hash
+from micromoe.runtime.migrate import MigrationStats, migrate_layer, placement_hash
 from micromoe.train.parallel import ParallelState
 
 log = logging.getLogger("micromoe.train")
@@ -45,8 +46,6 @@ log = logging.getLogger("micromoe.train")
 
 class Replacer(Protocol):
     def observe(self, layer_index: int, counts_ge: npt.NDArray[np.int64]) -> None: ...
-
-    def process_groups(self) -> list[dist.ProcessGroup]: ...
 
     def maybe_replace(
         self, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer
@@ -58,9 +57,6 @@ class NoReplacement:
 
     def observe(self, layer_index: int, counts_ge: npt.NDArray[np.int64]) -> None:
         pass
-
-    def process_groups(self) -> list[dist.ProcessGroup]:
-        return []
 
     def maybe_replace(
         self, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer
@@ -138,7 +134,6 @@ class AdaptiveReplacement:
         for i, groups in enumerate(parallel.groups):
             self.policy.start(i, groups.placement)  # no load history: cold start after `warmup`
         self._pending: list[list[npt.NDArray[np.int64]]] = [[] for _ in parallel.groups]
-        self._cache: GroupCache = {}
         # every micro-batch's decision, newest last (for reports and tests; bounded)
         self.checks: deque[dict[str, Any]] = deque(maxlen=4096)
 
@@ -180,8 +175,8 @@ class AdaptiveReplacement:
                         "step %d: MoE layer %d re-placed and back within the step; nothing moved", step, i
                     )
                 continue
-            new_groups, stats = migrate_layer(  # collectives inside (world, MicroEP, replica groups)
-                layer, self.parallel.groups[i], target, optimizer=optimizer, group_cache=self._cache
+            new_groups, stats = migrate_layer(  # collective inside (world)
+                layer, self.parallel.groups[i], target, optimizer=optimizer
             )
             self.parallel.groups[i] = new_groups
             events.append(_event(step, i, [e for e in new_events if e.layer == i], stats))
@@ -246,11 +241,6 @@ class AdaptiveReplacement:
         dist.all_gather(gathered, local)
         return torch.stack(gathered).cpu().numpy()  # host sync
 
-    def process_groups(self) -> list[dist.ProcessGroup]:
-        """The replica groups migrations created or reused so far (for a caller that destroys its
-        groups before building new ones, like a benchmark running many configurations)."""
-        return [g for g in self._cache.values() if g is not None]
-
     # ----------------------------------------------------------------------------------------
     # checkpoints (the trainer saves the placements themselves)
     def state_dict(self) -> dict[str, Any]:
@@ -310,9 +300,9 @@ def _event(
         "reason": "; then ".join(e.reason for e in policy_events),
         "old_score": policy_events[0].old_score,
         "new_score": policy_events[-1].new_score,
-        "bytes": stats.bytes_moved,
+        "bytes_moved": stats.bytes_moved,
+        "slots_changed": stats.slots_changed,
         "ms": stats.ms,
-        "transfers": stats.num_transfers,
     }
 
 
