@@ -54,14 +54,22 @@ def _check(p: Placement) -> None:
         got[t.recv_slot] = received
         start += len(received)
         np.testing.assert_array_equal(got, p.slot_expert[q])
-        assert t.local_only == (not np.delete(t.send_splits, q).any() and not np.delete(t.recv_splits, q).any())
+        assert t.local_only == (
+            not np.delete(t.send_splits, q).any() and not np.delete(t.recv_splits, q).any()
+        )
 
 
 def test_symmetric_and_plain_ep_owners_are_hosts():
-    for p in (Placement.symmetric(8, 32, 2), Placement.symmetric(8, 16, 4), Placement.expert_parallel(4, 8, 1)):
+    for p in (
+        Placement.symmetric(8, 32, 2),
+        Placement.symmetric(8, 16, 4),
+        Placement.expert_parallel(4, 8, 1),
+    ):
         owners = expert_owners(p)
         assert all(owners[x] in p.hosts(x) for x in range(p.num_experts))
-        assert np.bincount(owners, minlength=p.num_gpus).tolist() == [p.num_experts // p.num_gpus] * p.num_gpus
+        assert (
+            np.bincount(owners, minlength=p.num_gpus).tolist() == [p.num_experts // p.num_gpus] * p.num_gpus
+        )
         _check(p)
 
 

@@ -2,9 +2,10 @@
 with their rule and reason, are saved in the checkpoint, and a run resumed after them reproduces
 the uninterrupted losses and replacement decisions (the policy's history is checkpointed too).
 
-16 experts with top-1 routing on 4 ranks (EP=2, d=2), and a large aux-loss-free bias rate that
-moves the routing every step: the cold start re-places after the first micro-batch, the routing
-drift trips the realized-imbalance trigger (2 micro-batches) and the interval check (2 steps).
+16 experts with top-1 routing on 4 ranks (EP=2, d=2), micro-batches of 16 tokens per rank (so
+per-expert counts are uneven), and a large aux-loss-free bias rate that moves the routing every
+step: the routing drift trips the realized-imbalance trigger (2 micro-batches) and the interval
+check (2 steps), before and after the step-3 checkpoint.
 The run resumes from its step-3 checkpoint; a later decision depends on the policy's counters
 and forecast from before the checkpoint, so only a restored policy repeats it.
 """
@@ -23,6 +24,7 @@ import pytest
 from micromoe.plan import Placement
 
 ARGS = ["--preset", "tiny", "--nproc", "4", "--experts", "16", "--top-k", "1", "--layers", "2"]
+ARGS += ["--micro-batch", "1", "--seq-len", "16", "--seed", "1"]
 ARGS += ["--replace-interval", "2", "--replace-threshold", "1.0", "--no-report", "--eval-interval", "0"]
 ARGS += ["--lr-decay-steps", "100", "--ckpt-interval", "3", "--expert-bias-rate", "0.2"]
 ARGS += [
@@ -66,7 +68,7 @@ def test_replacement_is_logged_checkpointed_and_resumable(tmp_path):
     assert any(e["step"] < 3 for e in events) and any(e["step"] >= 3 for e in events), events
     for e in events:
         assert e["old_score"] > 1.0 and e["new_score"] < e["old_score"]
-        assert e["bytes"] > 0 and e["ms"] > 0 and e["layer"] in (0, 1)
+        assert e["bytes_moved"] == 0 and e["slots_changed"] > 0 and e["ms"] > 0 and e["layer"] in (0, 1)
         assert e["reason"].startswith(OPENING[e["rule"]]), e
     meta = json.loads((full / "checkpoints" / "step_00000003" / "meta.json").read_text())
     symmetric = Placement.symmetric(4, 16, 2).slot_expert

@@ -111,17 +111,20 @@ def test_stop_and_resume_reproduces_losses(results):
     _close(dist_runs[0]["resumed"], dist_runs[0]["microep"], "resumed MicroEP run vs uninterrupted")
 
 
-def test_resume_with_other_world_size_is_a_clear_error(tmp_path):
+def test_resume_with_another_global_batch_or_model_is_a_clear_error(tmp_path):
+    """Another world size is fine (the checkpoint reshards), another data stream or model is not."""
     cfg = resolve("tiny", {"max_steps": 1, "eval_interval": 0, "out": str(tmp_path), "micro_batch": 2})
     model_cfg = preset("tiny", **MODEL)
     tokens, vocab = load_tokens()
     par = ParallelState(0, 1, torch.device("cpu"), None, "microep")
     train(build_run(cfg, model_cfg, par, TokenData(tokens, vocab), peak_flops=None))
     par4 = ParallelState(0, 4, torch.device("cpu"), resolve_layout(cfg, 4), "microep")
-    with pytest.raises(ValueError, match="world=1 but this run has world=4"):
-        build_run(
-            dataclasses.replace(cfg, resume=True), model_cfg, par4, TokenData(tokens, vocab), peak_flops=None
-        )
+    resumed = dataclasses.replace(cfg, resume=True)
+    with pytest.raises(ValueError, match="--global-batch 2 but this run has 8"):
+        build_run(resumed, model_cfg, par4, TokenData(tokens, vocab), peak_flops=None)
+    with pytest.raises(ValueError, match="another model .differs in hidden"):
+        other = dataclasses.replace(model_cfg, hidden=64)
+        build_run(resumed, other, par, TokenData(tokens, vocab), peak_flops=None)
 
 
 def test_log_has_balance_and_routing_log_replays(results):

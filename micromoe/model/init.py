@@ -29,7 +29,9 @@ def _generator(seed: int, name: str, expert: int = -1) -> torch.Generator:
     return torch.Generator().manual_seed((seed * 0x9E3779B1 + key) % (2**63))
 
 
-def init_tensor(name: str, shape: tuple[int, ...], cfg: ModelConfig, seed: int, *, expert: int = -1) -> torch.Tensor:
+def init_tensor(
+    name: str, shape: tuple[int, ...], cfg: ModelConfig, seed: int, *, expert: int = -1
+) -> torch.Tensor:
     """float32 CPU tensor of `shape` for parameter `name` (one expert's slice when `expert` >= 0:
     `name` is then the layer's expert parameter, `.w_gate_up` [H, 2F] or `.w_down` [F, H])."""
     leaf = name.rsplit(".", 1)[-1]
@@ -53,7 +55,12 @@ def materialize(model: MoETransformer, device: torch.device, seed: int) -> MoETr
     """Allocate `model` (built on the meta device, possibly sharded) on `device` and initialize
     every parameter by `init_tensor`, every buffer as the model builds it. In place; returns it.
     Parameters keep their dtype (a bf16 model gets the float32 values rounded)."""
+    tied = _tied_parameters(model)
     model.to_empty(device=device)
+    for places in tied:  # to_empty makes new parameters off the meta device: tie them again
+        first_mod, first_name = places[0]
+        for mod, name in places[1:]:
+            setattr(mod, name, getattr(first_mod, first_name))
     experts = {}
     for mod_name, mod in model.named_modules():
         if isinstance(mod, (OwnedExperts, GroupedSwiGLU)):
@@ -72,6 +79,15 @@ def materialize(model: MoETransformer, device: torch.device, seed: int) -> MoETr
             p.copy_(init_tensor(name, tuple(p.shape), model.cfg, seed))
     model.reset_buffers()
     return model
+
+
+def _tied_parameters(model: nn.Module) -> list[list[tuple[nn.Module, str]]]:
+    """Every parameter held by more than one (module, attribute), e.g. a tied LM head."""
+    places: dict[int, list[tuple[nn.Module, str]]] = {}
+    for mod in model.modules():
+        for name, p in mod.named_parameters(recurse=False):
+            places.setdefault(id(p), []).append((mod, name))
+    return [v for v in places.values() if len(v) > 1]
 
 
 def num_local_bytes(module: nn.Module) -> int:

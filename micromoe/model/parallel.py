@@ -63,7 +63,9 @@ def parallelize_model(
 
 def expert_parameters(model: MoETransformer) -> list[torch.nn.Parameter]:
     """The expert master parameters (owned or all local), which FSDP leaves alone."""
-    return [p for m in model.modules() if isinstance(m, (OwnedExperts, GroupedSwiGLU)) for p in m.parameters()]
+    return [
+        p for m in model.modules() if isinstance(m, (OwnedExperts, GroupedSwiGLU)) for p in m.parameters()
+    ]
 
 
 def shard_dense(

@@ -44,7 +44,9 @@ def expert_owners(placement: SlotLayout) -> IntArray:
     return owner
 
 
-def _take(x: int, hosts: list[list[int]], owner: IntArray, owned: list[list[int]], cap: int, seen: set) -> bool:
+def _take(
+    x: int, hosts: list[list[int]], owner: IntArray, owned: list[list[int]], cap: int, seen: set
+) -> bool:
     """Kuhn's augmenting path for the b-matching: give expert x one of its hosts, moving an expert
     that host owns to another of that expert's hosts when the host is full. `seen`: hosts already
     on the path."""

@@ -180,7 +180,9 @@ class OwnedExperts(nn.Module):
             s, self.ffn_hidden, self.hidden
         )
 
-    def forward(self, x: torch.Tensor, rows: torch.Tensor, *, offs: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, rows: torch.Tensor, *, offs: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """x [N, H] slot-major, rows int [S] -> [N, H]; prefetches the next layer's slots."""
         w_gate_up, w_down = self.slot_weights()
         if self.next is not None:
@@ -217,7 +219,7 @@ class OwnedExperts(nn.Module):
         return summed[:, :h2f].view_as(self.w_gate_up), summed[:, h2f:].view_as(self.w_down)
 
     def finish_gradients(self) -> None:
-        """"step" gathering: return the step's summed slot gradients to the owners (collective
+        """ "step" gathering: return the step's summed slot gradients to the owners (collective
         over the gather group; every rank calls it after its last backward of the step) and drop
         the cached slots. A no-op for "micro"."""
         grad, self._step_grad, self._step_slots = self._step_grad, None, None

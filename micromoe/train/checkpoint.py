@@ -134,7 +134,9 @@ def logical_state(
             continue
         for k in _OPTIM_KEYS:
             state = optimizer.state[entry.param][k]
-            out[f"optim.{entry.key.removeprefix('model.')}.{k}"] = state if entry.row is None else state[entry.row]
+            out[f"optim.{entry.key.removeprefix('model.')}.{k}"] = (
+                state if entry.row is None else state[entry.row]
+            )
     return out
 
 
@@ -199,7 +201,9 @@ def save_checkpoint(
             dcp.save(
                 state,
                 storage_writer=HuggingFaceStorageWriter(
-                    str(tmp / "state"), fqn_to_index_mapping=_file_of(state, distributed), save_distributed=True
+                    str(tmp / "state"),
+                    fqn_to_index_mapping=_file_of(state, distributed),
+                    save_distributed=True,
                 ),
                 no_dist=not distributed,
             )
@@ -349,7 +353,9 @@ def checkpoint_folder(root: Path, step: int | None = None) -> Path:
     folder = Path(root) / "checkpoints" / step_dir(step)
     if not (folder / "meta.json").is_file():
         have = sorted(p.name for p in (Path(root) / "checkpoints").glob("step_*"))
-        raise ValueError(f"no checkpoint of step {step} under {folder.parent} (found: {', '.join(have) or 'none'})")
+        raise ValueError(
+            f"no checkpoint of step {step} under {folder.parent} (found: {', '.join(have) or 'none'})"
+        )
     return folder
 
 
@@ -412,7 +418,9 @@ def load_checkpoint(folder: Path, state: dict[str, torch.Tensor], *, distributed
         with _single_process_quiet():
             dcp.load(state, storage_reader=reader, no_dist=not distributed)
     except CheckpointException as exc:
-        raise ValueError(f"could not load checkpoint {folder}: {_describe(exc, Path(folder) / 'state')}") from None
+        raise ValueError(
+            f"could not load checkpoint {folder}: {_describe(exc, Path(folder) / 'state')}"
+        ) from None
     except (RuntimeError, ValueError, OSError, KeyError) as exc:
         text = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise ValueError(f"could not load checkpoint {folder}: {text}") from None

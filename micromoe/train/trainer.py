@@ -63,14 +63,16 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Adam
     for sharded in (True, False):
         for decay in (True, False):
             params = [
-                p
-                for p in model.parameters()
-                if isinstance(p, DTensor) == sharded and (p.dim() >= 2) == decay
+                p for p in model.parameters() if isinstance(p, DTensor) == sharded and (p.dim() >= 2) == decay
             ]
             if params:
                 fused = not sharded and all(p.is_cuda for p in params)
                 groups.append(
-                    {"params": params, "weight_decay": cfg.weight_decay if decay else 0.0, "fused": fused or None}
+                    {
+                        "params": params,
+                        "weight_decay": cfg.weight_decay if decay else 0.0,
+                        "fused": fused or None,
+                    }
                 )
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
 
@@ -144,7 +146,10 @@ def build_run(
         mesh = init_device_mesh(par.device.type, (par.world,))
         casts = precision.casts
         shard_dense(
-            model, mesh, param_dtype=precision.compute if casts else None, reduce_dtype=precision.reduce if casts else None
+            model,
+            mesh,
+            param_dtype=precision.compute if casts else None,
+            reduce_dtype=precision.reduce if casts else None,
         )
     apply_activation_checkpointing(model, cfg.ac)  # type: ignore[arg-type]
     materialize(model, par.device, cfg.seed)
@@ -153,13 +158,17 @@ def build_run(
     optimizer = make_optimizer(model, cfg)
     spec = BatchSpec(model_cfg.seq_len, cfg.micro_batch, cfg.grad_accum, par.world)
     replacer = _replacer(cfg, par, model)
-    run = Run(cfg, model_cfg, par, model, optimizer, data, spec, replacer, 0, flops_per_token, peak_flops, precision)
+    run = Run(
+        cfg, model_cfg, par, model, optimizer, data, spec, replacer, 0, flops_per_token, peak_flops, precision
+    )
     if folder is not None:
         _restore(run, folder, meta)
     return run
 
 
-def _placements(cfg: TrainConfig, par: ParallelState, model_cfg: ModelConfig, meta: dict | None) -> list[Placement]:
+def _placements(
+    cfg: TrainConfig, par: ParallelState, model_cfg: ModelConfig, meta: dict | None
+) -> list[Placement]:
     """The checkpoint's placements when they fit this layout (adaptive replacement may have
     changed them), else fresh ones."""
     num = model_cfg.num_moe_layers
@@ -236,7 +245,9 @@ def _restore(run: Run, folder: Path, meta: dict[str, Any]) -> None:
     state = ckpt.logical_state(run.model, run.optimizer, writer=_writer(par), for_save=False)
     ckpt.load_checkpoint(folder, state, distributed=dist.is_initialized())
     ckpt.set_optimizer_step(run.optimizer, int(meta.get("optimizer_step", meta["step"])))
-    same_layout = all(meta.get(k) == v for k, v in run_meta(run.cfg, run.model_cfg, par).items() if k != "train")
+    same_layout = all(
+        meta.get(k) == v for k, v in run_meta(run.cfg, run.model_cfg, par).items() if k != "train"
+    )
     rng = ckpt.read_rng(folder, par.rank) if same_layout else None
     if rng is not None:
         torch.set_rng_state(rng["torch"])
@@ -247,5 +258,9 @@ def _restore(run: Run, folder: Path, meta: dict[str, Any]) -> None:
         run.replacer.load_state_dict(meta["replacement"])
     run.start_step = int(meta["step"])
     if par.rank == 0:
-        how = "" if same_layout else f" (resharded from {meta['world']} ranks, EP {meta['ep']}, d {meta['merge']})"
+        how = (
+            ""
+            if same_layout
+            else f" (resharded from {meta['world']} ranks, EP {meta['ep']}, d {meta['merge']})"
+        )
         log.info("resumed from %s at step %d%s", folder, run.start_step, how)
