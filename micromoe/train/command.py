@@ -15,6 +15,7 @@ import argparse
 import dataclasses
 import json
 import logging
+import math
 import os
 import socket
 import sys
@@ -32,6 +33,7 @@ from micromoe.train import checkpoint as ckpt
 from micromoe.train.config import RUN_PRESETS, TrainConfig, resolve
 from micromoe.train.data import TokenData, load_tokens
 from micromoe.train.loop import train
+from micromoe.train.memory import GIB, MemoryPlan, device_capacity, plan_memory
 from micromoe.train.metrics import measure_bf16_peak
 from micromoe.train.parallel import ParallelState, init_distributed, resolve_layout
 from micromoe.train.precision import resolve_precision
@@ -216,6 +218,24 @@ def _run_options(r: argparse._ArgumentGroup) -> None:
         help=f"steps between progress lines when not on a terminal {_default('log_interval')}",
     )
     r.add_argument("--no-report", action="store_true", help="skip the Markdown/PNG report at the end")
+    r.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="print the per-rank memory plan (weights, optimizer state, gathered slots, gradients, "
+        "activations) and whether it fits, then exit (0: fits, 1: does not); starts no process",
+    )
+    r.add_argument(
+        "--world-size", type=int, help="--dry-run: ranks to plan for (default: --nproc or the launcher's)"
+    )
+    r.add_argument(
+        "--device-memory",
+        type=float,
+        metavar="GIB",
+        help="--dry-run: memory per GPU in GiB (default: this machine's GPU, else its RAM per rank)",
+    )
+    r.add_argument(
+        "--force", action="store_true", help="start even when the memory plan says the run does not fit"
+    )
 
 
 def _parallel_options(q: argparse._ArgumentGroup) -> None:
@@ -325,6 +345,8 @@ def resolve_configs(args: argparse.Namespace, world: int, vocab_min: int) -> tup
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.dry_run:
+        return _dry_run(args)
     env_world = os.environ.get("WORLD_SIZE")
     if env_world is not None and os.environ.get("RANK") is not None:
         world = int(env_world)
@@ -346,6 +368,47 @@ def run(args: argparse.Namespace) -> int:
     os.environ["MASTER_PORT"] = str(_free_port())
     _spawn(world, args)
     return 0
+
+
+def _memory_plan(
+    args: argparse.Namespace, world: int, cfg: TrainConfig, model_cfg: ModelConfig, *, local_ranks: int
+) -> MemoryPlan:
+    """The plan for `world` ranks on `--device-memory` GiB per GPU (a GPU target) or this machine."""
+    layout = resolve_layout(cfg, world) if world > 1 else None
+    if args.device_memory is not None:
+        if not args.device_memory > 0 or not math.isfinite(args.device_memory):
+            raise ValueError(f"--device-memory must be a positive number of GiB, got {args.device_memory}")
+        capacity = int(args.device_memory * GIB)
+        target, where = "cuda", f"GPUs of {args.device_memory:g} GiB"
+    else:
+        device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
+        capacity, where = device_capacity(device, local_ranks)
+        target = device.type
+    precision = resolve_precision(cfg.precision, torch.device(target))
+    return plan_memory(
+        model_cfg, cfg, precision, world=world, layout=layout, capacity=capacity, device=target, where=where
+    )
+
+
+def _dry_run(args: argparse.Namespace) -> int:
+    """Print the memory plan of one rank for --world-size ranks; exit 0 if it fits, 1 if not."""
+    launched = os.environ.get("WORLD_SIZE")
+    world = args.world_size or args.nproc or (int(launched) if launched else 1)
+    if world < 1:
+        raise ValueError(f"--world-size must be >= 1, got {world}")
+    _, vocab = load_tokens(args.data)
+    cfg, model_cfg = resolve_configs(args, world, vocab)
+    plan = _memory_plan(args, world, cfg, model_cfg, local_ranks=min(world, args.nproc or world))
+    layout = resolve_layout(cfg, world) if world > 1 else None
+    shape = f"EP {layout.ep}, d {layout.merge}" if layout is not None else "one process"
+    print(
+        f"memory plan: {args.preset}, {world} ranks ({shape}), micro-batch {cfg.micro_batch} x "
+        f"{model_cfg.seq_len} tokens, --ac {cfg.ac}, --expert-gather {cfg.expert_gather}, "
+        f"precision {plan.precision.name}"
+    )
+    print(plan.table())
+    print(plan.verdict())
+    return 0 if plan.fits else 1
 
 
 def _spawn(world: int, args: argparse.Namespace) -> None:
@@ -372,6 +435,10 @@ def _preflight(args: argparse.Namespace, world: int) -> None:
     tokens, vocab = load_tokens(args.data)
     cfg, model_cfg = resolve_configs(args, world, vocab)
     TokenData(tokens, vocab, val_fraction=cfg.val_fraction).check(model_cfg.seq_len)
+    local = world if args.nproc else int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    plan = _memory_plan(args, world, cfg, model_cfg, local_ranks=local)
+    if not plan.fits and not args.force:
+        raise ValueError(f"the memory plan {plan.verdict()}; see `--dry-run`, or --force to start anyway")
     if cfg.resume:
         folder = ckpt.latest_checkpoint(Path(cfg.out))
         if folder is None:

@@ -1,0 +1,209 @@
+"""The memory plan: what one rank holds while training, and whether it fits the device.
+
+Counted per rank, from the model's exact parameter counts (a meta-device model) and the layout:
+- master weights and optimizer state: dense parameters sharded over all W ranks (FSDP), experts
+  owned once per MicroEP group (at most ceil(E / G) per layer per rank); AdamW keeps two moments;
+- gradients: the dense shard and the owned experts, in the master dtype;
+- working copies: FSDP's gathered dense weights (the root's embedding and head for the whole step,
+  two blocks at a time: the current one and the prefetched next), the gathered expert slots (S per
+  layer; kept from forward to backward for every layer without activation checkpointing, for two
+  layers at a time with it, for every layer and the whole step with `--expert-gather step`, which
+  also keeps their summed gradients), and the transient gradient buffers of one layer;
+- activations for one micro-batch (B sequences of T tokens): per block the tensors autograd keeps
+  (residual inputs, q/k/v, attention output, the MoE layer's dispatched rows, its grouped-GEMM
+  intermediates); with `--ac full` only each block's input plus one block recomputed, with
+  `--ac moe` the attention's and the MoE layer's input; the logits and their float32 loss;
+- a fixed runtime reserve (CUDA context, NCCL buffers, allocator slack).
+
+The rule a run follows: it starts only if the total is at most the device's memory (GPU memory on
+CUDA; the host's memory shared by the local ranks on CPU), unless `--force`. `micromoe train
+--dry-run` prints this plan and starts nothing.
+Legend: W ranks, G GPUs of a MicroEP group, E experts, S local slots, L blocks, H hidden, F expert
+FFN hidden, K top-k, B micro-batch, T sequence length, V vocabulary.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from micromoe.model import ModelConfig, MoETransformer
+from micromoe.runtime import ParallelLayout
+from micromoe.train.config import TrainConfig
+from micromoe.train.precision import PrecisionPlan
+
+GIB = 1024**3
+RUNTIME_RESERVE = {"cuda": 2 * GIB, "cpu": GIB // 2}  # CUDA context + NCCL; a CPU process
+ROW_MARGIN = 1.10  # rows per rank above the even share (MicroEP keeps max/mean near 1)
+
+
+@dataclass(frozen=True)
+class MemoryItem:
+    name: str
+    bytes: int
+    note: str
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    """One rank's memory: `items` (bytes each), their `total`, the device's `capacity`."""
+
+    items: tuple[MemoryItem, ...]
+    capacity: int
+    where: str
+    precision: PrecisionPlan
+
+    @property
+    def total(self) -> int:
+        return sum(i.bytes for i in self.items)
+
+    @property
+    def fits(self) -> bool:
+        return self.total <= self.capacity
+
+    @property
+    def headroom(self) -> float:
+        """Share of the capacity left (negative when it does not fit)."""
+        return 1.0 - self.total / self.capacity
+
+    def largest(self, n: int = 2) -> list[MemoryItem]:
+        return sorted(self.items, key=lambda i: -i.bytes)[:n]
+
+    def verdict(self) -> str:
+        """The last line of the plan: fits or does not fit, with the headroom (and why)."""
+        t, c = self.total / GIB, self.capacity / GIB
+        if self.fits:
+            return f"fits: {t:.1f} of {c:.1f} GiB per rank ({100 * self.headroom:.0f}% headroom) on {self.where}"
+        why = ", ".join(f"{i.name} {i.bytes / GIB:.1f} GiB" for i in self.largest())
+        return f"does not fit: {t:.1f} GiB per rank needed, {c:.1f} GiB on {self.where} (largest: {why}); {self._hint()}"
+
+    def _hint(self) -> str:
+        top = self.largest(1)[0].name
+        if top in ("master weights", "optimizer state", "gradients"):
+            return "use more GPUs or a larger --ep (experts are owned once per MicroEP group of d*EP GPUs)"
+        if top == "activations":
+            return "use --ac full or moe, a smaller --micro-batch or --seq-len"
+        if top == "expert slots":
+            return "use --expert-gather micro, --ac moe or full, or more GPUs"
+        return "use more GPUs or a smaller model"
+
+    def table(self) -> str:
+        unit, scale = ("GiB", GIB) if self.total >= GIB else ("MiB", 1024**2)
+        width = max(len(i.name) for i in self.items)
+        lines = [f"{'per rank':<{width}}  {unit:>8}  what"]
+        lines += [f"{i.name:<{width}}  {i.bytes / scale:>8.2f}  {i.note}" for i in self.items]
+        lines.append(f"{'total':<{width}}  {self.total / scale:>8.2f}")
+        return "\n".join(lines)
+
+
+@dataclass(frozen=True)
+class _Counts:
+    """Parameter counts of the unsharded model."""
+
+    root: int  # embedding, head, final norm (a tied head counted once)
+    block_dense: list[int]  # per block: everything but the routed experts
+    per_expert: int  # 3 * H * F
+
+
+def _counts(model_cfg: ModelConfig) -> _Counts:
+    with torch.device("meta"):
+        model = MoETransformer(model_cfg)
+    expert_ids = {id(p) for m in model.moe_layers() for p in m.experts.parameters()}
+    block_ids = {id(p) for b in model.blocks for p in b.parameters()}
+    root = sum(p.numel() for p in model.parameters() if id(p) not in block_ids)
+    blocks = [sum(p.numel() for p in b.parameters() if id(p) not in expert_ids) for b in model.blocks]
+    return _Counts(root, blocks, 3 * model_cfg.hidden * model_cfg.ffn_hidden)
+
+
+def plan_memory(
+    model_cfg: ModelConfig,
+    cfg: TrainConfig,
+    precision: PrecisionPlan,
+    *,
+    world: int,
+    layout: ParallelLayout | None,
+    capacity: int,
+    device: str,
+    where: str,
+) -> MemoryPlan:
+    """The memory plan of one rank (the busiest: the most owned experts) on a `device` ("cuda" or
+    "cpu") of `capacity` bytes, described as `where`."""
+    n = _counts(model_cfg)
+    m, c = precision.master.itemsize, precision.compute.itemsize
+    red = precision.reduce.itemsize
+    e, num_moe = model_cfg.num_experts, model_cfg.num_moe_layers
+    g = layout.microep_size if layout is not None else 1
+    slots = e * (layout.merge if layout is not None else 1) // g
+    owned = math.ceil(e / g) * num_moe * n.per_expert
+    dense = n.root + sum(n.block_dense)
+    dense_shard = math.ceil(dense / world)
+    items = [
+        MemoryItem("master weights", (dense_shard + owned) * m, f"{_bn(dense)} dense / {world} ranks + owned experts"),
+        MemoryItem("optimizer state", 2 * (dense_shard + owned) * m, "AdamW moments, same dtype"),
+        MemoryItem("gradients", (dense_shard + owned) * m, "dense shard + owned experts"),
+        MemoryItem("working weights", _working_dense(n, c, red, world), "FSDP-gathered root + 2 blocks (+ grads)"),
+        MemoryItem("expert slots", _slot_bytes(cfg, n, slots, num_moe, c, red), _slot_note(cfg, slots)),
+        MemoryItem("activations", _activations(model_cfg, cfg, c), f"micro-batch {cfg.micro_batch} x {model_cfg.seq_len}, --ac {cfg.ac}"),
+        MemoryItem("runtime reserve", RUNTIME_RESERVE[device], "context, communication buffers"),
+    ]
+    return MemoryPlan(tuple(items), capacity, where, precision)
+
+
+def _bn(x: int) -> str:
+    return f"{x / 1e9:.2f}B" if x >= 1e8 else f"{x / 1e6:.1f}M"
+
+
+def _working_dense(n: _Counts, c: int, red: int, world: int) -> int:
+    """Gathered dense weights in the compute dtype: the root's for the whole step, two blocks at a
+    time (current + prefetched); the unsharded gradients of the root and one block before their
+    reduce-scatter. Nothing is gathered on one rank without mixed precision beyond the shards."""
+    block = max(n.block_dense, default=0)
+    return (n.root + 2 * block) * c + (n.root + block) * red
+
+
+def _slot_bytes(cfg: TrainConfig, n: _Counts, slots: int, num_moe: int, c: int, red: int) -> int:
+    one = slots * n.per_expert * c
+    grads = slots * n.per_expert * (c + 2 * red)  # slot gradient, its float32 rows, the return buffer
+    if cfg.expert_gather == "step":
+        return num_moe * (one + slots * n.per_expert * 4) + grads
+    layers = num_moe if cfg.ac == "none" else min(2, num_moe)
+    return layers * one + grads
+
+
+def _slot_note(cfg: TrainConfig, slots: int) -> str:
+    if cfg.expert_gather == "step":
+        return f"{slots} slots x every layer, kept for the step, with summed gradients"
+    return f"{slots} slots x {'every layer' if cfg.ac == 'none' else '2 layers'} (gathered copies)"
+
+
+def _activations(mc: ModelConfig, cfg: TrainConfig, c: int) -> int:
+    """Bytes autograd keeps for one micro-batch (see the module doc)."""
+    tokens = cfg.micro_batch * mc.seq_len
+    h, hd, nh, nkv = mc.hidden, mc.dim_head, mc.num_heads, mc.kv_heads
+    attn = tokens * (2 * h + (2 * nh + 3 * nkv) * hd + nh * hd) * c + tokens * nh * 4
+    rows = int(tokens * mc.top_k * ROW_MARGIN)
+    moe = tokens * h * c + tokens * mc.num_experts * 4 + rows * (3 * h + 4 * mc.ffn_hidden) * c
+    dense_f = mc.dense_ffn_hidden or mc.top_k * mc.ffn_hidden
+    dense = tokens * (h + 3 * dense_f) * c
+    per_block = [attn + (moe if i >= mc.num_dense_layers else dense) for i in range(mc.num_layers)]
+    logits = tokens * mc.vocab_size * (c + 4 + 4)  # logits, their float32 copy, its gradient
+    if cfg.ac == "full":
+        return mc.num_layers * tokens * h * c + max(per_block) + logits
+    if cfg.ac == "moe":
+        kept = [attn + tokens * h * c if i >= mc.num_dense_layers else attn + dense for i in range(mc.num_layers)]
+        return sum(kept) + moe + logits
+    return sum(per_block) + logits
+
+
+def device_capacity(device: torch.device, local_ranks: int) -> tuple[int, str]:
+    """(bytes one rank may use, a description): the GPU's memory, or the host's shared by the
+    local ranks."""
+    if device.type == "cuda":
+        total = torch.cuda.get_device_properties(device).total_memory
+        return total, f"{torch.cuda.get_device_name(device)} ({total / GIB:.0f} GiB)"
+    import os
+
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return total // max(1, local_ranks), f"CPU ({total / GIB:.0f} GiB RAM / {local_ranks} ranks)"
