@@ -1,8 +1,10 @@
 """Distributed training on gloo (CPU, float32) against single-process training.
 
-One launch of 4 processes trains the same small model on the same data three ways: plain EP
-(EP=2, DP=4), MicroEP (EP=2, d=2, symmetric placement) with aux-loss-free expert bias, and MicroEP
-with random placements plus an aux loss; then stops and resumes a MicroEP run from a checkpoint.
+One launch of 4 processes trains the same small model on the same data four ways: plain EP
+(EP=2, DP=4), MicroEP (EP=2, d=2, symmetric placement) with aux-loss-free expert bias, MicroEP
+with random placements plus an aux loss, and MicroEP with whole blocks recomputed in the backward
+(`--ac full`) and the expert slots gathered once per step (`--expert-gather step`, two
+micro-batches); then stops and resumes a MicroEP run from a checkpoint.
 Each run must reproduce the loss trajectory of one process training the same model with
 grad_accum = 4 x the per-rank value (the same global batch: data.py slices it identically).
 Tolerance: relative 1e-6 per step (float32 reductions in a different order, through AdamW;
@@ -58,6 +60,12 @@ def _cases(rank: int, world: int, root: str) -> dict[str, list[float]]:
             rank, world, {"out": f"{root}/microep", "record_routing": f"{root}/routing.jsonl"}, bias
         ),
         "random": _train(rank, world, {"placement": "random", "out": f"{root}/random"}, aux),
+        "recompute": _train(
+            rank,
+            world,
+            {"out": f"{root}/ac", "ac": "full", "expert_gather": "step", "micro_batch": 1, "grad_accum": 2},
+            bias,
+        ),
     }
     first = _train(rank, world, {"out": f"{root}/resume", "max_steps": 2, "lr_decay_steps": STEPS}, bias)
     rest = _train(rank, world, {"out": f"{root}/resume", "resume": True, "lr_decay_steps": STEPS}, bias)
@@ -97,6 +105,7 @@ def test_four_processes_match_one_process(results):
     _close(dist_runs[0]["ep"], single["bias"], "plain EP vs single process")
     _close(dist_runs[0]["microep"], single["bias"], "MicroEP vs single process")
     _close(dist_runs[0]["random"], single["aux"], "MicroEP random placement + aux loss vs single process")
+    _close(dist_runs[0]["recompute"], single["bias"], "--ac full --expert-gather step vs single process")
     assert single["bias"][-1][0] < single["bias"][0][0], "the loss should fall over the first steps"
     assert all(norm > 0.3 for _, norm in single["bias"]), "the test should exercise clipping"
 

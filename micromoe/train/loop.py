@@ -148,6 +148,8 @@ def train(run: Run) -> list[dict[str, Any]]:
                 {"tokens": tokens_per_step, "step_s": step_s, "tokens_per_s": tokens_per_step / step_s}
             )
             rec["mfu"] = mfu(run.flops_per_token, rec["tokens_per_s"], run.peak_flops, par.world)
+            if par.device.type == "cuda":  # this rank's peak so far (what the memory plan predicts)
+                rec["max_memory_gib"] = torch.cuda.max_memory_allocated(par.device) / 2**30
             rec.update(meter.record())
             last = step + 1 == cfg.max_steps
             if cfg.eval_interval and ((step + 1) % cfg.eval_interval == 0 or last):
