@@ -109,6 +109,7 @@ class GroupedSwiGLU(nn.Module):
     def forward(
         self, x: torch.Tensor, rows: torch.Tensor, *, offs: torch.Tensor | None = None
     ) -> torch.Tensor:
-        """x [N, H] slot-major, rows int32/int64 [S] -> [N, H] (see `swiglu_experts`)."""
+        """x [N, H] slot-major, rows int32/int64 [S] -> [N, H] in x's dtype (see `swiglu_experts`)."""
         dtype = self.compute_dtype or self.w_down.dtype
-        return swiglu_experts(x, self.w_gate_up.to(dtype), self.w_down.to(dtype), rows, offs=offs)
+        out = swiglu_experts(x.to(dtype), self.w_gate_up.to(dtype), self.w_down.to(dtype), rows, offs=offs)
+        return out.to(x.dtype)

@@ -183,11 +183,11 @@ class OwnedExperts(nn.Module):
     def forward(
         self, x: torch.Tensor, rows: torch.Tensor, *, offs: torch.Tensor | None = None
     ) -> torch.Tensor:
-        """x [N, H] slot-major, rows int [S] -> [N, H]; prefetches the next layer's slots."""
+        """x [N, H] slot-major, rows int [S] -> [N, H] in x's dtype; prefetches the next layer's slots."""
         w_gate_up, w_down = self.slot_weights()
         if self.next is not None:
             self.next.prefetch()  # runs beside this layer's GEMMs and the token all-to-alls
-        return swiglu_experts(x.to(w_down.dtype), w_gate_up, w_down, rows, offs=offs)
+        return swiglu_experts(x.to(w_down.dtype), w_gate_up, w_down, rows, offs=offs).to(x.dtype)
 
     # ------------------------------------------------------------------------------------------
     def _slots_forward(self) -> torch.Tensor:

@@ -499,8 +499,11 @@ def _worker(
     cfg, model_cfg = resolve_configs(args, world, vocab)
     if backend is not None:
         init_distributed(backend, rank, world, cfg.timeout)
-    elif device.type == "cuda":  # one GPU: a one-rank group, so FSDP applies the mixed precision
-        dist.init_process_group("nccl", store=dist.HashStore(), rank=0, world_size=1, device_id=device)
+    elif resolve_precision(cfg.precision, device).casts:  # one process: a one-rank group, so FSDP
+        # applies the mixed precision to the dense weights as it does in a distributed run
+        backend1 = "nccl" if device.type == "cuda" else "gloo"
+        kw = {"device_id": device} if device.type == "cuda" else {}
+        dist.init_process_group(backend1, store=dist.HashStore(), rank=0, world_size=1, **kw)
     try:
         layout = resolve_layout(cfg, world) if world > 1 else None
         par = ParallelState(rank, world, device, layout, cfg.dispatcher)
