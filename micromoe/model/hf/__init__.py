@@ -8,7 +8,7 @@ Bottom to top: `config` (architectures, refusals, both directions of the config)
 """
 
 from micromoe.model.hf.config import REFUSED, SUPPORTED, hf_config, model_config, read_config
-from micromoe.model.hf.names import EXPERT_NAME, Rule, logical_rules, split_experts
+from micromoe.model.hf.names import EXPERT_NAME, Rule, hf_tensors, logical_rules, split_experts
 from micromoe.model.hf.reader import SafetensorsFolder
 from micromoe.model.hf.source import HFSource, hf_source, load_into_model
 from micromoe.model.hf.tokenizer import TOKENIZER_FILES, HFTokenizer, load_tokenizer
@@ -25,6 +25,7 @@ __all__ = [
     "SafetensorsFolder",
     "hf_config",
     "hf_source",
+    "hf_tensors",
     "load_into_model",
     "load_tokenizer",
     "logical_rules",

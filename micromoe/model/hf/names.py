@@ -27,6 +27,7 @@ make one logical tensor: concatenated along rows, then transposed for the expert
 from __future__ import annotations
 
 import re
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -60,8 +61,14 @@ class Rule:
 
     def to_logical(self, parts: list[torch.Tensor]) -> torch.Tensor:
         """The HF tensors (in `hf_names` order) -> the logical tensor."""
-        t = parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
-        return t.t().contiguous() if self.transpose else t
+        if not self.transpose:
+            return parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
+        out = parts[0].new_empty(self.shape)  # [in, sum of outs]: one copy, no concatenated temporary
+        start = 0
+        for p in parts:
+            out[:, start : start + p.shape[0]].copy_(p.t())
+            start += p.shape[0]
+        return out
 
     def to_hf(self, tensor: torch.Tensor) -> dict[str, torch.Tensor]:
         """The logical tensor -> {HF name: tensor} (contiguous, ready to save)."""
@@ -145,6 +152,21 @@ def logical_rules(cfg: ModelConfig, arch: str) -> dict[str, Rule]:
     rules["norm.weight"] = Rule(("model.norm.weight",), ((c,),))
     rules["head.weight"] = _linear(["model.embed_tokens" if cfg.tie_embeddings else "lm_head"], [v], c)
     return rules
+
+
+def hf_tensors(
+    rules: dict[str, Rule], tensor: Callable[[str], torch.Tensor]
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """(HF name, tensor) for every tensor of a model, read one logical tensor at a time through
+    `tensor(logical name)`, in HF order. A tied head (its rule names the embedding again) is
+    written once."""
+    seen: set[str] = set()
+    for name, rule in rules.items():
+        if set(rule.hf_names) <= seen:
+            continue
+        for hf_name, t in rule.to_hf(tensor(name)).items():
+            seen.add(hf_name)
+            yield hf_name, t
 
 
 def split_experts(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -1,33 +1,58 @@
 """Stream tensors out of a Hugging Face model folder, one at a time.
 
 A folder holds `model.safetensors`, or `model.safetensors.index.json` (its `weight_map` names the
-shard of every tensor) and the shards. Opening reads only the JSON index and the shards' headers;
-`get` reads one tensor through `safe_open(...).get_slice`, so a rank reads the tensors it keeps and
-never the whole model. At most one shard is open (memory-mapped) at a time, so the resident memory
-of an import stays near one shard plus the tensor being copied, however large the model.
+shard of every tensor) and the shards. A safetensors file is an 8-byte little-endian header length,
+a JSON header ({name: {dtype, shape, data_offsets}}) and the raw tensor bytes. Opening reads only
+the index; a shard's header is read the first time one of its tensors is asked for; `get` reads
+one tensor's bytes straight into a fresh tensor (one `readinto` at its offset). So a rank reads
+only the tensors it keeps, and an import holds one tensor at a time, never a shard: memory-mapping
+the shard instead (`safe_open`) kept the touched pages of the open shard resident, about one shard
+of RSS (measured in tests/test_hf_source.py).
 """
 
 from __future__ import annotations
 
 import json
+import math
+import struct
 from pathlib import Path
 from typing import Any
 
 import torch
 
-try:  # the `hf` extra (pip install 'micromoe[hf]') is optional for the rest of micromoe
-    from safetensors import safe_open
-except ImportError:  # pragma: no cover - exercised only without the extra
-    safe_open = None
-
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
+MAX_HEADER = 100 << 20  # the safetensors format's own limit on the JSON header
+
+DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+}
 
 
-def require_safetensors() -> None:
-    """ValueError with the install line when the `hf` extra is missing."""
-    if safe_open is None:
-        raise ValueError("reading Hugging Face folders needs safetensors: pip install 'micromoe[hf]'")
+def read_header(path: Path) -> tuple[dict[str, dict[str, Any]], int]:
+    """({tensor name: {dtype, shape, data_offsets}}, byte offset of the data) of a safetensors file;
+    ValueError naming the file when it is not one."""
+    try:
+        with open(path, "rb") as f:
+            (size,) = struct.unpack("<Q", f.read(8))
+            if size > MAX_HEADER:
+                raise ValueError(f"{path}: header of {size} bytes; not a safetensors file")
+            header = json.loads(f.read(size))
+    except (struct.error, json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{path}: not a safetensors file ({exc})") from None
+    header.pop("__metadata__", None)
+    return header, 8 + size
 
 
 class SafetensorsFolder:
@@ -40,63 +65,75 @@ class SafetensorsFolder:
     """
 
     def __init__(self, folder: Path) -> None:
-        require_safetensors()
         self.folder = Path(folder)
+        self._headers: dict[str, tuple[dict[str, dict[str, Any]], int]] = {}
         index, single = self.folder / INDEX, self.folder / SINGLE
         if index.is_file():
+            self.listing = index
             self.weight_map = _read_index(index)
             for shard in sorted(set(self.weight_map.values())):
                 if not (self.folder / shard).is_file():
                     raise ValueError(f"{self.folder / shard}: missing; {index} names it as a shard")
         elif single.is_file():
-            with safe_open(str(single), framework="pt") as f:
-                self.weight_map = dict.fromkeys(f.keys(), SINGLE)
+            self.listing = single
+            self.weight_map = dict.fromkeys(self._header(SINGLE)[0], SINGLE)
         else:
             raise ValueError(f"{self.folder}: no {SINGLE} or {INDEX}; is this a Hugging Face model folder?")
-        self._open: tuple[str, Any] | None = None  # (shard, handle): one mapping at a time
 
     def names(self) -> list[str]:
         """Every tensor name in the folder."""
         return list(self.weight_map)
 
     def file_of(self, name: str) -> Path:
-        """The shard holding `name`; ValueError when no shard has it."""
+        """The shard holding `name`; ValueError naming the listing file when none has it."""
         if name not in self.weight_map:
-            where = self.folder / (INDEX if (self.folder / INDEX).is_file() else SINGLE)
-            raise ValueError(f"{where}: has no tensor {name!r}")
+            raise ValueError(f"{self.listing}: has no tensor {name!r}")
         return self.folder / self.weight_map[name]
 
-    def _handle(self, name: str) -> Any:
-        self.file_of(name)  # ValueError when absent
-        shard = self.weight_map[name]
-        if self._open is None or self._open[0] != shard:
-            self.close()
-            handle = safe_open(str(self.folder / shard), framework="pt")
-            self._open = (shard, handle.__enter__())
-        return self._open[1]
+    def _header(self, shard: str) -> tuple[dict[str, dict[str, Any]], int]:
+        if shard not in self._headers:
+            self._headers[shard] = read_header(self.folder / shard)
+        return self._headers[shard]
+
+    def _entry(self, name: str) -> dict[str, Any]:
+        path = self.file_of(name)
+        header, _ = self._header(self.weight_map[name])
+        if name not in header:
+            raise ValueError(f"{path}: has no tensor {name!r}, though {self.listing.name} says it does")
+        return header[name]
 
     def shape(self, name: str) -> tuple[int, ...]:
-        """The stored shape of `name` (reads the header only)."""
-        self.file_of(name)
-        return tuple(self._handle(name).get_slice(name).get_shape())
+        """The stored shape of `name` (reads the shard's header only)."""
+        return tuple(self._entry(name)["shape"])
 
     def get(self, name: str, expected: tuple[int, ...] | None = None) -> torch.Tensor:
         """Tensor `name` as float32 on the CPU; ValueError naming the shard when its stored shape
-        differs from `expected` (checked before any data is read)."""
-        path = self.file_of(name)
-        piece = self._handle(name).get_slice(name)
-        shape = tuple(piece.get_shape())
+        differs from `expected` (checked before any data is read) or the file is truncated."""
+        path, entry = self.file_of(name), self._entry(name)
+        shape = tuple(entry["shape"])
         if expected is not None and shape != tuple(expected):
             raise ValueError(
                 f"{path}: tensor {name!r} has shape {list(shape)}, but config.json implies {list(expected)}"
             )
-        return piece[:].to(torch.float32)
+        if entry["dtype"] not in DTYPES:
+            raise ValueError(
+                f"{path}: tensor {name!r} has dtype {entry['dtype']}, which micromoe cannot read"
+            )
+        dtype = DTYPES[entry["dtype"]]
+        begin, end = entry["data_offsets"]
+        nbytes = math.prod(shape) * dtype.itemsize
+        if end - begin != nbytes:
+            raise ValueError(f"{path}: tensor {name!r} holds {end - begin} bytes, its shape needs {nbytes}")
+        raw = torch.empty(nbytes, dtype=torch.uint8)
+        with open(path, "rb") as f:
+            f.seek(self._header(self.weight_map[name])[1] + begin)
+            if nbytes and f.readinto(memoryview(raw.numpy())) != nbytes:
+                raise ValueError(f"{path}: truncated inside tensor {name!r}")
+        return raw.view(dtype).reshape(shape).to(torch.float32)
 
     def close(self) -> None:
-        """Unmap the open shard (the next `get` reopens what it needs)."""
-        if self._open is not None:
-            self._open[1].__exit__(None, None, None)
-            self._open = None
+        """Forget the cached shard headers (no file stays open between reads)."""
+        self._headers = {}
 
 
 def _read_index(index: Path) -> dict[str, str]:

@@ -15,12 +15,18 @@ from pathlib import Path
 
 import torch
 
-from micromoe.model.hf.reader import INDEX, SINGLE, require_safetensors
+from micromoe.model.hf.reader import INDEX, SINGLE
 
 try:  # the `hf` extra
     from safetensors.torch import save_file
 except ImportError:  # pragma: no cover - exercised only without the extra
     save_file = None
+
+
+def require_safetensors() -> None:
+    """ValueError with the install line when the `hf` extra is missing."""
+    if save_file is None:
+        raise ValueError("writing safetensors needs the hf extra: pip install 'micromoe[hf]'")
 
 
 def write_shards(
