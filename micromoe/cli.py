@@ -19,7 +19,11 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "simulate": ("micromoe.sim.command", "compare load balancers on routing traces or Zipf skews"),
     "calibrate": ("micromoe.runtime.calibrate_command", "measure this GPU's expert-GEMM cost model"),
     "train": ("micromoe.train.command", "train a MoE transformer with plain EP or MicroEP (CPU or GPUs)"),
-    "tokenize": ("micromoe.train.tokenize", "tokenize text with a Hugging Face model's tokenizer into a .bin"),
+    "tokenize": (
+        "micromoe.train.tokenize",
+        "tokenize text with a Hugging Face model's tokenizer into a .bin",
+    ),
+    "export": ("micromoe.train.export", "write a training run's checkpoint as a Hugging Face model folder"),
 }
 
 
