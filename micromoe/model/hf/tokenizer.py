@@ -1,8 +1,8 @@
 """A model folder's fast tokenizer (`tokenizer.json`, read with `tokenizers`, not `transformers`).
 
 `load_tokenizer(folder)` returns the tokenizer, the id that ends a document (EOS) and the model's
-vocabulary size (the larger of config.json's `vocab_size` and the tokenizer's, which can differ:
-Qwen pads its embedding to 151,936 rows for 151,665 tokens).
+vocabulary size: config.json's `vocab_size` (the embedding's rows, which may exceed the
+tokenizer's ids: Qwen pads to 151,936 rows for 151,665 tokens), else the tokenizer's.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ TOKENIZER_FILES = (
 @dataclass(frozen=True)
 class HFTokenizer:
     """Attributes: tokenizer (a `tokenizers.Tokenizer`), eos_id (ends every document),
-    vocab_size (ids the model accepts), path (the tokenizer.json read)."""
+    vocab_size (ids the model's embedding accepts), path (the tokenizer.json read)."""
 
     tokenizer: Any
     eos_id: int
@@ -90,9 +90,7 @@ def load_tokenizer(folder: str | Path) -> HFTokenizer:
             f"{folder / 'config.json'}: no eos_token_id (nor an eos_token in tokenizer_config.json) to "
             "separate documents"
         )
-    vocab = max(
-        int(_json(folder / "config.json").get("vocab_size") or 0), tok.get_vocab_size(with_added_tokens=True)
-    )
+    vocab = int(_json(folder / "config.json").get("vocab_size") or tok.get_vocab_size(with_added_tokens=True))
     if not 0 <= eos < vocab:
         raise ValueError(f"{folder / 'config.json'}: eos_token_id {eos} is outside the vocabulary of {vocab}")
     return HFTokenizer(tok, eos, vocab, path)
