@@ -2,7 +2,7 @@
 
     micromoe tokenize --hf MODEL_DIR --data corpus.txt|corpus_dir/|corpus.jsonl --out data.bin
 
-Documents: a text file is one document (long ones are encoded in pieces of about 1 MiB cut after
+Documents: a text file is one document (long ones are encoded in pieces of about 256 KiB cut after
 a newline that precedes a non-blank character); a folder gives one document per `.txt`/`.md`
 file and per line of its `.jsonl` files; a JSON-lines file one document per line (its `text`
 field). Each document's ids are followed by the tokenizer's EOS id; no BOS is added. Ids are stored
@@ -32,7 +32,7 @@ log = logging.getLogger("micromoe.tokenize")
 
 TEXT_SUFFIXES = (".txt", ".md")
 JSONL_SUFFIXES = (".jsonl",)
-PIECE_BYTES = 1 << 20  # a long text file is encoded in pieces of about this many characters
+PIECE_BYTES = 1 << 18  # a long text file is encoded in pieces of about this many characters
 BATCH_CHARS = 4 << 20  # characters handed to the tokenizer per (multi-threaded) batch call
 
 
