@@ -4,14 +4,17 @@ source folder (Mixtral), bf16 and several shards."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
 import torch
 from _hf_models import ARCHS, save_hf, transformers
 
+from micromoe.cli import main
 from micromoe.model import ModelConfig, MoETransformer
 from micromoe.model.hf import hf_source, load_into_model, read_config, split_experts
+from micromoe.train import checkpoint as ckpt
 from micromoe.train.export import export_model, parse_size
 
 SEQ = 16
@@ -93,3 +96,38 @@ def test_export_refuses_a_non_empty_folder_and_bad_sizes(tmp_path):
     assert parse_size("5GB") == 5 * 10**9 and parse_size("2MiB") == 2 * 2**20 and parse_size("100") == 100
     with pytest.raises(ValueError, match="--shard-size"):
         parse_size("five")
+
+
+class _FakeReader:
+    """The checkpoint reader's interface (meta, tensor_names, tensor) over a model's state dict."""
+
+    def __init__(self, model, meta):
+        self.state, self.meta = split_experts(model.state_dict()), meta
+
+    def tensor_names(self):
+        return sorted(self.state)
+
+    def tensor(self, name):
+        return self.state[name].float().clone()
+
+
+@pytest.mark.parametrize("meta_kind", ["hf", "train"])
+def test_export_command_reads_the_checkpoint_and_its_source(tmp_path, monkeypatch, meta_kind):
+    ours, source = _trained("Qwen3MoeForCausalLM", tmp_path / "src")
+    meta = {"model": dataclasses.asdict(ours.cfg), "step": 3, "train": {"hf": None}}
+    if meta_kind == "hf":  # the source's config.json stored in the checkpoint
+        meta["hf"] = {"config": source.hf_config, "path": str(source.folder)}
+    else:  # only the training option: config.json is read from the folder
+        meta["train"]["hf"] = str(source.folder)
+    asked = []
+
+    def fake_open(run_out, step=None):
+        asked.append((run_out, step))
+        return _FakeReader(ours, meta)
+
+    monkeypatch.setattr(ckpt, "open_checkpoint", fake_open, raising=False)
+    argv = ["export", "--checkpoint", str(tmp_path / "run"), "--hf", str(tmp_path / "out"), "--step", "3"]
+    assert main([*argv, "--dtype", "float32", "--shard-size", "30KB"]) == 0
+    assert asked == [(tmp_path / "run", 3)]
+    assert len(list((tmp_path / "out").glob("model-*.safetensors"))) > 1
+    _same_logits(ours, _load(tmp_path / "out"))
