@@ -155,46 +155,75 @@ def _attention(hf: dict[str, Any], arch: str, where: str) -> dict[str, Any]:
     }
 
 
-def _variant(hf: dict[str, Any], arch: str, num_layers: int, seq_len: int, where: str) -> dict[str, Any]:
-    """The fields in which the architectures differ."""
-    if arch == "MixtralForCausalLM":
-        if float(hf.get("router_jitter_noise") or 0.0) != 0.0:
-            raise _refuse(where, arch, f"router jitter noise ({hf['router_jitter_noise']})")
-        _check_window(hf.get("sliding_window"), seq_len, where, arch)
-        return {"ffn_hidden": int(hf["intermediate_size"]), "norm_topk_prob": True}
-    fields: dict[str, Any] = {
-        "ffn_hidden": int(
-            hf["intermediate_size"] if arch == "OlmoeForCausalLM" else hf["moe_intermediate_size"]
-        ),
+def _mixtral(hf: dict[str, Any], num_layers: int, seq_len: int, where: str) -> dict[str, Any]:
+    arch = "MixtralForCausalLM"
+    if float(hf.get("router_jitter_noise") or 0.0) != 0.0:
+        raise _refuse(where, arch, f"router jitter noise ({hf['router_jitter_noise']})")
+    _check_window(hf.get("sliding_window"), seq_len, where, arch)
+    return {"ffn_hidden": int(hf["intermediate_size"]), "norm_topk_prob": True}
+
+
+def _olmoe(hf: dict[str, Any], num_layers: int, seq_len: int, where: str) -> dict[str, Any]:
+    arch = "OlmoeForCausalLM"
+    if hf.get("clip_qkv") is not None:
+        raise _refuse(where, arch, f"clipped q/k/v activations (clip_qkv={hf['clip_qkv']})")
+    if hf.get("head_dim") not in (None, int(hf["hidden_size"]) // int(hf["num_attention_heads"])):
+        raise _refuse(where, arch, f"head_dim={hf['head_dim']} other than hidden_size / num_attention_heads")
+    bias = bool(hf.get("attention_bias", False))
+    return {
+        "ffn_hidden": int(hf["intermediate_size"]),
         "norm_topk_prob": bool(hf.get("norm_topk_prob", False)),
+        "qk_norm": "full",  # RMSNorm over the whole q (nh * hd) and k (nkv * hd) widths
+        "qkv_bias": bias,
+        "attn_out_bias": bias,
     }
-    if arch == "OlmoeForCausalLM":
-        if hf.get("clip_qkv") is not None:
-            raise _refuse(where, arch, f"clipped q/k/v activations (clip_qkv={hf['clip_qkv']})")
-        if hf.get("head_dim") not in (None, int(hf["hidden_size"]) // int(hf["num_attention_heads"])):
-            raise _refuse(
-                where, arch, f"head_dim={hf['head_dim']} other than hidden_size / num_attention_heads"
-            )
-        bias = bool(hf.get("attention_bias", False))
-        return {**fields, "qk_norm": "full", "qkv_bias": bias, "attn_out_bias": bias}
+
+
+def _qwen(hf: dict[str, Any], num_layers: int, seq_len: int, where: str, arch: str) -> dict[str, Any]:
+    """What Qwen2-MoE and Qwen3-MoE share: expert width, router, first-N dense layers, windows."""
     dense = _dense_prefix(hf, num_layers, where, arch)
-    fields.update(num_dense_layers=dense, dense_ffn_hidden=int(hf["intermediate_size"]) if dense else None)
     if hf.get("use_sliding_window", False):
         types = hf.get("layer_types") or ["sliding_attention"] * num_layers
         if "sliding_attention" in types[:num_layers]:
             _check_window(hf.get("sliding_window"), seq_len, where, arch)
-    if arch == "Qwen3MoeForCausalLM":
-        bias = bool(hf.get("attention_bias", False))
-        return {**fields, "qk_norm": "head", "qkv_bias": bias, "attn_out_bias": bias}
+    return {
+        "ffn_hidden": int(hf["moe_intermediate_size"]),
+        "norm_topk_prob": bool(hf.get("norm_topk_prob", False)),
+        "num_dense_layers": dense,
+        "dense_ffn_hidden": int(hf["intermediate_size"]) if dense else None,
+    }
+
+
+def _qwen2_moe(hf: dict[str, Any], num_layers: int, seq_len: int, where: str) -> dict[str, Any]:
+    arch = "Qwen2MoeForCausalLM"
     shared = int(hf.get("shared_expert_intermediate_size", 5632))
     if shared < 1:
         raise _refuse(where, arch, "a shared expert of size 0")
     return {
-        **fields,
-        "qkv_bias": bool(hf.get("qkv_bias", True)),
+        **_qwen(hf, num_layers, seq_len, where, arch),
+        "qkv_bias": bool(hf.get("qkv_bias", True)),  # older configs lack the key: always biased
         "shared_ffn_hidden": shared,
         "shared_expert_gate": True,
     }
+
+
+def _qwen3_moe(hf: dict[str, Any], num_layers: int, seq_len: int, where: str) -> dict[str, Any]:
+    bias = bool(hf.get("attention_bias", False))
+    return {
+        **_qwen(hf, num_layers, seq_len, where, "Qwen3MoeForCausalLM"),
+        "qk_norm": "head",  # RMSNorm over head_dim, before RoPE
+        "qkv_bias": bias,
+        "attn_out_bias": bias,
+    }
+
+
+# architecture -> its fields beyond `_attention`'s: (config, kept layers, sequence, file) -> fields
+VARIANTS = {
+    "MixtralForCausalLM": _mixtral,
+    "Qwen2MoeForCausalLM": _qwen2_moe,
+    "Qwen3MoeForCausalLM": _qwen3_moe,
+    "OlmoeForCausalLM": _olmoe,
+}
 
 
 def model_config(
@@ -221,7 +250,7 @@ def model_config(
         raise ValueError(f"--layers {layers}: {where} has {total} layers; keep between 1 and {total}")
     max_pos = int(hf.get("max_position_embeddings") or DEFAULT_SEQ_LEN)
     seq = seq_len if seq_len is not None else min(max_pos, DEFAULT_SEQ_LEN)
-    fields = {**_attention(hf, arch, where), **_variant(hf, arch, layers, seq, where)}
+    fields = {**_attention(hf, arch, where), **VARIANTS[arch](hf, layers, seq, where)}
     return ModelConfig(num_layers=layers, seq_len=seq, **fields)
 
 
