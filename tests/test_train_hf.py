@@ -34,6 +34,13 @@ def test_model_config_comes_from_the_folder(tmp_path):
         resolve_configs(_args("--hf", str(tmp_path), "--layers", "9"), 1, 96)
 
 
+def test_an_unsupported_model_is_named_before_its_data_is_read(tmp_path, capsys):
+    (tmp_path / "config.json").write_text(json.dumps({"architectures": ["GptOssForCausalLM"]}))
+    assert main(["train", "--hf", str(tmp_path), "--max-steps", "1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "GptOssForCausalLM is not supported" in err and "attention sinks" in err
+
+
 def test_text_data_is_tokenized_with_the_models_tokenizer(tmp_path):
     save_hf("MixtralForCausalLM", tmp_path)
     (tmp_path / "d.txt").write_text("w0 w1 w2 w90")

@@ -29,8 +29,8 @@ import torch.multiprocessing as mp
 
 from micromoe.allocator import tune_allocator
 from micromoe.model import PRESETS, ModelConfig, preset
+from micromoe.model.hf import architecture, read_config
 from micromoe.model.hf import model_config as hf_model_config
-from micromoe.model.hf import read_config
 from micromoe.train import checkpoint as ckpt
 from micromoe.train.config import RUN_PRESETS, TrainConfig, resolve
 from micromoe.train.data import TokenData, load_tokens
@@ -390,6 +390,8 @@ def _spawn(world: int, args: argparse.Namespace) -> None:
 
 def _preflight(args: argparse.Namespace, world: int) -> None:
     """Every check that can fail before processes start: configs, data, checkpoint compatibility."""
+    if args.hf:  # an unsupported model is the first thing to say, before its tokenizer reads the data
+        architecture(read_config(Path(args.hf)), f"{args.hf}/config.json")
     tokens, vocab = load_tokens(args.data, hf=args.hf)
     cfg, model_cfg = resolve_configs(args, world, vocab)
     TokenData(tokens, vocab, val_fraction=cfg.val_fraction).check(model_cfg.seq_len)

@@ -7,7 +7,7 @@ Bottom to top: `config` (architectures, refusals, both directions of the config)
 `source` (`hf_source`, `load_into_model`), `writer` (safetensors shards with an index).
 """
 
-from micromoe.model.hf.config import REFUSED, SUPPORTED, hf_config, model_config, read_config
+from micromoe.model.hf.config import REFUSED, SUPPORTED, architecture, hf_config, model_config, read_config
 from micromoe.model.hf.names import EXPERT_NAME, Rule, hf_tensors, logical_rules, split_experts
 from micromoe.model.hf.reader import SafetensorsFolder
 from micromoe.model.hf.source import HFSource, hf_source, load_into_model
@@ -22,6 +22,7 @@ __all__ = [
     "HFSource",
     "HFTokenizer",
     "Rule",
+    "architecture",
     "SafetensorsFolder",
     "hf_config",
     "hf_source",
