@@ -1,4 +1,4 @@
-"""The `micromoe` command: subcommands for simulation, benchmarks and (later) training.
+"""The `micromoe` command: subcommands for simulation, calibration, training, tokenizing and export.
 
 Each subcommand lives with the layer it drives and exposes `add_arguments(parser)` and
 `run(args) -> int`; this file only wires them together.
@@ -19,6 +19,11 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "simulate": ("micromoe.sim.command", "compare load balancers on routing traces or Zipf skews"),
     "calibrate": ("micromoe.runtime.calibrate_command", "measure this GPU's expert-GEMM cost model"),
     "train": ("micromoe.train.command", "train a MoE transformer with plain EP or MicroEP (CPU or GPUs)"),
+    "tokenize": (
+        "micromoe.train.tokenize",
+        "tokenize text with a Hugging Face model's tokenizer into a .bin",
+    ),
+    "export": ("micromoe.train.export", "write a training run's checkpoint as a Hugging Face model folder"),
 }
 
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Create .venv and install micromoe with its test tools. Idempotent; safe to run on every call.
+# Create .venv and install micromoe with its test tools and the Hugging Face extra. Idempotent; safe to run on every call.
 # PyTorch: an already-installed torch is kept (GPU users bring their own CUDA build); otherwise the
 # pinned CPU build is installed, which on our CI machines is a local file and takes seconds.
 # Progress goes to stderr, so stdout carries only what the caller runs afterwards. The install is
@@ -27,7 +27,7 @@ fi
 
 key=$({ cat pyproject.toml scripts/setup.sh; "$VPY" -c 'import sys; print(sys.version)'; } | sha256sum | cut -d' ' -f1)
 if [ "${MICROMOE_REINSTALL:-0}" != 1 ] && [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$key" ] \
-  && "$VPY" -c "import micromoe, torch, numba, highspy" 2>/dev/null; then
+  && "$VPY" -c "import micromoe, torch, numba, highspy, transformers, safetensors, tokenizers" 2>/dev/null; then
   exit 0
 fi
 
@@ -38,8 +38,12 @@ if ! "$VPY" -c "import torch" 2>/dev/null; then
   say "no torch in .venv: installing the CPU build torch==2.13.0"
   pip_install "torch==2.13.0"
 fi
-pip_install -e ".[test]"
-"$VPY" -c "import micromoe, torch, numba, highspy" || {
+# keep the torch that is there (a dependency asking for another one must not replace a CUDA build)
+constraints=$(mktemp)
+trap 'rm -f "$constraints"' EXIT
+"$VPY" -c 'import torch; print("torch==" + torch.__version__)' >"$constraints"
+pip_install -e ".[test,hf]" -c "$constraints"
+"$VPY" -c "import micromoe, torch, numba, highspy, transformers, safetensors, tokenizers" || {
   say "setup failed: micromoe or a dependency does not import"
   exit 1
 }

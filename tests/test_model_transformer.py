@@ -138,3 +138,52 @@ def test_expert_bias_moves_against_load():
     for layer in model.moe_layers():
         counts = layer.last_stats.counts_ge.sum(0)
         assert counts[3] == 32  # every token picked expert 3
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"qk_norm": "layer"},
+        {"shared_ffn_hidden": -1},
+        {"shared_expert_gate": True},
+        {"shared_ffn_hidden": 1.5},
+    ],
+)
+def test_variant_options_are_validated(bad):
+    with pytest.raises(ValueError, match="qk_norm|shared"):
+        ModelConfig(**bad)
+
+
+def test_variants_add_their_parameters_and_a_shared_expert_counts_as_active():
+    base = dict(vocab_size=64, seq_len=16, num_layers=2, hidden=32, num_heads=4, ffn_hidden=16, num_experts=4)
+    plain = MoETransformer(ModelConfig(**base))
+    cfg = ModelConfig(
+        **base,
+        qkv_bias=True,
+        attn_out_bias=True,
+        qk_norm="head",
+        shared_ffn_hidden=24,
+        shared_expert_gate=True,
+    )
+    model = MoETransformer(cfg)
+    names = set(dict(model.named_parameters()))
+    for extra in ("attn.qkv.bias", "attn.proj.bias", "attn.q_norm.weight", "shared_expert.down.weight"):
+        assert f"blocks.1.{extra}" in names
+    assert model.blocks[0].attn.q_norm.weight.shape == (8,)  # per head: head_dim
+    extra = 2 * (32 * 2 * 24 + 24 * 32 + 32) + 2 * ((4 + 2 * 4) * 8 + 32 + 2 * 8)
+    assert model.num_params()["active"] - plain.num_params()["active"] == extra
+    assert all(not p.detach().any() for n, p in model.named_parameters() if n.endswith(".bias"))
+    full = MoETransformer(ModelConfig(**base, num_kv_heads=2, qk_norm="full"))
+    assert full.blocks[0].attn.k_norm.weight.shape == (2 * 8,)  # the whole k width
+
+
+def test_shared_expert_with_a_closed_gate_leaves_the_routed_output():
+    base = dict(vocab_size=64, seq_len=16, num_layers=1, hidden=32, num_heads=4, ffn_hidden=16, num_experts=4)
+    torch.manual_seed(0)
+    model = MoETransformer(ModelConfig(**base, shared_ffn_hidden=24, shared_expert_gate=True))
+    h = torch.randn(2, 16, 32)
+    block = model.blocks[0]
+    with torch.no_grad():
+        block.shared_expert_gate.weight.zero_()  # sigmoid(0) = 1/2
+        half = block._ffn(h) - block.ffn(h)
+        torch.testing.assert_close(half, 0.5 * block.shared_expert(h))

@@ -6,6 +6,17 @@ use a dense SwiGLU FFN, the rest an `MoELayer` (top-k router, grouped SwiGLU exp
 knows nothing about process groups: `micromoe.model.parallel.parallelize_model` shards its MoE
 layers afterwards.
 
+Architecture variants are `ModelConfig` options, not copies of the model (each open model family
+in `micromoe.model.hf` is a setting of them):
+- `qkv_bias` / `attn_out_bias`: biases on the q, k, v projections (Qwen2-MoE) and on the output
+  projection (Qwen3-MoE and OLMoE with `attention_bias`);
+- `qk_norm`: RMSNorm of queries and keys before RoPE, per head over head_dim ("head": Qwen3) or
+  over the whole projection width ("full": OLMoE);
+- `norm_topk_prob`: the router takes a softmax over all experts, then the top k; True rescales the
+  k chosen probabilities to sum to 1 (Mixtral, Qwen3-MoE), False keeps them (Qwen2-MoE, OLMoE);
+- `shared_ffn_hidden` / `shared_expert_gate`: a dense SwiGLU "shared expert" beside the routed
+  ones in every MoE block, optionally scaled by sigmoid(x w_gate) per token (Qwen2-MoE).
+
 Legend: B batch, T sequence, C hidden (model width), V vocab, nh query heads, nkv key/value
 heads, hd head dim.
 """
@@ -15,6 +26,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -49,6 +61,14 @@ class ModelConfig:
         rope_theta: RoPE base.
         norm_eps: RMSNorm epsilon.
         init_std: std of embeddings and projections (residual outputs get init_std / sqrt(2L)).
+        qkv_bias: biases on the query, key and value projections.
+        attn_out_bias: a bias on the attention output projection.
+        qk_norm: "none", "head" (RMSNorm over head_dim, shared by the heads) or "full" (RMSNorm
+            over the whole q and k projection widths, nh * hd and nkv * hd).
+        norm_topk_prob: rescale each token's k gate probabilities to sum to 1.
+        shared_ffn_hidden: hidden size of a dense SwiGLU shared expert beside the routed experts of
+            every MoE block; 0 = none.
+        shared_expert_gate: scale the shared expert's output by sigmoid(x w), w [C] (per token).
     """
 
     vocab_size: int = 256
@@ -69,6 +89,12 @@ class ModelConfig:
     rope_theta: float = 10000.0
     norm_eps: float = 1e-5
     init_std: float = 0.02
+    qkv_bias: bool = False
+    attn_out_bias: bool = False
+    qk_norm: Literal["none", "head", "full"] = "none"
+    norm_topk_prob: bool = True
+    shared_ffn_hidden: int = 0
+    shared_expert_gate: bool = False
 
     def __post_init__(self) -> None:
         for name in (
@@ -99,6 +125,16 @@ class ModelConfig:
             raise ValueError(f"top_k={self.top_k} must be in [1, num_experts={self.num_experts}]")
         if self.aux_loss_coef < 0 or self.expert_bias_rate < 0:
             raise ValueError("aux_loss_coef and expert_bias_rate must be >= 0")
+        if self.qk_norm not in ("none", "head", "full"):
+            raise ValueError(f"qk_norm must be 'none', 'head' or 'full', got {self.qk_norm!r}")
+        if isinstance(self.shared_ffn_hidden, bool) or not isinstance(self.shared_ffn_hidden, int):
+            raise ValueError(f"shared_ffn_hidden must be an integer, got {self.shared_ffn_hidden!r}")
+        if self.shared_ffn_hidden < 0:
+            raise ValueError(
+                f"shared_ffn_hidden must be >= 0 (0 = no shared expert), got {self.shared_ffn_hidden}"
+            )
+        if self.shared_expert_gate and self.shared_ffn_hidden == 0:
+            raise ValueError("shared_expert_gate needs a shared expert: set shared_ffn_hidden > 0")
 
     @property
     def kv_heads(self) -> int:
@@ -120,6 +156,7 @@ class ModelConfig:
             self.top_k,
             aux_loss_coef=self.aux_loss_coef,
             expert_bias=self.expert_bias_rate > 0,
+            normalize_gates=self.norm_topk_prob,
         )
 
 
@@ -153,20 +190,29 @@ def apply_rope(x: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
 
 
 class Attention(nn.Module):
-    """Causal multi-head (optionally grouped-query) attention with RoPE."""
+    """Causal multi-head (optionally grouped-query) attention with RoPE and optional QK-norm."""
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.nh, self.nkv, self.hd = cfg.num_heads, cfg.kv_heads, cfg.dim_head
-        self.qkv = nn.Linear(cfg.hidden, (self.nh + 2 * self.nkv) * self.hd, bias=False)
-        self.proj = nn.Linear(self.nh * self.hd, cfg.hidden, bias=False)
+        self.qkv = nn.Linear(cfg.hidden, (self.nh + 2 * self.nkv) * self.hd, bias=cfg.qkv_bias)
+        self.proj = nn.Linear(self.nh * self.hd, cfg.hidden, bias=cfg.attn_out_bias)
+        self.qk_norm = cfg.qk_norm
+        if cfg.qk_norm != "none":
+            full = cfg.qk_norm == "full"
+            self.q_norm = RMSNorm(self.nh * self.hd if full else self.hd, cfg.norm_eps)
+            self.k_norm = RMSNorm(self.nkv * self.hd if full else self.hd, cfg.norm_eps)
         self.rope_fn = apply_rope  # `MoETransformer.fuse_pointwise` may swap in a fused version
 
     def forward(self, x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
         b, t, _ = x.shape  # x [B, T, C]
         q, k, v = self.qkv(x).split([self.nh * self.hd, self.nkv * self.hd, self.nkv * self.hd], dim=-1)
-        q = q.view(b, t, self.nh, self.hd).transpose(1, 2)  # [B, nh, T, hd]
-        k = k.view(b, t, self.nkv, self.hd).transpose(1, 2)  # [B, nkv, T, hd]
+        if self.qk_norm == "full":  # q [B, T, nh*hd], k [B, T, nkv*hd]
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = q.view(b, t, self.nh, self.hd), k.view(b, t, self.nkv, self.hd)
+        if self.qk_norm == "head":  # over hd, the same weights for every head
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)  # [B, nh, T, hd], [B, nkv, T, hd]
         v = v.view(b, t, self.nkv, self.hd).transpose(1, 2)
         q, k = self.rope_fn(q, rope[:, :t]), self.rope_fn(k, rope[:, :t])
         if self.nkv != self.nh:  # grouped-query attention: share each K/V head over nh/nkv queries
@@ -190,7 +236,8 @@ class DenseSwiGLU(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-norm transformer block; `ffn` is a `DenseSwiGLU` or an `MoELayer`.
+    """Pre-norm transformer block; `ffn` is a `DenseSwiGLU` or an `MoELayer`, the latter with an
+    optional (gated) dense shared expert beside it.
 
     `recompute` (activation checkpointing, set by `model.parallel.apply_activation_checkpointing`):
     "none" keeps every activation for the backward, "full" recomputes the whole block in the
@@ -204,6 +251,22 @@ class Block(nn.Module):
         self.ffn_norm = RMSNorm(cfg.hidden, cfg.norm_eps)
         dense_hidden = cfg.dense_ffn_hidden or cfg.top_k * cfg.ffn_hidden
         self.ffn: nn.Module = MoELayer(cfg.moe_config()) if moe else DenseSwiGLU(cfg.hidden, dense_hidden)
+        self.shared_expert = (
+            DenseSwiGLU(cfg.hidden, cfg.shared_ffn_hidden) if moe and cfg.shared_ffn_hidden else None
+        )
+        self.shared_expert_gate = (
+            nn.Linear(cfg.hidden, 1, bias=False) if moe and cfg.shared_expert_gate else None
+        )
+
+    def _ffn(self, h: torch.Tensor) -> torch.Tensor:
+        """h [B, T, C] -> routed (or dense) FFN + the shared expert, sigmoid-gated per token."""
+        y = self.ffn(h)
+        if self.shared_expert is not None:
+            shared = self.shared_expert(h)
+            if self.shared_expert_gate is not None:
+                shared = torch.sigmoid(self.shared_expert_gate(h)) * shared  # gate [B, T, 1]
+            y = y + shared
+        return y
 
     def forward(self, x: torch.Tensor, rope: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """x [B, T, C] -> ([B, T, C], the MoE layer's aux loss or None)."""
@@ -222,7 +285,7 @@ class Block(nn.Module):
         return x + y, aux
 
     def _moe(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        y = self.ffn(h)
+        y = self._ffn(h)
         return y, self.ffn.last_stats.aux_loss
 
 
@@ -253,6 +316,9 @@ class MoETransformer(nn.Module):
     def _init_weights(self) -> None:
         std = self.cfg.init_std
         for name, p in self.named_parameters():
+            if name.endswith(".bias"):
+                nn.init.zeros_(p)  # attention biases start at zero (no RNG drawn)
+                continue
             if ".ffn.router" in name or ".ffn.experts" in name or p.dim() < 2:
                 continue  # the MoE layer and the norms keep their own initialization
             scale = (

@@ -52,7 +52,10 @@ class TopKRouter(nn.Module):
         aux_loss_coef: weight of the load-balancing auxiliary loss (0 disables it).
         expert_bias: keep an aux-loss-free bias that shifts only the top-k *selection*
             (DeepSeek-V3 style); update it with `update_expert_bias`.
-        normalize: rescale the K gate weights of a token to sum to 1 (Mixtral style).
+        normalize: rescale the K gate weights of a token to sum to 1 (Hugging Face's
+            `norm_topk_prob`: Mixtral always, Qwen3-MoE as configured); False keeps the chosen
+            experts' softmax probabilities (Qwen2-MoE, OLMoE). Only normalized gates take the lean
+            CUDA path (softmax over the K chosen logits); un-normalized ones need all E logits.
     """
 
     def __init__(

@@ -35,7 +35,7 @@ import re
 import shutil
 import struct
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,7 +47,7 @@ import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint import HuggingFaceStorageReader, HuggingFaceStorageWriter
 from torch.distributed.checkpoint.api import CheckpointException
-from torch.distributed.tensor import DTensor
+from torch.distributed.tensor import DTensor, distribute_tensor
 
 from micromoe.runtime import GroupedSwiGLU, OwnedExperts
 
@@ -138,6 +138,31 @@ def logical_state(
                 state if entry.row is None else state[entry.row]
             )
     return out
+
+
+@torch.no_grad()
+def fill_model(model: nn.Module, tensor: Callable[[str], torch.Tensor], names: set[str]) -> int:
+    """Copy logical tensors (names without the `model.` prefix) from `tensor(name)` into this
+    rank's part of `model`: its owned experts' rows, its shards of FSDP parameters (read whole,
+    kept in part), plain tensors whole. Tensors not in `names` are left as they are (e.g. the
+    expert biases a Hugging Face model does not have). Returns how many were copied."""
+    copied = 0
+    for entry in _entries(model):
+        name = entry.key.removeprefix("model.")
+        if name not in names:
+            continue
+        value = tensor(name)
+        target = entry.view
+        if isinstance(target, DTensor):
+            value = distribute_tensor(
+                value.to(target.device), target.device_mesh, target.placements, src_data_rank=None
+            )
+            target, value = target.to_local(), value.to_local()
+        if value.shape != target.shape:
+            raise ValueError(f"tensor {name!r} has shape {list(value.shape)}, the model {list(target.shape)}")
+        target.copy_(value)
+        copied += 1
+    return copied
 
 
 def init_optimizer_state(optimizer: torch.optim.Optimizer) -> None:

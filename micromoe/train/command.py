@@ -22,6 +22,7 @@ import sys
 import tempfile
 import traceback
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -29,6 +30,8 @@ import torch.multiprocessing as mp
 
 from micromoe.allocator import tune_allocator
 from micromoe.model import PRESETS, ModelConfig, preset
+from micromoe.model.hf import architecture, read_config
+from micromoe.model.hf import model_config as hf_model_config
 from micromoe.train import checkpoint as ckpt
 from micromoe.train.config import RUN_PRESETS, TrainConfig, resolve
 from micromoe.train.data import TokenData, load_tokens
@@ -57,6 +60,7 @@ MODEL_FLAGS = {
     "aux_loss": "aux_loss_coef",
     "expert_bias_rate": "expert_bias_rate",
 }
+HF_FLAGS = ("layers", "seq_len", "aux_loss", "expert_bias_rate")  # model flags that apply with --hf
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -97,6 +101,12 @@ def _model_options(m: argparse._ArgumentGroup) -> None:
         choices=list(PRESETS),
         help="model shape and training defaults (default: %(default)s)",
     )
+    m.add_argument(
+        "--hf",
+        metavar="DIR",
+        help="start from a Hugging Face model folder (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE): its config, "
+        "weights and tokenizer; --layers keeps the first N blocks",
+    )
     m.add_argument("--layers", type=int, help="number of transformer blocks (override the preset)")
     m.add_argument("--seq-len", type=int, help="tokens per training sequence")
     m.add_argument("--hidden", type=int, help="model width")
@@ -119,7 +129,8 @@ def _model_options(m: argparse._ArgumentGroup) -> None:
 def _data_options(d: argparse._ArgumentGroup) -> None:
     d.add_argument(
         "--data",
-        help="text file, folder of .txt/.md files, or uint16 .bin (default: bundled tiny-shakespeare)",
+        help="text file, folder of .txt/.md files, a token .bin (micromoe tokenize), or with --hf also .jsonl "
+        "(tokenized with the model's tokenizer) (default: bundled tiny-shakespeare)",
     )
     d.add_argument(
         "--val-fraction",
@@ -319,7 +330,7 @@ def resolve_configs(args: argparse.Namespace, world: int, vocab_min: int) -> tup
         raise ValueError("--cost-model plans MicroEP's replica split; --dispatcher ep has none: drop it")
     cfg = resolve(args.preset, flags)
     overrides = {field: flags.get(flag) for flag, field in MODEL_FLAGS.items()}
-    model_cfg = preset(args.preset, **overrides)
+    model_cfg = _hf_model_config(args, overrides, vocab_min) if args.hf else preset(args.preset, **overrides)
     if model_cfg.vocab_size < vocab_min:
         if args.vocab_size is not None:
             raise ValueError(
@@ -342,6 +353,32 @@ def resolve_configs(args: argparse.Namespace, world: int, vocab_min: int) -> tup
             "d = 1 (one copy of each expert); drop --placement or use --dispatcher microep with --merge 2"
         )
     return cfg, model_cfg
+
+
+def _hf_model_config(args: argparse.Namespace, overrides: dict[str, Any], vocab_min: int) -> ModelConfig:
+    """The --hf folder's ModelConfig: --layers keeps the first N blocks, --seq-len, --aux-loss and
+    --expert-bias-rate apply; flags that change the shape are refused (the weights fix it)."""
+    shape = [
+        f"--{flag.replace('_', '-')}"
+        for flag, field in MODEL_FLAGS.items()
+        if flag not in HF_FLAGS and overrides[field] is not None
+    ]
+    if shape:
+        raise ValueError(f"--hf takes the model's shape from {args.hf}/config.json; drop {', '.join(shape)}")
+    model_cfg = hf_model_config(
+        read_config(Path(args.hf)),
+        where=f"{args.hf}/config.json",
+        num_layers=args.layers,
+        seq_len=args.seq_len,
+    )
+    if vocab_min > model_cfg.vocab_size:
+        raise ValueError(
+            f"the data has token ids up to {vocab_min - 1}, beyond the --hf model's vocabulary of {model_cfg.vocab_size}"
+        )
+    training = {
+        k: v for k, v in overrides.items() if k in ("aux_loss_coef", "expert_bias_rate") and v is not None
+    }
+    return dataclasses.replace(model_cfg, **training)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -432,7 +469,9 @@ def _spawn(world: int, args: argparse.Namespace) -> None:
 
 def _preflight(args: argparse.Namespace, world: int) -> None:
     """Every check that can fail before processes start: configs, data, checkpoint compatibility."""
-    tokens, vocab = load_tokens(args.data)
+    if args.hf:  # an unsupported model is the first thing to say, before its tokenizer reads the data
+        architecture(read_config(Path(args.hf)), f"{args.hf}/config.json")
+    tokens, vocab = load_tokens(args.data, hf=args.hf)
     cfg, model_cfg = resolve_configs(args, world, vocab)
     TokenData(tokens, vocab, val_fraction=cfg.val_fraction).check(model_cfg.seq_len)
     local = world if args.nproc else int(os.environ.get("LOCAL_WORLD_SIZE", 1))
@@ -495,7 +534,7 @@ def _worker(
         torch.cuda.set_device(device)
     elif backend is None and torch.cuda.is_available():
         device = torch.device("cuda", 0)
-    tokens, vocab = load_tokens(args.data)
+    tokens, vocab = load_tokens(args.data, hf=args.hf)
     cfg, model_cfg = resolve_configs(args, world, vocab)
     if backend is not None:
         init_distributed(backend, rank, world, cfg.timeout)

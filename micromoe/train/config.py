@@ -26,6 +26,7 @@ class TrainConfig:
 
     preset: str = "tiny"
     data: str | None = None  # None = bundled tiny-shakespeare
+    hf: str | None = None  # Hugging Face model folder: the model's config, weights and tokenizer
     val_fraction: float = 0.1
     # optimization
     micro_batch: int = 8

@@ -3,7 +3,9 @@
 Sources (`load_tokens`):
 - a text file, or a folder of them (`*.txt`, `*.md`, sorted, concatenated), read as bytes: a
   byte-level vocabulary of 256 (the default is the bundled tiny-shakespeare corpus);
-- a `.bin` file of little-endian uint16 tokens (the nanoGPT convention), memory-mapped.
+- with `--hf`, text (also JSON lines' `text` field) tokenized by the model's tokenizer;
+- a `.bin` token file (`micromoe tokenize` writes them: a header, then uint16 or uint32 ids), or a
+  headerless file of little-endian uint16 tokens (the nanoGPT convention), memory-mapped.
 
 Batches carry no hidden state: the sequences of optimizer step s come from a generator seeded by
 (seed, split, s), so the data position is just the step number (which the checkpoint stores), and
@@ -22,7 +24,9 @@ import numpy as np
 import numpy.typing as npt
 import torch
 
-TEXT_SUFFIXES = (".txt", ".md")
+from micromoe.model.hf import load_tokenizer
+from micromoe.train.token_file import read_token_file
+from micromoe.train.tokenize import TEXT_SUFFIXES, tokenize_in_memory
 
 
 def default_corpus() -> Path:
@@ -30,27 +34,40 @@ def default_corpus() -> Path:
     return Path(str(resources.files("micromoe") / "data" / "tinyshakespeare.txt"))
 
 
-def load_tokens(path: str | Path | None = None) -> tuple[npt.NDArray[np.integer], int]:
-    """Token stream and vocabulary size of a text file, a folder of text files, or a uint16 .bin.
+def load_tokens(
+    path: str | Path | None = None, *, hf: str | Path | None = None
+) -> tuple[npt.NDArray[np.integer], int]:
+    """Token stream and vocabulary size of a text file, a folder of text files, a JSON-lines file
+    or a token `.bin`.
 
-    Returns (tokens uint8 or uint16 [N], vocab_size): 256 for text, max token + 1 for .bin.
+    Without `hf`, text is read as bytes (vocabulary 256). With `hf` (a Hugging Face model folder),
+    text (including `.jsonl`) is tokenized with the model's tokenizer (`micromoe.train.tokenize`)
+    and the vocabulary is the model's. A `.bin` is read with its header (uint16 or uint32 ids and
+    the vocabulary size) or as headerless uint16 (vocabulary = largest id + 1).
+
+    Returns (tokens uint8, uint16 or uint32 [N], vocab_size).
     """
     path = Path(path) if path is not None else default_corpus()
     if not path.exists():
         raise ValueError(f"data path {str(path)!r} does not exist; pass a text file, a folder or a .bin")
+    if path.suffix == ".bin":
+        tokens, vocab = read_token_file(path)
+        if hf is not None:
+            model_vocab = load_tokenizer(hf).vocab_size
+            if vocab > model_vocab:
+                raise ValueError(
+                    f"{path}: ids up to {vocab - 1}, but the --hf model's vocabulary is {model_vocab}"
+                )
+            vocab = model_vocab
+        return tokens, vocab
+    if hf is not None:
+        return tokenize_in_memory(hf, path)
     if path.is_dir():
         files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in TEXT_SUFFIXES)
         if not files:
             raise ValueError(f"folder {str(path)!r} holds no {'/'.join(TEXT_SUFFIXES)} files")
         tokens = np.frombuffer(b"\n".join(f.read_bytes() for f in files), dtype=np.uint8)
         return tokens, 256
-    if path.suffix == ".bin":
-        if path.stat().st_size % 2:
-            raise ValueError(f"{str(path)!r} has an odd number of bytes: not a uint16 token file")
-        tokens = np.memmap(path, dtype=np.uint16, mode="r")
-        if tokens.size == 0:
-            raise ValueError(f"{str(path)!r} is empty")
-        return tokens, int(tokens.max()) + 1
     return np.frombuffer(path.read_bytes(), dtype=np.uint8), 256
 
 

@@ -75,7 +75,9 @@ class MemoryPlan:
         """The last line of the plan: fits or does not fit, with the headroom (and why)."""
         t, c = self.total / GIB, self.capacity / GIB
         if self.fits:
-            return f"fits: {t:.1f} of {c:.1f} GiB per rank ({100 * self.headroom:.0f}% headroom) on {self.where}"
+            return (
+                f"fits: {t:.1f} of {c:.1f} GiB per rank ({100 * self.headroom:.0f}% headroom) on {self.where}"
+            )
         why = ", ".join(f"{i.name} {i.bytes / GIB:.1f} GiB" for i in self.largest())
         return f"does not fit: {t:.1f} GiB per rank needed, {c:.1f} GiB on {self.where} (largest: {why}); {self._hint()}"
 
@@ -140,12 +142,20 @@ def plan_memory(
     dense = n.root + sum(n.block_dense)
     dense_shard = math.ceil(dense / world)
     items = [
-        MemoryItem("master weights", (dense_shard + owned) * m, f"{_bn(dense)} dense / {world} ranks + owned experts"),
+        MemoryItem(
+            "master weights", (dense_shard + owned) * m, f"{_bn(dense)} dense / {world} ranks + owned experts"
+        ),
         MemoryItem("optimizer state", 2 * (dense_shard + owned) * m, "AdamW moments, same dtype"),
         MemoryItem("gradients", (dense_shard + owned) * m, "dense shard + owned experts"),
-        MemoryItem("working weights", _working_dense(n, c, red, world), "FSDP-gathered root + 2 blocks (+ grads)"),
+        MemoryItem(
+            "working weights", _working_dense(n, c, red, world), "FSDP-gathered root + 2 blocks (+ grads)"
+        ),
         MemoryItem("expert slots", _slot_bytes(cfg, n, slots, num_moe, c, red), _slot_note(cfg, slots)),
-        MemoryItem("activations", _activations(model_cfg, cfg, c), f"micro-batch {cfg.micro_batch} x {model_cfg.seq_len}, --ac {cfg.ac}"),
+        MemoryItem(
+            "activations",
+            _activations(model_cfg, cfg, c),
+            f"micro-batch {cfg.micro_batch} x {model_cfg.seq_len}, --ac {cfg.ac}",
+        ),
         MemoryItem("runtime reserve", RUNTIME_RESERVE[device], "context, communication buffers"),
     ]
     return MemoryPlan(tuple(items), capacity, where, precision)
@@ -192,7 +202,9 @@ def _activations(mc: ModelConfig, cfg: TrainConfig, c: int) -> int:
     if cfg.ac == "full":
         return mc.num_layers * tokens * h * c + max(per_block) + logits
     if cfg.ac == "moe":
-        kept = [attn + tokens * h * c if i >= mc.num_dense_layers else attn + dense for i in range(mc.num_layers)]
+        kept = [
+            attn + tokens * h * c if i >= mc.num_dense_layers else attn + dense for i in range(mc.num_layers)
+        ]
         return sum(kept) + moe + logits
     return sum(per_block) + logits
 

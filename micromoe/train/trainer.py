@@ -24,6 +24,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import DTensor
 
 from micromoe.model import ModelConfig, MoETransformer, parallelize_model
+from micromoe.model.hf import hf_source, read_config
 from micromoe.model.init import materialize
 from micromoe.model.parallel import apply_activation_checkpointing, shard_dense
 from micromoe.plan import Placement
@@ -153,6 +154,8 @@ def build_run(
         )
     apply_activation_checkpointing(model, cfg.ac)  # type: ignore[arg-type]
     materialize(model, par.device, cfg.seed)
+    if cfg.hf and folder is None:
+        _load_hf(model, cfg, model_cfg, par)
     if par.device.type == "cuda" and cfg.compile:
         model.fuse_pointwise()
     optimizer = make_optimizer(model, cfg)
@@ -199,6 +202,23 @@ def _replacer(cfg: TrainConfig, par: ParallelState, model: MoETransformer) -> Re
     )
 
 
+def _load_hf(model: MoETransformer, cfg: TrainConfig, model_cfg: ModelConfig, par: ParallelState) -> None:
+    """The --hf folder's weights into this rank's part of the model: every dense tensor (its shard
+    kept) and the owned experts only, one tensor at a time."""
+    source = hf_source(cfg.hf, num_layers=model_cfg.num_layers, seq_len=model_cfg.seq_len)
+    copied = ckpt.fill_model(model, source.tensor, set(source.names()))
+    source.files.close()
+    if par.rank == 0:
+        log.info("loaded %s: %d tensors on rank 0 (its experts and the dense weights)", cfg.hf, copied)
+
+
+def hf_meta(cfg: TrainConfig) -> dict[str, Any] | None:
+    """The source folder and its config.json, for `micromoe export`."""
+    if not cfg.hf:
+        return None
+    return {"path": str(Path(cfg.hf).resolve()), "config": read_config(Path(cfg.hf))}
+
+
 def _writer(par: ParallelState) -> bool:
     """Whether this rank writes experts and replicated tensors: the first MicroEP group (each
     expert has one owner there), or rank 0 without expert parallelism."""
@@ -221,6 +241,7 @@ def save(run: Run, step: int) -> Path:
         "optimizer_step": ckpt.optimizer_step(run.optimizer),
         "precision": run.precision.describe(),
         "data": {"seed": run.data.seed, "next_step": step},
+        "hf": hf_meta(run.cfg),
     }
     if hasattr(run.replacer, "state_dict"):
         meta["replacement"] = run.replacer.state_dict()
