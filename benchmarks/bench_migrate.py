@@ -1,10 +1,12 @@
-"""Cost of moving one MoE layer's experts and AdamW moments to a new placement (`migrate_layer`).
+"""Cost of re-placing one MoE layer (`migrate_layer`), and what its gather moves instead.
 
 Builds a MicroEP layer (EP = W/2, d = 2, symmetric placement), takes one AdamW step so every
-expert has moments, then migrates it back and forth between the symmetric placement and a
-load-aware one for Zipf(1.2) loads, and reports per migration the bytes sent between ranks and the
-slowest rank's wall time (median over --repeats). Runs under torchrun (NCCL on GPUs) or starts
---nproc gloo CPU processes itself.
+expert has moments, then re-places it back and forth between the symmetric placement and a
+load-aware one for Zipf(1.2) loads, and reports per re-placement the weight and optimizer bytes
+sent between ranks (0 with experts owned once: a new gather table is all that changes) and the
+slowest rank's wall time (median over --repeats); beside it, the bytes one forward's gather of the
+local slots receives from other ranks under each placement (the traffic that replaced moving
+weights). Runs under torchrun (NCCL on GPUs) or starts --nproc gloo CPU processes itself.
 
     NCCL_NVLS_ENABLE=0 PYTHONPATH=. torchrun --standalone --nproc_per_node=4 benchmarks/bench_migrate.py
     PYTHONPATH=. python benchmarks/bench_migrate.py --nproc 4 --hidden 256 --ffn 704
@@ -50,15 +52,15 @@ def bench(rank: int, world: int, args: argparse.Namespace, device: torch.device)
     layer(x).float().square().mean().backward()
     sync_gradients(layer, groups)
     opt.step()
-    cache: dict = {}
-    ms, moved = [], []
+    ms, moved, gathered = [], [], {}
     for i in range(2 * args.repeats):
         target = aware if i % 2 == 0 else sym
-        groups, stats = migrate_layer(layer, groups, target, optimizer=opt, group_cache=cache)
+        groups, stats = migrate_layer(layer, groups, target, optimizer=opt)
         t = torch.tensor([stats.ms], dtype=torch.float64, device=device)
         dist.all_reduce(t, op=dist.ReduceOp.MAX)  # collective (world): the slowest rank
         ms.append(float(t))
         moved.append(stats.bytes_moved)
+        gathered["load-aware" if i % 2 == 0 else "symmetric"] = _gather_bytes(layer, world, device)
     if rank != 0:
         return None
     return {
@@ -69,8 +71,20 @@ def bench(rank: int, world: int, args: argparse.Namespace, device: torch.device)
         "bytes_moved_median": float(np.median(moved)),
         "ms_median": float(np.median(ms)),
         "ms_all": ms,
-        "gb_per_s": float(np.median(moved)) / (float(np.median(ms)) * 1e-3) / 1e9,
+        "gather_bytes_per_forward": gathered,
     }
+
+
+def _gather_bytes(layer: MoELayer, world: int, device: torch.device) -> int:
+    """Bytes the world's ranks receive from other ranks in one forward's gather of their slots."""
+    ex = layer.experts
+    t = ex.table
+    per_row = (ex.w_gate_up[0].numel() + ex.w_down[0].numel()) * (
+        ex.compute_dtype or ex.w_down.dtype
+    ).itemsize
+    mine = torch.tensor([float(np.delete(t.recv_splits, t.gpu).sum() * per_row)], device=device)
+    dist.all_reduce(mine)  # collective (world)
+    return int(mine)
 
 
 def worker(rank: int, world: int, args: argparse.Namespace, backend: str, local_rank: int = 0) -> None:

@@ -169,7 +169,7 @@ def run_row(
         row["replacements"] = len(events)
         # each rank times its own part of a migration: record the slowest rank's, like the step time
         row["migration_ms"] = _reduce([float(sum(e["ms"] for e in events))], world, device, "max")[0]
-        row["migration_bytes"] = int(sum(e["bytes"] for e in events))
+        row["migration_bytes"] = int(sum(e["bytes_moved"] for e in events))  # 0: owners keep the state
     release_groups(run)
     return row
 
@@ -181,10 +181,9 @@ def release_groups(run: Any) -> None:
         return
     found: dict[int, dist.ProcessGroup] = {}
     for groups in run.parallel.groups:
-        for g in (groups.dp, groups.microep, *(rg.group for rg in groups.replicas)):
+        for g in (groups.dp, groups.microep, groups.gather, groups.expert_dp):
             if g is not None:
                 found[id(g)] = g
-    found.update({id(g): g for g in run.replacer.process_groups()})  # made by migrations
     dist.barrier()  # collective (world): nobody still uses them
     for g in found.values():
         dist.destroy_process_group(g)
@@ -206,7 +205,7 @@ def train_config(v: Variant, args: argparse.Namespace) -> TrainConfig:
         placement="symmetric",
         replace_interval=args.ar_interval if v.replace else 0,
         replace_threshold=args.ar_threshold,
-        bf16=True,
+        precision="auto",
     )
 
 
