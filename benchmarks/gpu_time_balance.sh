@@ -8,6 +8,8 @@
 #
 # Both write under OUT (a folder) and print a table last. `models` plans the emulation suite with
 # the new models, which needs HiGHS (LPLB): put a highspy wheel on PYTHONPATH where it is missing.
+# Environment: ROUNDS (interleaved timing rounds, default 5), SKIP_STARTUP=1 (models: leave out the
+# start-up calibration).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0
@@ -26,13 +28,18 @@ models)
     python3 benchmarks/bench_emulated.py plan --gpu-name "$gpu" --models "$out/models" \
       --balancers ep,eplb,lplb,microep,microep-ar,microep-t,microep-ar-t \
       --out "$out/emulated_plans_1x$tag.json"
-    tar -C "$out" -czf "$out/models.tgz" models && rm -r "$out/models"
+    tar -C "$out" -czf "$out/models.tgz" models
   fi
-  python3 benchmarks/bench_startup_calibration.py --json "$out/startup_calibration_1x$tag.json"
+  if [ "${SKIP_STARTUP:-0}" != 1 ]; then
+    python3 benchmarks/bench_startup_calibration.py --json "$out/startup_calibration_1x$tag.json"
+  fi
   ;;
 time)
   plans=${3:-benchmarks/results/emulated_plans_1x$tag.json}
-  python3 benchmarks/bench_emulated.py time --plans "$plans" --json "$out/emulated_1x$tag.json"
+  models=()
+  if [ -d "$out/models" ]; then models=(--models "$out/models"); fi
+  python3 benchmarks/bench_emulated.py time --plans "$plans" --rounds "${ROUNDS:-5}" "${models[@]}" \
+    --json "$out/emulated_1x$tag.json"
   ;;
 *)
   echo "phase must be models or time" >&2

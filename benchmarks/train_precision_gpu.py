@@ -86,7 +86,12 @@ def memory_runs(tmp: Path, preset: str, layers: int, seq_len: int | None) -> lis
         if seq_len:
             args += ["--seq-len", str(seq_len)]
             overrides["seq_len"] = seq_len
-        log = train(tmp / f"mem-{ac}", args)
+        try:
+            log = train(tmp / f"mem-{ac}", args)
+        except RuntimeError as exc:
+            print(exc, flush=True)
+            rows.append({"ac": ac, "error": str(exc)[-3000:]})
+            continue
         cfg = resolve(preset, flags)
         mcfg = model_preset(preset, **overrides)
         capacity, where = device_capacity(device, 1)
@@ -146,9 +151,9 @@ def main() -> int:
         result["env"]["gpu"] = torch.cuda.get_device_name() if torch.cuda.is_available() else "none"
     except ImportError:
         pass
-    rows = result.get("precision", {})
+    rows = {k: v for k, v in result.get("precision", {}).items() if "error" not in v}
     if rows:
-        base = rows.get("before (bf16 weights and AdamW state)", rows["bf16"])
+        base = rows.get("before (bf16 weights and AdamW state)") or next(iter(rows.values()))
         print(f"{'run':<40} {'val loss':>9} {'tokens/s':>10} {'vs before':>9} {'peak GiB':>9}")
         for name, r in rows.items():
             val = f"{r['val_loss']:.4f}" if r["val_loss"] is not None else "-"
