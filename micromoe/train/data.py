@@ -14,6 +14,8 @@ with `world * grad_accum` micro-batches sees exactly the sequences `world` proce
 
 from __future__ import annotations
 
+import hashlib
+import stat
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -23,6 +25,8 @@ import numpy.typing as npt
 import torch
 
 TEXT_SUFFIXES = (".txt", ".md")
+FINGERPRINT_BLOCKS = 64
+FINGERPRINT_BLOCK_BYTES = 4096
 
 
 def default_corpus() -> Path:
@@ -38,6 +42,11 @@ def load_tokens(path: str | Path | None = None) -> tuple[npt.NDArray[np.integer]
     path = Path(path) if path is not None else default_corpus()
     if not path.exists():
         raise ValueError(f"data path {str(path)!r} does not exist; pass a text file, a folder or a .bin")
+    if not path.is_dir() and not path.is_file():  # a device, FIFO or socket: reading may never end
+        raise ValueError(
+            f"data path {str(path)!r} is {_file_kind(path)}, not a regular file or folder; pass a text "
+            "file, a folder or a .bin"
+        )
     if path.is_dir():
         files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in TEXT_SUFFIXES)
         if not files:
@@ -52,6 +61,32 @@ def load_tokens(path: str | Path | None = None) -> tuple[npt.NDArray[np.integer]
             raise ValueError(f"{str(path)!r} is empty")
         return tokens, int(tokens.max()) + 1
     return np.frombuffer(path.read_bytes(), dtype=np.uint8), 256
+
+
+def _file_kind(path: Path) -> str:
+    """'a character device', 'a FIFO', ... for a path that is not a regular file or folder."""
+    mode = path.stat().st_mode
+    kinds = {stat.S_ISCHR: "a character device", stat.S_ISBLK: "a block device"}
+    kinds |= {stat.S_ISFIFO: "a FIFO (named pipe)", stat.S_ISSOCK: "a socket"}
+    return next((name for test, name in kinds.items() if test(mode)), "a special file")
+
+
+def data_fingerprint(tokens: npt.NDArray[np.integer]) -> str:
+    """A cheap, stable fingerprint of a token stream: '<dtype>:<tokens>:<hash>', the hash (BLAKE2b)
+    over FINGERPRINT_BLOCKS evenly spaced blocks of FINGERPRINT_BLOCK_BYTES (the first and the last
+    included; all of it when smaller). It reads at most 256 KiB whatever the size, so a memory-mapped
+    .bin stays on disk; any change of length or dtype, and most edits, change it. The same tokens
+    give the same fingerprint wherever the file lives (moving or renaming data changes nothing)."""
+    arr = np.asarray(tokens)
+    raw = arr.reshape(-1).view(np.uint8)
+    h = hashlib.blake2b(digest_size=16)
+    size, block = raw.size, FINGERPRINT_BLOCK_BYTES
+    if size <= FINGERPRINT_BLOCKS * block:
+        h.update(raw.tobytes())
+    else:
+        for start in np.linspace(0, size - block, FINGERPRINT_BLOCKS).astype(np.int64):
+            h.update(raw[start : start + block].tobytes())
+    return f"{arr.dtype.name}:{arr.size}:{h.hexdigest()}"
 
 
 @dataclass(frozen=True)

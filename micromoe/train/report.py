@@ -11,19 +11,35 @@ import numpy as np
 
 
 def read_log(out: Path) -> list[dict[str, Any]]:
+    """The records of OUT/log.jsonl (a torn last line is left out)."""
     path = Path(out) / "log.jsonl"
     if not path.exists():
         raise ValueError(f"{str(path)!r} does not exist: train into {out} first")
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    lines = path.read_text().splitlines()
+    records = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as exc:
+            if number == len(lines):
+                break  # a torn last line: the write a crash interrupted
+            raise ValueError(f"{str(path)!r} line {number} is not JSON ({exc.msg})") from None
+    return records
 
 
 def _steady(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Records after the first 10% of steps (start-up and compilation excluded from rates)."""
-    return records[len(records) // 10 :] or records
+    """Records after the first 10% of steps, without the first step of each process (`cold`:
+    one-time set-up), for rates and balance."""
+    warm = [r for r in records if not r.get("cold")] or records
+    return warm[len(warm) // 10 :] or warm
 
 
 def summary_line(records: list[dict[str, Any]]) -> str:
-    """One line: final loss, balance of MicroEP against plain EP, throughput."""
+    """One line over the records (the whole run when read back from log.jsonl): final loss,
+    balance of the executed plans against plain EP, throughput, scheduler time (MicroEP only)
+    and, apart from it, the one-time kernel compilation."""
     tail = _steady(records)
     ex = np.mean([r["max_mean_load"] for r in tail])
     cf = np.mean([r["ep_max_mean_load"] for r in tail])
@@ -33,8 +49,13 @@ def summary_line(records: list[dict[str, Any]]) -> str:
         + (f", val loss {val:.4f}" if val is not None else "")
         + f"; max/mean GPU load {ex:.3f} executed vs {cf:.3f} plain EP on the same routing"
         + f"; {np.median([r['tokens_per_s'] for r in tail]):,.0f} tokens/s"
-        + f"; scheduler {np.median([r['sched_us'] for r in tail]):.0f} us per layer and micro-batch"
     )
+    sched = [r["sched_us"] for r in tail if r.get("sched_us") is not None]
+    if sched:
+        text += f"; scheduler {np.median(sched):.0f} us per layer and micro-batch"
+    compile_s = sum(r.get("compile_s") or 0.0 for r in records)
+    if compile_s:
+        text += f" (kernels compiled or loaded once: {compile_s:.1f} s, not counted)"
     mfus = [r["mfu"] for r in tail if r.get("mfu") is not None]
     return text + (f"; MFU {100 * np.median(mfus):.1f}%" if mfus else "")
 
