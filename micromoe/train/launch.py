@@ -136,6 +136,8 @@ def spawn(world: int, args: argparse.Namespace, out: Path, *, compiled_s: float)
     """Start `world` gloo processes on this host, wait for them, end the job in one line if one
     fails (module docstring). The caller holds OUT's lock shared; each rank joins it."""
     verbose = bool(getattr(args, "verbose", False))
+    if not verbose:  # torch's C++ error logs of a failed collective: the ranks' reports say it in one line
+        os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "FATAL")
     with tempfile.TemporaryDirectory(prefix="micromoe_train_") as reports:
         ctx = mp.start_processes(
             _spawned,
@@ -153,7 +155,7 @@ def spawn(world: int, args: argparse.Namespace, out: Path, *, compiled_s: float)
             raise
         codes = [p.exitcode for p in ctx.processes]
         if any(c != 0 for c in codes):
-            _raise_failure(Path(reports), codes, killed, ctx.error_files, verbose)
+            _raise_failure(Path(reports), codes, killed, ctx.error_files)
 
 
 def _supervise(procs: list) -> set[int]:
@@ -176,7 +178,8 @@ def _supervise(procs: list) -> set[int]:
     return set(alive.values())
 
 
-def _raise_failure(reports: Path, codes: list, killed: set[int], error_files: list, verbose: bool) -> None:
+def _raise_failure(reports: Path, codes: list[int], killed: set[int], error_files: list[str | None]) -> None:
+    """Raise the job's one-line error from the ranks' reports and exit codes (module docstring)."""
     kinds = {}
     for r in range(len(codes)):
         path = reports / f"rank{r}.txt"
