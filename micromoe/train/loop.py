@@ -33,6 +33,7 @@ from micromoe.train.metrics import StepMeter, mfu
 from micromoe.train.trainer import Run, save
 
 log = logging.getLogger("micromoe.train")
+ROUTINE_DECISIONS = ("no check due", "cooldown")  # the policy's reasons when it checked nothing
 
 
 def lr_at(step: int, run: Run) -> float:
@@ -145,6 +146,9 @@ def train(run: Run, *, compile_s: float | None = None) -> list[dict[str, Any]]:
             meter = StepMeter(len(run.model.moe_layers()), par.ep_size)
             rec: dict[str, Any] = {"step": step, "lr": lr_at(step, run)}
             rec.update(train_step(run, step, meter, routing_fp))
+            checks = replacement_checks(run, step)
+            if checks:
+                rec["replace_checks"] = checks
             if par.device.type == "cuda":
                 torch.cuda.synchronize(par.device)  # host sync: the step's wall time
             step_s = time.perf_counter() - t0
@@ -176,6 +180,19 @@ def train(run: Run, *, compile_s: float | None = None) -> list[dict[str, Any]]:
         if bar is not None:
             bar.close()
     return records
+
+
+def replacement_checks(run: Run, step: int) -> list[dict[str, Any]]:
+    """The adaptive-replacement checks of `step` (cold start, realized trigger, interval), moved or
+    not, each with its layer, micro-batch, realized score and the policy's reason: the moves are
+    also logged as `replacements` with their cost, but a check that kept the placement (the usual
+    outcome) would otherwise leave no trace. Micro-batches without a check are left out."""
+    checks = getattr(run.replacer, "checks", ())
+    return [
+        {k: c[k] for k in ("layer", "micro_batch", "realized", "replace", "reason")}
+        for c in checks
+        if c["step"] == step and not c["reason"].startswith(ROUTINE_DECISIONS)
+    ]
 
 
 def sync_logs(*files: IO[str] | None) -> None:

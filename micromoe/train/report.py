@@ -55,7 +55,7 @@ def summary_line(records: list[dict[str, Any]]) -> str:
         text += f"; scheduler {np.median(sched):.0f} us per layer and micro-batch"
     compile_s = sum(r.get("compile_s") or 0.0 for r in records)
     if compile_s:
-        text += f" (kernels compiled or loaded once: {compile_s:.1f} s, not counted)"
+        text += f"; kernels compiled or loaded once in {compile_s:.1f} s (left out of the times above)"
     mfus = [r["mfu"] for r in tail if r.get("mfu") is not None]
     return text + (f"; MFU {100 * np.median(mfus):.1f}%" if mfus else "")
 
