@@ -83,6 +83,9 @@ def test_every_float_option_refuses_non_finite_values_naming_itself(capsys, tmp_
         (["--nproc", "2", "--dense-layers", "1"], "needs at least one MoE layer"),
         (["--nproc", "4", "--experts", "3"], "--experts 3 on ParallelLayout"),
         (["--replace-interval", "2"], "needs a distributed run"),
+        (["--data", ""], "--data is empty; give a path"),
+        (["--record-routing", " "], "--record-routing is empty"),
+        (["--nproc", "2", "--cost-model", ""], "--cost-model is empty"),
     ],
 )
 def test_out_of_range_values_name_their_flag(capsys, tmp_path, argv, message):
@@ -224,3 +227,10 @@ def test_resume_on_other_data_needs_allow_data_change(capsys, finished_run, tmp_
     assert config["data"]["tokens"] == 1115394 and config["precision"] == "float32"
     assert main([*argv, "--allow-data-change"]) == 0
     assert json.loads((finished_run / "config.json").read_text())["data"]["source"] == str(other)
+
+
+def test_an_empty_out_is_refused_not_taken_as_the_current_folder(capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main(["train", *TINY, "--out", ""]) == 2
+    assert "--out is empty; give a path" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []

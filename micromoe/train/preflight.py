@@ -53,6 +53,7 @@ MODEL_FLAGS = {
 }
 _NON_NEGATIVE_MODEL_INTS = ("dense_layers",)
 _MODEL_FLOATS = ("aux_loss", "expert_bias_rate")  # finite, >= 0
+PATH_FLAGS = ("out", "data", "record_routing", "cost_model")
 
 
 @dataclass(frozen=True)
@@ -119,6 +120,10 @@ def model_config(args: argparse.Namespace, vocab_min: int) -> ModelConfig:
 def resolve_configs(args: argparse.Namespace, world: int, vocab_min: int) -> tuple[TrainConfig, ModelConfig]:
     """TrainConfig and ModelConfig for `world` ranks; ValueError naming the flag of any problem."""
     flags = dict(vars(args))
+    for name in PATH_FLAGS:  # "" would mean the current folder: never what was meant
+        value = flags.get(name)
+        if value is not None and not str(value).strip():
+            raise ValueError(f"{flag(name)} is empty; give a path")
     if flags.get("cost_model") is not None and flags.get("dispatcher") == "ep":
         raise ValueError("--cost-model plans MicroEP's replica split; --dispatcher ep has none: drop it")
     if args.global_batch is not None and (isinstance(args.global_batch, bool) or args.global_batch < 1):
@@ -169,6 +174,8 @@ def training_device(launched: bool, world: int) -> str:
 
 def prepare(args: argparse.Namespace, world: int, *, launched: bool) -> Prepared:
     """Every check that can fail before processes start (module docstring)."""
+    if args.data is not None and not str(args.data).strip():
+        raise ValueError("--data is empty; give a path")
     try:
         tokens, vocab = load_tokens(args.data)
     except ValueError as exc:
