@@ -25,16 +25,20 @@ import sys
 import tempfile
 import time
 import traceback
+from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from micromoe.allocator import tune_allocator
 from micromoe.errors import CommandError
+from micromoe.model import ModelConfig
 from micromoe.runtime.timeouts import CollectiveTimeout, init_distributed, is_stall_error
 from micromoe.runtime.warmup import warm_up_kernels
+from micromoe.train.config import TrainConfig
 from micromoe.train.data import TokenData, data_fingerprint, default_corpus, load_tokens
 from micromoe.train.loop import train
 from micromoe.train.memory_estimate import estimate
@@ -80,6 +84,7 @@ def run_rank(
         device = torch.device("cuda", 0)
     tokens, vocab = load_tokens(args.data)
     cfg, model_cfg = resolve_configs(args, world, vocab)
+    ctx = _Rank(rank, world, backend, device, cfg, model_cfg, tokens, vocab, args)
     watchdog = None
     if backend is not None:
         try:  # rendezvous: a rank that never arrives is a stall too
@@ -88,10 +93,10 @@ def run_rank(
             raise CollectiveTimeout(f"rank {rank}: the ranks did not all start: {exc}") from exc
     try:
         if watchdog is None:
-            _train_rank(rank, world, backend, device, tokens, vocab, cfg, model_cfg, args, compiled_s)
+            _train_rank(ctx, compiled_s)
         else:
             with watchdog.guard("a collective"):
-                _train_rank(rank, world, backend, device, tokens, vocab, cfg, model_cfg, args, compiled_s)
+                _train_rank(ctx, compiled_s)
     except CollectiveTimeout:
         raise  # no clean shutdown: a peer is gone
     except BaseException:
@@ -100,31 +105,53 @@ def run_rank(
     _destroy(backend)
 
 
-def _train_rank(rank, world, backend, device, tokens, vocab, cfg, model_cfg, args, compiled_s) -> None:
-    layout = resolve_layout(cfg, world) if world > 1 else None
-    par = ParallelState(rank, world, device, layout, cfg.dispatcher)
-    out = Path(cfg.out)
-    lead = rank == 0
+@dataclass(frozen=True)
+class _Rank:
+    """What one rank resolved before training: where it runs and what it trains on."""
+
+    rank: int
+    world: int
+    backend: str | None
+    device: torch.device
+    cfg: TrainConfig
+    model_cfg: ModelConfig
+    tokens: np.ndarray
+    vocab: int
+    args: argparse.Namespace
+
+
+def _train_rank(ctx: _Rank, compiled_s: float | None) -> None:
+    cfg, lead = ctx.cfg, ctx.rank == 0
+    layout = resolve_layout(cfg, ctx.world) if ctx.world > 1 else None
+    par = ParallelState(ctx.rank, ctx.world, ctx.device, layout, cfg.dispatcher)
     compile_s = warm_up_kernels(timed=cfg.cost_model is not None, announce=lead and compiled_s is None)
     compile_s += compiled_s or 0.0
-    peak = measure_bf16_peak(device) if device.type == "cuda" else None
-    run = build_run(cfg, model_cfg, par, TokenData(tokens, vocab, val_fraction=cfg.val_fraction, seed=cfg.seed),
-                    peak_flops=peak)  # fmt: skip
+    peak = measure_bf16_peak(ctx.device) if ctx.device.type == "cuda" else None
+    data = TokenData(ctx.tokens, ctx.vocab, val_fraction=cfg.val_fraction, seed=cfg.seed)
+    run = build_run(cfg, ctx.model_cfg, par, data, peak_flops=peak)
     if lead:  # written once the run is built: a run refused on the way leaves no config behind
-        source = str(args.data) if args.data is not None else f"bundled {default_corpus().name}"
-        data = {"source": source, "tokens": int(tokens.size), "vocab": vocab}
-        data["fingerprint"] = data_fingerprint(tokens)
-        (out / CONFIG).write_text(json.dumps(resolved_config(cfg, model_cfg, par, data), indent=1) + "\n")
-        memory = estimate(model_cfg, cfg, layout, device_type=device.type)
-        for line in startup_lines(
-            cfg, run.model, par, run.spec, memory, backend=backend, start_step=run.start_step
-        ):
+        _write_config(ctx, par)
+        memory = estimate(ctx.model_cfg, cfg, layout, device_type=ctx.device.type)
+        lines = startup_lines(
+            cfg, run.model, par, run.spec, memory, backend=ctx.backend, start_step=run.start_step
+        )
+        for line in lines:
             log.info(line)
     train(run, compile_s=compile_s)
+    out = Path(cfg.out)
     if lead and (out / LOG).exists():
         print(summary_line(read_log(out)), flush=True)  # results on stdout, over the whole run
-        if not args.no_report:
+        if not ctx.args.no_report:
             print(f"report: {write_report(out)}", flush=True)
+
+
+def _write_config(ctx: _Rank, par: ParallelState) -> None:
+    """OUT/config.json: the resolved run, with its data's source, size and fingerprint."""
+    source = str(ctx.args.data) if ctx.args.data is not None else f"bundled {default_corpus().name}"
+    data = {"source": source, "tokens": int(ctx.tokens.size), "vocab": ctx.vocab}
+    data["fingerprint"] = data_fingerprint(ctx.tokens)
+    resolved = resolved_config(ctx.cfg, ctx.model_cfg, par, data)
+    (Path(ctx.cfg.out) / CONFIG).write_text(json.dumps(resolved, indent=1) + "\n")
 
 
 def _destroy(backend: str | None) -> None:
