@@ -22,7 +22,7 @@ from micromoe.errors import CommandError
 from micromoe.train.launch import _raise_failure
 
 TIMEOUT_S = 5.0
-BOUND_S = TIMEOUT_S + 15.0  # the timeout, the stall probe (5 s), the launcher's grace (5 s), slack
+BOUND_S = TIMEOUT_S + 12.0  # the timeout, the stall probe (5 s), the launcher's grace (2 s), slack
 TINY = ["--layers", "1", "--hidden", "16", "--heads", "2", "--ffn-hidden", "16", "--seq-len", "8"]
 TINY += ["--micro-batch", "2", "--eval-interval", "0", "--no-report", "--no-save", "--nproc", "2"]
 

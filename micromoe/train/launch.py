@@ -52,7 +52,8 @@ from micromoe.train.trainer import build_run
 
 log = logging.getLogger("micromoe.train")
 
-GRACE_S = 5.0  # after one rank fails, the others' time to end on their own before they are killed
+GRACE_S = 2.0  # after one rank fails, the others' time to end on their own (the live ones leave the
+# stall probe together and exit at once) before the rest are killed
 STALL_EXIT = 3  # exit status of a rank that gave up on a stalled collective
 
 
