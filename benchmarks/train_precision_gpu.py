@@ -138,19 +138,23 @@ def main() -> int:
         "env": {**_env.versions("python", "torch", "cuda"), "commit": _env.git_commit()},
         "command": sys.argv,
     }
+    import torch
+
+    result["env"]["gpu"] = torch.cuda.get_device_name() if torch.cuda.is_available() else "none"
+
+    def save() -> None:  # after every part: a run cut short keeps what it measured
+        if args.json:
+            args.json.write_text(json.dumps(result, indent=1))
+
     with tempfile.TemporaryDirectory(prefix="micromoe_precision_") as tmp:
         if "precision" not in skip:
             result["precision"] = precision_runs(Path(tmp), args.preset, args.steps, args.old_code)
+            save()
         if "memory" not in skip:
             result["memory"] = memory_runs(
                 Path(tmp), args.memory_preset, args.memory_layers, args.memory_seq_len
             )
-    try:
-        import torch
-
-        result["env"]["gpu"] = torch.cuda.get_device_name() if torch.cuda.is_available() else "none"
-    except ImportError:
-        pass
+            save()
     rows = {k: v for k, v in result.get("precision", {}).items() if "error" not in v}
     if rows:
         base = rows.get("before (bf16 weights and AdamW state)") or next(iter(rows.values()))
@@ -161,8 +165,7 @@ def main() -> int:
             print(
                 f"{name:<40} {val:>9} {r['tokens_per_s']:>10,.0f} {ratio:>9.3f} {r['max_memory_gib']:>9.2f}"
             )
-    if args.json:
-        args.json.write_text(json.dumps(result, indent=1))
+    save()
     return 0
 
 

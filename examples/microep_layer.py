@@ -4,7 +4,8 @@
     torchrun --nproc_per_node=4 examples/microep_layer.py --timeout 60
 
 Needs 2, 4, 8 or 16 ranks: the 8 experts x 2 replicas = 16 slots must split evenly over the ranks,
-and EP = ranks / 2. Any other count stops with that message. With 4 ranks: DP = 4, EP = 2, merge
+and EP = ranks / 2. Any other count stops before any process group exists, with that message
+printed once (by rank 0). With 4 ranks: DP = 4, EP = 2, merge
 factor d = 2: one MicroEP group of 4 GPUs holding 8 experts twice (symmetric placement).
 `--timeout` (seconds, default 300) bounds every collective: if a rank stalls or dies, the others
 stop with an error naming the timeout (and, on rank 0, the rank that did not respond). Each step
@@ -17,6 +18,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from typing import NoReturn
 
 import torch
 import torch.distributed as dist
@@ -48,19 +50,14 @@ def main() -> None:
         help=f"seconds before a stalled collective fails (default {DEFAULT_TIMEOUT_S:g})",
     )
     args = ap.parse_args()
+    check_launch()  # before any process group: every rank knows the world size from torchrun
     tune_allocator()  # MicroEP schedules every micro-batch: keep the planner's arrays off fresh pages
     cuda = torch.cuda.is_available()
     try:
         watchdog = init_distributed("nccl" if cuda else "gloo", args.timeout)
     except ValueError as exc:
-        sys.exit(f"microep_layer.py: error: {exc}")
+        fail(str(exc))
     rank, world = dist.get_rank(), dist.get_world_size()
-    if world not in SUPPORTED_RANKS:
-        dist.destroy_process_group()
-        sys.exit(
-            f"microep_layer.py: error: needs 2, 4, 8 or 16 ranks ({NUM_EXPERTS} experts x {REPLICAS} replicas "
-            f"split evenly, EP = ranks / 2), got {world}; run torchrun --nproc_per_node=4"
-        )
     try:
         with watchdog.guard("a training step"):
             train(rank, world, cuda)
@@ -68,6 +65,26 @@ def main() -> None:
         print(f"microep_layer.py: error: {exc}", file=sys.stderr, flush=True)
         os._exit(1)  # no clean shutdown: a peer is gone
     dist.destroy_process_group()
+
+
+def check_launch() -> None:
+    """Stop (one message, from rank 0 only) unless torchrun started a supported number of ranks."""
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+        fail("run it under torchrun: torchrun --nproc_per_node=4 examples/microep_layer.py")
+    world = int(os.environ["WORLD_SIZE"])
+    if world not in SUPPORTED_RANKS:
+        fail(
+            f"needs 2, 4, 8 or 16 ranks ({NUM_EXPERTS} experts x {REPLICAS} replicas split evenly, "
+            f"EP = ranks / 2), got {world}; run torchrun --nproc_per_node=4"
+        )
+
+
+def fail(message: str) -> NoReturn:
+    """Exit with status 2; only rank 0 (or a process outside torchrun) prints `message`, so a job of
+    N ranks says it once. (torchrun then lists the ranks that exited, as it does for any failure.)"""
+    if os.environ.get("RANK", "0") == "0":
+        print(f"microep_layer.py: error: {message}", file=sys.stderr, flush=True)
+    sys.exit(2)
 
 
 def train(rank: int, world: int, cuda: bool) -> None:

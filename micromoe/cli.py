@@ -13,6 +13,7 @@ import sys
 
 from micromoe import __version__
 from micromoe.allocator import tune_allocator
+from micromoe.errors import CommandError
 
 # name -> (module, one-line help); modules are imported only when their subcommand runs
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
@@ -45,6 +46,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    # the process was started for this command (not a call from Python): its start-up is the
+    # command's, e.g. for calibrate's --budget-s
+    args._own_process = argv is None
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(message)s",
@@ -59,6 +63,9 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:  # user mistakes: one clear line, no traceback
         print(f"micromoe {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except CommandError as exc:  # the job failed (a rank stalled or died): one line naming why
+        print(f"micromoe {args.command}: error: {exc}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -11,7 +11,8 @@ import pytest
 import micromoe.runtime.calibrate as cal
 from micromoe.cli import main
 from micromoe.plan.cost import load, relative_errors
-from micromoe.runtime.calibrate import ALIGN, KINDS, calibrate, calibrate_cost_model, design, split_rows
+from micromoe.runtime.calibrate import calibrate, calibrate_cost_model
+from micromoe.runtime.calibrate_design import ALIGN, KINDS, design, split_rows
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -83,7 +84,7 @@ def test_calibrate_command_writes_a_loadable_file(tmp_path, capsys):
     argv = ["calibrate", "--hidden", "16", "--ffn", "32", "--out", str(out), "--device", "cpu"]
     argv += [
         "--budget-s",
-        "0.5",
+        "5",
         "--slots",
         "2,4",
         "--rows",
@@ -104,7 +105,7 @@ def test_calibrate_command_writes_a_loadable_file(tmp_path, capsys):
 def test_calibrate_command_errors(capsys):
     argv = ["calibrate", "--hidden", "16", "--ffn", "32", "--out", "x.json", "--device", "cpu"]
     assert main([*argv, "--budget-s", "0"]) == 2
-    assert "--budget-s must be > 0" in capsys.readouterr().err
+    assert "--budget-s must be a finite number of seconds > 0" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main([*argv, "--slots", "0,4"])
 

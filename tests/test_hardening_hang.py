@@ -122,6 +122,21 @@ def _torchrun(nproc: int, *args: str) -> subprocess.CompletedProcess[str]:
 
 
 def test_example_refuses_an_unsupported_rank_count() -> None:
+    """One message for the job (rank 0's), no traceback from the example's ranks (torchrun still
+    lists the ranks that exited non-zero, as it does for any failed job)."""
     out = _torchrun(3, "--timeout", "30")
     assert out.returncode != 0
-    assert "needs 2, 4, 8 or 16 ranks" in out.stderr and "got 3" in out.stderr
+    messages = [line for line in out.stderr.splitlines() if line.startswith("microep_layer.py: error:")]
+    assert len(messages) == 1 and "needs 2, 4, 8 or 16 ranks" in messages[0] and "got 3" in messages[0]
+    assert 'microep_layer.py", line' not in out.stderr, "no traceback through the example"
+
+
+def test_example_outside_torchrun_says_how_to_start_it() -> None:
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE")}
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "examples" / "microep_layer.py")],
+        capture_output=True, text=True, env=env, timeout=120,
+    )  # fmt: skip
+    assert out.returncode == 2 and out.stderr.strip().splitlines() == [
+        "microep_layer.py: error: run it under torchrun: torchrun --nproc_per_node=4 examples/microep_layer.py"
+    ]

@@ -70,6 +70,11 @@ def test_replacement_is_logged_checkpointed_and_resumable(tmp_path):
         assert e["old_score"] > 1.0 and e["new_score"] < e["old_score"]
         assert e["bytes_moved"] == 0 and e["slots_changed"] > 0 and e["ms"] > 0 and e["layer"] in (0, 1)
         assert e["reason"].startswith(OPENING[e["rule"]]), e
+    for rec in log:  # every move is also one of the step's logged checks, with the same reason
+        checks = {(c["layer"], c["reason"]) for c in rec.get("replace_checks", []) if c["replace"]}
+        for e in rec.get("replacements", []):
+            assert (e["layer"], e["reason"]) in checks, (rec["step"], e, checks)
+    assert any(not c["replace"] for rec in log for c in rec.get("replace_checks", [])), "kept ones too"
     meta = json.loads((full / "checkpoints" / "step_00000003" / "meta.json").read_text())
     symmetric = Placement.symmetric(4, 16, 2).slot_expert
     moved = {e["layer"] for e in events if e["step"] < 3}

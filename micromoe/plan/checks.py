@@ -40,6 +40,12 @@ def as_int_array(a: npt.ArrayLike, name: str, shape: tuple[int, ...]) -> IntArra
         np.issubdtype(arr.dtype, np.integer) or np.issubdtype(arr.dtype, np.floating)
     ):
         raise ValueError(f"{name} must be an integer array, got dtype {arr.dtype}")
+    if np.issubdtype(arr.dtype, np.unsignedinteger) and arr.size and arr.max() >= MAX_TOTAL:
+        # checked before the int64 cast, which would wrap uint64 entries above 2**63 to negatives
+        idx = tuple(int(i) for i in np.unravel_index(int(np.argmax(arr)), arr.shape))
+        raise ValueError(
+            f"{name}{list(idx)} = {arr[idx]} is too large: the largest supported total is 2**53 - 1 tokens"
+        )
     if np.issubdtype(arr.dtype, np.floating):
         if not np.all(np.isfinite(arr)):
             raise ValueError(f"{name} has non-finite entries")

@@ -59,6 +59,10 @@ _COEF_KEYS = (
 _OPTIONAL_KEYS = ("c_nlogn", "c_half_tile", "c_head", "c_big")  # added after the first files; absent = 0
 _SHAPE_KEYS = ("c_half_tile", "c_head", "c_big")  # fitted only with shape_terms=True
 BIG_TILES = 4  # c_big prices rows past this many tiles of a slot
+# `check_plannable`: more rows than a micro-batch gives a GPU, and a time whose sums over slots stay
+# inside the planners' int64 units of 1e-6 us (9.2e12 us)
+CHECK_ROWS = 1 << 20
+PLANNABLE_US = 1e12
 
 
 @dataclass(frozen=True)
@@ -161,6 +165,24 @@ class CostModel:
             out += n.astype(object) * _log2_fixed(n).astype(object) * q >> _LOG_BITS
         out = out >> _COEF_BITS
         return out.astype(np.int64)
+
+    def check_plannable(self, *, where: str = "cost model") -> CostModel:
+        """The model itself if a planner can use it, else ValueError naming `where`: its time must
+        grow with rows (an all-zero model cannot tell plans apart) and stay below PLANNABLE_US for
+        a GPU of CHECK_ROWS rows (1e300 coefficients would overflow the planners' integer time)."""
+        if not any(getattr(self, k) for k in _COEF_KEYS if k not in ("fixed_us", "c_slot")):
+            raise ValueError(
+                f"{where} predicts the same time whatever the rows (every row coefficient is 0), so it "
+                "cannot guide a plan; re-run `micromoe calibrate` for this GPU and shape"
+            )
+        with np.errstate(over="ignore", invalid="ignore"):
+            top = float(self.predict(np.array([[CHECK_ROWS]], dtype=np.int64))[0])
+        if not top < PLANNABLE_US:
+            raise ValueError(
+                f"{where} predicts {top:.3g} us for a GPU of {CHECK_ROWS} rows, beyond the {PLANNABLE_US:.0e} "
+                "us the planners' integer arithmetic holds: not a GPU's coefficients; re-run `micromoe calibrate`"
+            )
+        return self
 
     def coefficients(self) -> FloatArray:
         """float64 [10] in the column order of `design_matrix` (`_COEF_KEYS`)."""
@@ -286,7 +308,9 @@ def load(name_or_path: str | Path) -> CostModel:
         obj = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ValueError(f"cost model file {path}: not readable JSON ({exc})") from exc
-    return CostModel.from_json(obj, where=f"cost model file {path}")
+    return CostModel.from_json(obj, where=f"cost model file {path}").check_plannable(
+        where=f"cost model file {path}"
+    )
 
 
 # --------------------------------------------------------------------------------------------

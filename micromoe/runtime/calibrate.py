@@ -6,9 +6,8 @@ those rows, the median of a few repetitions after a warm-up. On the GPU: CUDA ev
 kernel queued first so the host is ahead and the time is the GPU's execution, not the host's
 launch latency (which a training step hides); on the CPU: this process's CPU time, one thread.
 
-The designed samples span slot counts, row totals and shapes of the split: even, Dirichlet(0.3 /
-1 / 3), big slots plus tiny fragments, half or a quarter of the slots used, one hot slot, one slot,
-and off-tile sizes. Every fourth sample (by design order) is held out: the model is fitted on the
+The designed samples (`calibrate_design.py`) span slot counts, row totals and shapes of the split.
+Every fourth sample (by design order) is held out: the model is fitted on the
 rest and its relative error on the held-out ones goes into `meta['heldout']`. Samples are taken in
 an order that covers the space early, until a time budget runs out.
 """
@@ -18,20 +17,21 @@ from __future__ import annotations
 import platform
 import statistics
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 import micromoe
-from micromoe.plan.cost import ROW_ALIGN, CostModel, fit_cost_model, relative_errors
+from micromoe.plan.cost import CostModel, fit_cost_model, relative_errors
+from micromoe.runtime.calibrate_design import ALIGN, design
 from micromoe.runtime.experts import GroupedSwiGLU
 
-ALIGN = ROW_ALIGN  # rows per slot are padded to this by the dispatchers (CUDA grouped GEMM alignment)
 TILES = (64, 128, 256)  # candidate row tiles of the slot term; the best in-sample fit is kept
-KINDS = ("even", "dir0.3", "dir1", "fragments", "half", "hot", "dir3", "quarter", "single", "offtile")
 MIN_SAMPLES = 12
+FIT_SHARE = 0.05  # of a whole-call budget, kept for fitting the model after the last sample
+SAFETY = 1.5  # a sample is taken only if 1.5 x its predicted time fits: CPU timings vary
 # GPU cycles of the spin kernel queued ahead of each run (about 1.5 ms at 2 GHz, about twice the
 # host's launch time of one forward+backward): the timed kernels then run back to back, as in a
 # training step where the host is ahead, instead of waiting for their launches
@@ -78,76 +78,6 @@ def _padded(rows_list: Sequence[Sequence[int]]) -> tuple[np.ndarray, np.ndarray]
     for i, r in enumerate(rows_list):
         rows[i, : len(r)] = r
     return rows, slots
-
-
-# --------------------------------------------------------------------------------------------
-# the designed row distributions
-def split_rows(num_slots: int, total: int, kind: str, rng: np.random.Generator) -> np.ndarray:
-    """Rows per slot, int64 [num_slots], multiples of ALIGN, summing to about `total` (> 0)."""
-    s = num_slots
-    if kind == "even":
-        share = np.ones(s)
-    elif kind.startswith("dir"):
-        share = rng.dirichlet(np.full(s, float(kind[3:])))
-    elif kind == "fragments":  # a third of the slots get 8..120 rows, the rest share the remainder
-        num_frag = max(1, s // 3) if s > 1 else 0
-        frag = rng.integers(1, 16, size=num_frag) * ALIGN
-        big = np.full(
-            s - num_frag, max(total - int(frag.sum()), ALIGN * (s - num_frag)) / max(s - num_frag, 1)
-        )
-        return _aligned(np.concatenate([big, frag]), rng)
-    elif kind in ("half", "quarter"):
-        used = max(1, s // (2 if kind == "half" else 4))
-        share = np.zeros(s)
-        share[rng.choice(s, used, replace=False)] = 1.0
-    elif kind == "hot":  # one slot holds a quarter of the rows (half with few slots)
-        frac = max(0.25, min(0.6, 2 / s))
-        share = np.ones(s)
-        share[rng.integers(s)] = frac * (s - 1) / (1 - frac) if s > 1 else 1.0
-    elif kind == "single":
-        share = np.zeros(s)
-        share[rng.integers(s)] = 1.0
-    elif kind == "offtile":  # even, each slot one ALIGN chunk past a 128-row tile
-        per = 128 * int(total / s // 128) + ALIGN
-        return np.full(s, per, dtype=np.int64)
-    else:
-        raise ValueError(f"unknown sample kind {kind!r}; known: {KINDS}")
-    return _aligned(share / share.sum() * total, rng)
-
-
-def _aligned(rows: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """Round real rows to multiples of ALIGN (stochastically, so the total is kept on average)."""
-    chunks = rows / ALIGN
-    low = np.floor(chunks)
-    up = rng.random(len(rows)) < (chunks - low)
-    out = (low + up).astype(np.int64) * ALIGN
-    if out.sum() == 0:
-        out[int(np.argmax(rows))] = ALIGN
-    return out
-
-
-def design(
-    slot_counts: Sequence[int], totals: Sequence[int], *, seed: int = 0, repeats: int = 2
-) -> Iterator[tuple[np.ndarray, str]]:
-    """Samples in coverage order: every (kind, S, total) once, then again with fresh draws.
-
-    Within a round the order cycles kinds fastest, then slot counts, then totals, so a budget cut
-    still sees every kind at several sizes.
-    """
-    rng = np.random.default_rng(seed)
-    grid = [(t, s) for t in _interleave(totals) for s in _interleave(slot_counts)]
-    for _ in range(repeats):
-        for i, (total, s) in enumerate(grid):
-            for j in range(len(KINDS)):
-                kind = KINDS[(i + j) % len(KINDS)]
-                yield split_rows(s, total, kind, rng), kind
-
-
-def _interleave(values: Sequence[int]) -> list[int]:
-    """Middle first, then the ends, then the rest: [a, b, c, d, e] -> [c, a, e, b, d]."""
-    vals = sorted(values)
-    order = [vals[len(vals) // 2], vals[0], vals[-1]]
-    return list(dict.fromkeys(order + vals))
 
 
 # --------------------------------------------------------------------------------------------
@@ -213,36 +143,109 @@ def measure(
     budget_s: float,
     reps: int = 5,
     seed: int = 0,
+    count_startup: bool = False,
+    progress: Callable[[int, float], None] | None = None,
 ) -> Samples:
-    """Time designed samples until `budget_s` seconds have passed (at least MIN_SAMPLES).
+    """Time designed samples until `budget_s` seconds have passed.
 
-    The budget starts after one untimed run per slot count (`warm_up`): a fresh process pays for
-    its first CUDA and GEMM-library work there (seconds), once, as its first training step would;
-    it is recorded as `Samples.startup_s`, so that one-time cost does not eat the samples.
+    By default the budget starts after one untimed run per slot count (`warm_up`): a fresh process
+    pays for its first CUDA and GEMM-library work there (seconds), once, as its first training step
+    would; it is recorded as `Samples.startup_s`, and at least MIN_SAMPLES are taken whatever the
+    budget (the start-up calibration of `cost_model='auto'`). With `count_startup` the budget is a
+    promise about the whole call (`micromoe calibrate --budget-s`): the warm-up counts, a sample is
+    taken only if its predicted time (from the samples so far, `_Pace`) still fits, and too small a
+    budget for MIN_SAMPLES is a ValueError. `progress(samples, elapsed_s)` is called after each.
     """
     t_start = time.perf_counter()
     timer = ExpertTimer(hidden, ffn, device, max_rows=_max_rows(slot_counts, totals), seed=seed)
-    warm_up(timer, slot_counts, min(totals))
+    pace = _Pace(reps)
+    deadline = t_start + budget_s * (1 - FIT_SHARE) if count_startup else None
+    warm_up(timer, slot_counts, min(totals), pace, deadline=deadline)
     startup_s = time.perf_counter() - t_start
-    t_start = time.perf_counter()
+    clock = t_start if count_startup else time.perf_counter()
+    planned = list(design(slot_counts, totals, seed=seed))
+    if count_startup:  # fail now, not at the end, if even the cheapest samples cannot fit
+        cheapest = sum(sorted(pace.predict(rows) for rows, _ in planned)[:MIN_SAMPLES])
+        room = budget_s * (1 - FIT_SHARE) - startup_s
+        if cheapest > room:
+            raise ValueError(
+                f"the warm-up took {startup_s:.1f} s and the {MIN_SAMPLES} quickest samples a fit needs would "
+                f"take about {cheapest:.0f} s more on {device.type}, more than the {max(room, 0):.1f} s left "
+                "for them; give more time, or smaller rows or slot counts"
+            )
     rows_list, kinds, times = [], [], []
-    for rows, kind in design(slot_counts, totals, seed=seed):
-        if len(times) >= MIN_SAMPLES and time.perf_counter() - t_start > budget_s:
+    for rows, kind in planned:
+        elapsed = time.perf_counter() - clock
+        if count_startup:
+            if elapsed + pace.predict(rows) > budget_s * (1 - FIT_SHARE):
+                continue  # would overrun: a smaller sample later in the design may still fit
+        elif len(times) >= MIN_SAMPLES and elapsed > budget_s:
             break
+        t0 = time.perf_counter()
         times.append(timer.time_us(rows, reps=reps))
+        pace.add(rows, time.perf_counter() - t0)
         rows_list.append(rows)
         kinds.append(kind)
+        if progress is not None:
+            progress(len(times), time.perf_counter() - clock)
+    if len(times) < MIN_SAMPLES:
+        raise ValueError(
+            f"in {budget_s:.1f} s only {len(times)} of the {MIN_SAMPLES} samples a fit needs could be timed on "
+            f"{device.type} (the warm-up took {startup_s:.1f} s); give more time, or smaller rows or slot counts"
+        )
     padded, slots = _padded(rows_list)
     heldout = np.arange(len(times)) % 4 == 3
     return Samples(padded, slots, np.array(times), kinds, heldout, startup_s=startup_s)
 
 
-def warm_up(timer: ExpertTimer, slot_counts: Sequence[int], total: int) -> None:
+class _Pace:
+    """Predicts a sample's wall time (warm-up run + `reps` timed runs) from the runs so far at its
+    slot count: no less than a run with fewer rows took (the slots' weight gradients cost the same
+    whatever the rows), and growing linearly past the largest one seen. A budget is kept, not
+    filled to the last second."""
+
+    def __init__(self, reps: int) -> None:
+        self.runs = reps + 1
+        self.seen: dict[int, list[tuple[int, float]]] = {}  # slots -> (rows, seconds per run)
+
+    def add(self, rows: np.ndarray, seconds: float, runs: int | None = None) -> None:
+        self.seen.setdefault(len(rows), []).append((int(rows.sum()), seconds / (runs or self.runs)))
+
+    def predict(self, rows: np.ndarray) -> float:
+        seen = self.seen.get(len(rows)) or [o for obs in self.seen.values() for o in obs]
+        n = int(rows.sum())
+        per_run = max((t * max(1.0, n / max(r, 1)) for r, t in seen), default=0.0)
+        return SAFETY * self.runs * per_run
+
+
+def warm_up(
+    timer: ExpertTimer,
+    slot_counts: Sequence[int],
+    total: int,
+    pace: _Pace | None = None,
+    *,
+    deadline: float | None = None,
+) -> None:
     """One untimed forward+backward per slot count at an even split of `total` rows (module
-    creation, first kernel loads and library handles happen here, not in a timed sample)."""
+    creation, first kernel loads and library handles happen here, not in a timed sample); its
+    wall time seeds `pace`. With a `deadline` (perf_counter seconds), a slot count whose warm-up
+    would pass it (predicted from the smaller ones: its fixed costs grow with the slots) is a
+    ValueError instead."""
     for s in sorted(set(slot_counts)):
         per_slot = max(ALIGN, -(-total // s // ALIGN) * ALIGN)
-        timer.time_us(np.full(s, per_slot, dtype=np.int64), reps=1, warmup=1)
+        rows = np.full(s, per_slot, dtype=np.int64)
+        if deadline is not None and pace is not None and pace.seen:
+            done = max(pace.seen)
+            guess = 2 * max(t for _, t in pace.seen[done]) * s / done
+            if time.perf_counter() + guess > deadline:
+                raise ValueError(
+                    f"the warm-up alone (one run per slot count) would take longer than the time given: "
+                    f"{s} slots need about {guess:.0f} s more; give more time, or smaller rows or slot counts"
+                )
+        t0 = time.perf_counter()
+        timer.time_us(rows, reps=1, warmup=1)
+        if pace is not None:
+            pace.add(rows, time.perf_counter() - t0, runs=2)
 
 
 def _max_rows(slot_counts: Sequence[int], totals: Sequence[int]) -> int:
@@ -303,11 +306,14 @@ def calibrate(
     budget_s: float = 30.0,
     reps: int = 5,
     seed: int = 0,
+    count_startup: bool = False,
+    progress: Callable[[int, float], None] | None = None,
 ) -> tuple[CostModel, Samples]:
     """Measure and fit a cost model of `GroupedSwiGLU(S, hidden, ffn)` on `device`.
 
-    Returns the model (meta: environment, shape, dtype, design, in-sample 'fit' and 'heldout'
-    errors, seconds taken) and the raw samples.
+    `budget_s`, `count_startup` and `progress` as in `measure` (with `count_startup` the whole
+    call, fit included, stays within about `budget_s`). Returns the model (meta: environment,
+    shape, dtype, design, in-sample 'fit' and 'heldout' errors, seconds taken) and the samples.
     """
     device = torch.device(device)
     if min(hidden, ffn) < 1 or min(slot_counts) < 1 or min(totals) < ALIGN:
@@ -329,6 +335,8 @@ def calibrate(
             budget_s=budget_s,
             reps=reps,
             seed=seed,
+            count_startup=count_startup,
+            progress=progress,
         )
     finally:
         torch.set_num_threads(threads)

@@ -38,8 +38,27 @@ def load_cost_spec(spec: CostSpec) -> CostModel | None:
             raise ValueError(
                 f"cost_model={spec!r} needs the layer's shape and device: pass it to apply_expert_parallel"
             )
-        return cost_models.load(spec)
+        return cost_models.load(spec)  # checked there, naming the file
+    if isinstance(spec, CostModel):
+        return spec.check_plannable(where="cost_model")
     return check_cost_model(spec)
+
+
+def check_layer_shape(model: CostModel | None, *, hidden: int, ffn: int, spec: object) -> None:
+    """ValueError unless `model` was measured for this layer shape (meta 'hidden' and 'ffn'; a
+    model without them, e.g. built in code, is taken as given): another shape's GEMMs take
+    another time, so its plans would balance the wrong thing."""
+    if model is None:
+        return
+    shape = (model.meta.get("hidden"), model.meta.get("ffn"))
+    if None in shape or shape == (hidden, ffn):
+        return
+    name = spec if isinstance(spec, str) else "the cost model"
+    raise ValueError(
+        f"cost model {name!r} was measured for hidden {shape[0]} x FFN {shape[1]}, but the layer is "
+        f"{hidden} x {ffn}; calibrate this shape (micromoe calibrate --hidden {hidden} --ffn {ffn} "
+        "--out FILE) or pass the model of this shape"
+    )
 
 
 def resolve_cost_model(
@@ -51,8 +70,23 @@ def resolve_cost_model(
     group: dist.ProcessGroup | None,
     num_slots: int,
 ) -> CostModel | None:
-    """The model for `spec` (module docstring). "auto" and "bundled" are collective over `group`
-    (every rank of it must call this together); the other specs are local."""
+    """The model for `spec` (module docstring), checked against the layer's `hidden` x `ffn`.
+    "auto" and "bundled" are collective over `group` (every rank of it must call this together);
+    the other specs are local."""
+    model = _resolve(spec, hidden=hidden, ffn=ffn, device=device, group=group, num_slots=num_slots)
+    check_layer_shape(model, hidden=hidden, ffn=ffn, spec=spec)
+    return model
+
+
+def _resolve(
+    spec: CostSpec,
+    *,
+    hidden: int,
+    ffn: int,
+    device: torch.device,
+    group: dist.ProcessGroup | None,
+    num_slots: int,
+) -> CostModel | None:
     if spec == "bundled":
         if device.type != "cuda":
             raise ValueError("cost_model='bundled' picks the model of this GPU; the layer is not on a GPU")
@@ -98,4 +132,5 @@ def _from_first_rank(
         raise failure
     if isinstance(box[0], dict) and "error" in box[0]:
         raise ValueError(f"cost_model={spec!r} failed on the group's first rank: {box[0]['error']}")
-    return CostModel.from_json(box[0], where=f"cost_model={spec!r} from the group's first rank")
+    where = f"cost_model={spec!r} from the group's first rank"
+    return CostModel.from_json(box[0], where=where).check_plannable(where=where)

@@ -130,6 +130,9 @@ class MoELayer(nn.Module):
 
         Raises ValueError on every rank of the dispatch group when any rank's input is bad.
         """
+        problem = _input_dtype_problem(x, self.router.weight.dtype)  # the experts cast to their own
+        if problem:
+            self.dispatcher.fail(problem, x.device)
         if x.shape[-1] != self.cfg.hidden:
             self.dispatcher.fail(
                 f"input hidden size {x.shape[-1]} != MoEConfig.hidden={self.cfg.hidden}", x.device
@@ -149,3 +152,16 @@ class MoELayer(nn.Module):
         y_TH = self.dispatcher.combine(out_NH, meta)
         self.last_stats = MoEStats(sel.aux_loss, meta)
         return y_TH.reshape(x.shape)
+
+
+def _input_dtype_problem(x: torch.Tensor, weight_dtype: torch.dtype) -> str:
+    """'' if the layer can take `x`, else why not: integer, bool or complex input (token ids
+    instead of hidden states, say), or a float dtype other than the weights' outside autocast."""
+    if not x.dtype.is_floating_point:
+        return (
+            f"input must be floating-point hidden states [..., H] of dtype {weight_dtype}, got dtype "
+            f"{x.dtype} (token ids? pass them through an embedding first)"
+        )
+    if x.dtype != weight_dtype and not torch.is_autocast_enabled(x.device.type):
+        return f"input dtype {x.dtype} != the layer's {weight_dtype}; cast one of them (x.to({weight_dtype}))"
+    return ""

@@ -25,7 +25,10 @@ import torch
 import torch.distributed as dist
 
 DEFAULT_TIMEOUT_S = 300.0  # a few minutes: long enough for a slow CPU step, short next to 30 min
-_PROBE_S = 30.0  # the monitored barrier that looks for stalled ranks waits at most this long
+# the monitored barrier that looks for stalled ranks waits at most this long: the ranks that are
+# alive reach it within a second or so of each other (they fail in the same collective or on its
+# closed connections), so a short wait names the stalled rank without adding much to the timeout
+PROBE_S = 5.0
 
 
 class CollectiveTimeout(RuntimeError):
@@ -114,7 +117,7 @@ class Watchdog:
         try:
             dist.monitored_barrier(
                 group=self.probe,
-                timeout=timedelta(seconds=min(2 * self.timeout_s, _PROBE_S)),  # room for late arrivals
+                timeout=timedelta(seconds=min(2 * self.timeout_s, PROBE_S)),  # room for late arrivals
                 wait_all_ranks=True,
             )
         except RuntimeError as exc:

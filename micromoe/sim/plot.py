@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
+from micromoe.plot_style import coincide_note, coinciding, crowded_window, overlap_style, zoom_limits
 from micromoe.sim.metrics import Samples
 from micromoe.sim.runner import WorkloadResult, pooled
 
@@ -83,39 +84,81 @@ def _metric_row(
     from matplotlib.ticker import MaxNLocator
 
     multi = len(results) > 1
-    for name, s in pooled(results).items():
-        color, marker = STYLE.get(name, ("gray", "x"))
-        values = metric(s)
-        r = np.sort(values.ravel())
-        r = r[np.isfinite(r)]
-        axes[0].step(r, np.arange(1, r.size + 1) / max(r.size, 1), where="post", color=color, label=name)
-        per_layer = _nanmean(values, axis=0)
+    values = {name: metric(s) for name, s in pooled(results).items()}  # name -> [M, L]
+    count = len(values)
+    ecdf = {name: np.sort(v.ravel()[np.isfinite(v.ravel())]) for name, v in values.items()}
+    layers = {name: _nanmean(v, axis=0) for name, v in values.items()}
+    workloads = {name: [_nanmean(metric(r_.samples[name])) for r_ in results] for name in values}
+    for i, (name, r) in enumerate(ecdf.items()):
+        color, _ = STYLE.get(name, ("gray", "x"))
+        style = overlap_style(i, count, points=r.size)
+        axes[0].step(
+            r, np.arange(1, r.size + 1) / max(r.size, 1), where="post", color=color, label=name, **style
+        )
+        per_layer = layers[name]
         if per_layer.size > 1:
             xs = (
                 layer_ids
                 if layer_ids is not None and len(layer_ids) == per_layer.size
                 else range(per_layer.size)
             )
-            axes[1].plot(list(xs), per_layer, color=color, marker=marker, ms=3, label=name)
+            axes[1].plot(
+                list(xs), per_layer, color=color, label=name, **overlap_style(i, count, points=per_layer.size)
+            )
         else:
             axes[1].bar(name, per_layer[0], color=color)
         if multi:
-            ys = [_nanmean(metric(r_.samples[name])) for r_ in results]
             xs = x_values if x_values is not None else list(range(len(results)))
-            axes[2].plot(xs, ys, color=color, marker=marker, label=name)
+            axes[2].plot(
+                xs, workloads[name], color=color, label=name, **overlap_style(i, count, points=len(xs))
+            )
+    _zoom_distribution(axes[0], ecdf)
     axes[0].set(xlabel=label, ylabel="share of (micro-batch, layer) samples <= x")
-    axes[0].set_title(f"distribution of {short}")
+    axes[0].set_title(_titled(f"distribution of {short}", coincide_note(coinciding(ecdf))), fontsize=9)
     axes[1].set(xlabel="layer", ylabel=f"mean {label}")
     axes[1].xaxis.set_major_locator(MaxNLocator(integer=True))
-    axes[1].set_title("per layer")
+    axes[1].set_title(_titled("per layer", coincide_note(coinciding(layers))), fontsize=9)
     if multi:
         axes[2].set(xlabel=x_label, ylabel=f"mean {label}")
-        axes[2].set_title(f"by {x_label}")
+        axes[2].set_title(_titled(f"by {x_label}", coincide_note(coinciding(workloads))), fontsize=9)
         if x_values is None:
             axes[2].set_xticks(range(len(results)), [r.name for r in results], rotation=20, fontsize=8)
     for ax in axes:
         ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=8)
+    axes[1].legend(fontsize=8)  # the distribution panel holds the zoomed inset
+
+
+def _zoom_distribution(ax, ecdf: dict[str, np.ndarray]) -> None:
+    """Zoom the distribution's x axis to where the balancers differ: up to each one's 99th
+    percentile (the note names the worst values left out), plus an inset magnifying the stretch
+    where most of them crowd (near the bound) when that is a small part of the axis."""
+    limits = zoom_limits(list(ecdf.values()))
+    if limits is not None:
+        ax.set_xlim(*limits)
+        beyond = [f"{n} {r[-1]:.3g}" for n, r in ecdf.items() if r.size and r[-1] > limits[1]]
+        if beyond:
+            _note(ax, "cut at the 99th percentile; worst: " + ", ".join(beyond))
+    window = crowded_window(list(ecdf.values()))
+    if window is None:
+        return
+    inset = ax.inset_axes([0.52, 0.1, 0.45, 0.45])
+    for i, (name, r) in enumerate(ecdf.items()):
+        inset.step(r, np.arange(1, r.size + 1) / max(r.size, 1), where="post",
+                   color=STYLE.get(name, ("gray", "x"))[0], **overlap_style(i, len(ecdf), points=r.size))  # fmt: skip
+    inset.set_xlim(*window)
+    inset.set_title("zoom", fontsize=7)
+    inset.tick_params(labelsize=6)
+    inset.grid(alpha=0.3)
+
+
+def _titled(title: str, note: str) -> str:
+    """A panel title with the note on lines that coincide (drawn, but on top of each other)."""
+    return f"{title}\n({note})" if note else title
+
+
+def _note(ax, text: str) -> None:
+    if text:
+        ax.text(0.02, 0.02, text, transform=ax.transAxes, fontsize=7, va="bottom", alpha=0.8)
 
 
 def _nanmean(a: np.ndarray, axis: int | None = None) -> np.ndarray:

@@ -5,62 +5,29 @@ Launch modes:
   available, gloo otherwise; multi-node through torchrun's rendezvous;
 - `--nproc N` without a launcher: N gloo CPU processes started here (spawn, free local port);
 - otherwise one process, no process group (the model keeps all experts locally).
-Options resolve as defaults < preset < flags; the resolved config is logged by rank 0 and saved
-to OUT/config.json and inside every checkpoint.
+Options resolve as defaults < preset < flags. Before any process starts, every value and path is
+checked (`preflight.py`, `outputs.py`) and OUT is locked for this run; the resolved config goes to
+OUT/config.json (and into every checkpoint), a short summary to stderr, results to stdout.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
-import logging
-import math
 import os
 import socket
 import sys
-import tempfile
-import traceback
 from pathlib import Path
-from typing import Any
 
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 
-from micromoe.allocator import tune_allocator
-from micromoe.model import PRESETS, ModelConfig, preset
-from micromoe.model.hf import architecture, read_config
-from micromoe.model.hf import model_config as hf_model_config
-from micromoe.train import checkpoint as ckpt
-from micromoe.train.config import RUN_PRESETS, TrainConfig, resolve
-from micromoe.train.data import TokenData, load_tokens
-from micromoe.train.loop import train
-from micromoe.train.memory import GIB, MemoryPlan, device_capacity, plan_memory
-from micromoe.train.metrics import measure_bf16_peak
-from micromoe.train.parallel import ParallelState, init_distributed, resolve_layout
-from micromoe.train.precision import resolve_precision
-from micromoe.train.report import summary_line, write_report
-from micromoe.train.trainer import build_run, check_compatible, run_meta
-
-log = logging.getLogger("micromoe.train")
-
-# flag -> ModelConfig field
-MODEL_FLAGS = {
-    "layers": "num_layers",
-    "seq_len": "seq_len",
-    "hidden": "hidden",
-    "ffn_hidden": "ffn_hidden",
-    "heads": "num_heads",
-    "experts": "num_experts",
-    "top_k": "top_k",
-    "dense_layers": "num_dense_layers",
-    "vocab_size": "vocab_size",
-    "tie_embeddings": "tie_embeddings",
-    "aux_loss": "aux_loss_coef",
-    "expert_bias_rate": "expert_bias_rate",
-}
-HF_FLAGS = ("layers", "seq_len", "aux_loss", "expert_bias_rate")  # model flags that apply with --hf
+from micromoe.model import PRESETS
+from micromoe.runtime.timeouts import CollectiveTimeout
+from micromoe.runtime.warmup import warm_up_kernels
+from micromoe.train.config import RUN_PRESETS, TrainConfig
+from micromoe.train.launch import run_rank, spawn
+from micromoe.train.outputs import RunLock, check_run_outputs, clear_run
+from micromoe.train.preflight import Prepared, dry_run, prepare
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -130,7 +97,7 @@ def _data_options(d: argparse._ArgumentGroup) -> None:
     d.add_argument(
         "--data",
         help="text file, folder of .txt/.md files, a token .bin (micromoe tokenize), or with --hf also .jsonl "
-        "(tokenized with the model's tokenizer) (default: bundled tiny-shakespeare)",
+        "(default: bundled tiny-shakespeare)",
     )
     d.add_argument(
         "--val-fraction",
@@ -219,6 +186,17 @@ def _run_options(r: argparse._ArgumentGroup) -> None:
         "--resume", action="store_true", default=None, help="continue from OUT's newest checkpoint"
     )
     r.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace the run in OUT (its log, config, report and checkpoints) and an existing "
+        "--record-routing file; without it a run refuses an OUT that holds another run",
+    )
+    r.add_argument(
+        "--allow-data-change",
+        action="store_true",
+        help="with --resume: go on although --data differs from the data the run trained on",
+    )
+    r.add_argument(
         "--record-routing",
         metavar="FILE",
         help="write per-micro-batch counts[src, e] (simulator's routing-log format)",
@@ -242,7 +220,8 @@ def _run_options(r: argparse._ArgumentGroup) -> None:
         "--device-memory",
         type=float,
         metavar="GIB",
-        help="--dry-run: memory per GPU in GiB (default: this machine's GPU, else its RAM per rank)",
+        help="GiB per GPU for the memory plan (default: this machine's GPU, else its RAM per rank); "
+        "--dry-run plans for GPUs of this size",
     )
     r.add_argument(
         "--force", action="store_true", help="start even when the memory plan says the run does not fit"
@@ -323,256 +302,79 @@ def _parallel_options(q: argparse._ArgumentGroup) -> None:
     )
 
 
-def resolve_configs(args: argparse.Namespace, world: int, vocab_min: int) -> tuple[TrainConfig, ModelConfig]:
-    """TrainConfig and ModelConfig for `world` ranks; ValueError on any inconsistency."""
-    flags = dict(vars(args))
-    if flags.get("cost_model") is not None and flags.get("dispatcher") == "ep":
-        raise ValueError("--cost-model plans MicroEP's replica split; --dispatcher ep has none: drop it")
-    cfg = resolve(args.preset, flags)
-    overrides = {field: flags.get(flag) for flag, field in MODEL_FLAGS.items()}
-    model_cfg = _hf_model_config(args, overrides, vocab_min) if args.hf else preset(args.preset, **overrides)
-    if model_cfg.vocab_size < vocab_min:
-        if args.vocab_size is not None:
-            raise ValueError(
-                f"--vocab-size {args.vocab_size} is smaller than the data's {vocab_min} token ids"
-            )
-        model_cfg = dataclasses.replace(model_cfg, vocab_size=vocab_min)
-    if args.global_batch is not None:
-        per_step = cfg.micro_batch * world
-        if args.global_batch % per_step:
-            raise ValueError(
-                f"--global-batch {args.global_batch} is not a multiple of micro-batch x world = {per_step}"
-            )
-        if args.grad_accum is not None and args.grad_accum * per_step != args.global_batch:
-            raise ValueError("--global-batch and --grad-accum disagree; give one of them")
-        cfg = dataclasses.replace(cfg, grad_accum=args.global_batch // per_step)
-    merge = resolve_layout(cfg, world).merge if world > 1 else 1  # validates EP / d / DP vs the world
-    if args.placement is not None and merge == 1:
-        raise ValueError(
-            f"--placement {args.placement} shapes replicated MicroEP placements (d > 1), but this run has "
-            "d = 1 (one copy of each expert); drop --placement or use --dispatcher microep with --merge 2"
-        )
-    return cfg, model_cfg
-
-
-def _hf_model_config(args: argparse.Namespace, overrides: dict[str, Any], vocab_min: int) -> ModelConfig:
-    """The --hf folder's ModelConfig: --layers keeps the first N blocks, --seq-len, --aux-loss and
-    --expert-bias-rate apply; flags that change the shape are refused (the weights fix it)."""
-    shape = [
-        f"--{flag.replace('_', '-')}"
-        for flag, field in MODEL_FLAGS.items()
-        if flag not in HF_FLAGS and overrides[field] is not None
-    ]
-    if shape:
-        raise ValueError(f"--hf takes the model's shape from {args.hf}/config.json; drop {', '.join(shape)}")
-    model_cfg = hf_model_config(
-        read_config(Path(args.hf)),
-        where=f"{args.hf}/config.json",
-        num_layers=args.layers,
-        seq_len=args.seq_len,
-    )
-    if vocab_min > model_cfg.vocab_size:
-        raise ValueError(
-            f"the data has token ids up to {vocab_min - 1}, beyond the --hf model's vocabulary of {model_cfg.vocab_size}"
-        )
-    training = {
-        k: v for k, v in overrides.items() if k in ("aux_loss_coef", "expert_bias_rate") and v is not None
-    }
-    return dataclasses.replace(model_cfg, **training)
-
-
 def run(args: argparse.Namespace) -> int:
+    """Check everything, lock OUT, then train in this process, in spawned ranks or as one rank
+    of a torchrun job."""
+    launched = os.environ.get("WORLD_SIZE") is not None and os.environ.get("RANK") is not None
     if args.dry_run:
-        return _dry_run(args)
-    env_world = os.environ.get("WORLD_SIZE")
-    if env_world is not None and os.environ.get("RANK") is not None:
-        world = int(env_world)
-        if args.nproc is not None and args.nproc != world:
-            raise ValueError(f"--nproc {args.nproc} under a launcher with WORLD_SIZE={world}; drop --nproc")
-        _preflight(args, world)
-        rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", 0))
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        _worker(local, rank, world, backend, args)
-        return 0
-    world = args.nproc or 1
-    if world < 1:
-        raise ValueError(f"--nproc must be >= 1, got {world}")
-    _preflight(args, world)
-    if world == 1:
-        _worker(0, 0, 1, None, args)
-        return 0
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ["MASTER_PORT"] = str(_free_port())
-    _spawn(world, args)
-    return 0
-
-
-def _memory_plan(
-    args: argparse.Namespace, world: int, cfg: TrainConfig, model_cfg: ModelConfig, *, local_ranks: int
-) -> MemoryPlan:
-    """The plan for `world` ranks on `--device-memory` GiB per GPU (a GPU target) or this machine."""
-    layout = resolve_layout(cfg, world) if world > 1 else None
-    if args.device_memory is not None:
-        if not args.device_memory > 0 or not math.isfinite(args.device_memory):
-            raise ValueError(f"--device-memory must be a positive number of GiB, got {args.device_memory}")
-        capacity = int(args.device_memory * GIB)
-        target, where = "cuda", f"GPUs of {args.device_memory:g} GiB"
-    else:
-        device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
-        capacity, where = device_capacity(device, local_ranks)
-        target = device.type
-    precision = resolve_precision(cfg.precision, torch.device(target))
-    return plan_memory(
-        model_cfg, cfg, precision, world=world, layout=layout, capacity=capacity, device=target, where=where
-    )
-
-
-def _dry_run(args: argparse.Namespace) -> int:
-    """Print the memory plan of one rank for --world-size ranks; exit 0 if it fits, 1 if not."""
-    launched = os.environ.get("WORLD_SIZE")
-    world = args.world_size or args.nproc or (int(launched) if launched else 1)
-    if world < 1:
-        raise ValueError(f"--world-size must be >= 1, got {world}")
-    _, vocab = load_tokens(args.data)
-    cfg, model_cfg = resolve_configs(args, world, vocab)
-    plan = _memory_plan(args, world, cfg, model_cfg, local_ranks=min(world, args.nproc or world))
-    layout = resolve_layout(cfg, world) if world > 1 else None
-    shape = f"EP {layout.ep}, d {layout.merge}" if layout is not None else "one process"
-    print(
-        f"memory plan: {args.preset}, {world} ranks ({shape}), micro-batch {cfg.micro_batch} x "
-        f"{model_cfg.seq_len} tokens, --ac {cfg.ac}, --expert-gather {cfg.expert_gather}, "
-        f"precision {plan.precision.name}"
-    )
-    print(plan.table())
-    print(plan.verdict())
-    return 0 if plan.fits else 1
-
-
-def _spawn(world: int, args: argparse.Namespace) -> None:
-    """Start `world` gloo processes and wait for them. A user mistake found by a worker (ValueError)
-    ends the job as ValueError with that message (the lowest rank's), so the command prints one
-    line and exits 2; any other failure keeps torch's report with the worker's traceback."""
-    verbose = bool(getattr(args, "verbose", False))
-    # torch logs a warning per process it terminates after a failure: noise next to the one line
-    logging.getLogger("torch.multiprocessing.spawn").setLevel(logging.NOTSET if verbose else logging.ERROR)
-    with tempfile.TemporaryDirectory(prefix="micromoe_train_") as errors:
-        try:
-            mp.start_processes(
-                _spawned, args=(world, args, errors), nprocs=world, join=True, start_method="spawn"
-            )
-        except (mp.ProcessRaisedException, mp.ProcessExitedException):
-            found = sorted(Path(errors).glob("rank*.txt"), key=lambda f: int(f.stem[4:]))
-            if not found:
-                raise
-            raise ValueError(found[0].read_text()) from None
-
-
-def _preflight(args: argparse.Namespace, world: int) -> None:
-    """Every check that can fail before processes start: configs, data, checkpoint compatibility."""
-    if args.hf:  # an unsupported model is the first thing to say, before its tokenizer reads the data
-        architecture(read_config(Path(args.hf)), f"{args.hf}/config.json")
-    tokens, vocab = load_tokens(args.data, hf=args.hf)
-    cfg, model_cfg = resolve_configs(args, world, vocab)
-    TokenData(tokens, vocab, val_fraction=cfg.val_fraction).check(model_cfg.seq_len)
-    local = world if args.nproc else int(os.environ.get("LOCAL_WORLD_SIZE", 1))
-    plan = _memory_plan(args, world, cfg, model_cfg, local_ranks=local)
-    if not plan.fits and not args.force:
-        raise ValueError(f"the memory plan {plan.verdict()}; see `--dry-run`, or --force to start anyway")
-    if cfg.resume:
-        folder = ckpt.latest_checkpoint(Path(cfg.out))
-        if folder is None:
-            raise ValueError(f"--resume: no checkpoint under {cfg.out}/checkpoints")
-        par = ParallelState(
-            0, world, torch.device("cpu"), resolve_layout(cfg, world) if world > 1 else None, cfg.dispatcher
-        )
-        check_compatible(ckpt.check_checkpoint(folder), run_meta(cfg, model_cfg, par))
-
-
-def _spawned(rank: int, world: int, args: argparse.Namespace, errors: str) -> None:
-    """A spawned rank: a ValueError (a user mistake) is written to `errors`/rank<r>.txt for the
-    parent, with the traceback on stderr only under -v, and ends the process with exit code 2."""
+        return dry_run(args, launched)
+    world = _world_size(args, launched)
+    prep = prepare(args, world, launched=launched)
+    rank = int(os.environ["RANK"]) if launched else 0
+    lock = _claim_outputs(args, prep) if rank == 0 else None
     try:
-        _worker(rank, rank, world, "gloo", args, errors=errors)
-    except ValueError as exc:
-        _report_error(errors, rank, exc, args)
-        sys.exit(2)  # SystemExit passes torch's wrapper, which reports other exceptions itself
-
-
-def _report_error(errors: str, rank: int, exc: ValueError, args: argparse.Namespace) -> None:
-    """Write `exc` for the parent once (the traceback to stderr only under -v)."""
-    path = Path(errors, f"rank{rank}.txt")
-    if path.exists():
-        return
-    if getattr(args, "verbose", False):
-        traceback.print_exception(exc)
-    path.write_text(str(exc))
-
-
-def _worker(
-    local_rank: int,
-    rank: int,
-    world: int,
-    backend: str | None,
-    args: argparse.Namespace,
-    *,
-    errors: str | None = None,
-) -> None:
-    """One rank: build, train, report (rank 0), then destroy the process group. With `errors` (a
-    spawned rank) a ValueError is reported there before the group goes away, since the peers then
-    fail too and the parent must find this message first."""
-    if rank != 0 or not logging.getLogger().handlers:
-        logging.basicConfig(
-            level=logging.INFO if rank == 0 else logging.WARNING, format="%(message)s", force=True
-        )
-    tune_allocator()  # the planner runs every micro-batch: keep its arrays off fresh pages
-    torch.set_num_threads(
-        max(1, torch.get_num_threads() // max(1, world)) if backend == "gloo" else torch.get_num_threads()
-    )
-    device = torch.device("cpu")
-    if backend == "nccl":
-        device = torch.device("cuda", local_rank)
-        torch.cuda.set_device(device)
-    elif backend is None and torch.cuda.is_available():
-        device = torch.device("cuda", 0)
-    tokens, vocab = load_tokens(args.data, hf=args.hf)
-    cfg, model_cfg = resolve_configs(args, world, vocab)
-    if backend is not None:
-        init_distributed(backend, rank, world, cfg.timeout)
-    elif resolve_precision(cfg.precision, device).casts:  # one process: a one-rank group, so FSDP
-        # applies the mixed precision to the dense weights as it does in a distributed run
-        backend1 = "nccl" if device.type == "cuda" else "gloo"
-        kw = {"device_id": device} if device.type == "cuda" else {}
-        dist.init_process_group(backend1, store=dist.HashStore(), rank=0, world_size=1, **kw)
-    try:
-        layout = resolve_layout(cfg, world) if world > 1 else None
-        par = ParallelState(rank, world, device, layout, cfg.dispatcher)
-        out = Path(cfg.out)
-        if rank == 0:
-            out.mkdir(parents=True, exist_ok=True)
-            resolved = {
-                "train": cfg.to_dict(),
-                "model": dataclasses.asdict(model_cfg),
-                "world": world,
-                "layout": str(layout),
-                "precision": resolve_precision(cfg.precision, device).describe(),
-            }
-            (out / "config.json").write_text(json.dumps(resolved, indent=1))
-            log.info("micromoe train: %s", json.dumps(resolved))
-        peak = measure_bf16_peak(device) if device.type == "cuda" else None
-        data = TokenData(tokens, vocab, val_fraction=cfg.val_fraction, seed=cfg.seed)
-        run = build_run(cfg, model_cfg, par, data, peak_flops=peak)
-        records = train(run)
-        if rank == 0 and records:
-            log.info(summary_line(records))
-            if not args.no_report:
-                log.info("report: %s", write_report(out))
-    except ValueError as exc:
-        if errors is not None:
-            _report_error(errors, rank, exc, args)
-        raise
+        if launched:
+            _run_launched(rank, world, args)
+            return 0
+        # once here for every rank (they then load the kernels from numba's cache)
+        compiled_s = warm_up_kernels(timed=prep.cfg.cost_model is not None, announce=True)
+        if world == 1:
+            run_rank(0, 0, 1, None, args, compiled_s=compiled_s)
+            return 0
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ["MASTER_PORT"] = str(_free_port())
+        assert lock is not None
+        lock.share()  # the spawned ranks join it
+        spawn(world, args, Path(prep.cfg.out), compiled_s=compiled_s)
+        return 0
     finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        if lock is not None:
+            lock.release()
+
+
+def _world_size(args: argparse.Namespace, launched: bool) -> int:
+    if args.nproc is not None and (isinstance(args.nproc, bool) or args.nproc < 1):
+        raise ValueError(f"--nproc must be a positive integer, got {args.nproc!r}")
+    if not launched:
+        return args.nproc or 1
+    world = int(os.environ["WORLD_SIZE"])
+    if args.nproc is not None and args.nproc != world:
+        raise ValueError(f"--nproc {args.nproc} under a launcher with WORLD_SIZE={world}; drop --nproc")
+    return world
+
+
+def _claim_outputs(args: argparse.Namespace, prep: Prepared) -> RunLock:
+    """Check every output path, lock OUT, check again under the lock (another run may have
+    started meanwhile), and clear the old run for --overwrite."""
+    cfg = prep.cfg
+    inputs = {"--data": Path(args.data) if args.data else None}
+    inputs["--cost-model"] = Path(cfg.cost_model) if cfg.cost_model else None
+    options = {
+        "routing": Path(cfg.record_routing) if cfg.record_routing else None,
+        "resume": cfg.resume,
+        "overwrite": args.overwrite,
+        "inputs": inputs,
+    }
+    check_run_outputs(Path(cfg.out), **options)
+    lock = RunLock.claim(Path(cfg.out))
+    try:
+        check_run_outputs(Path(cfg.out), **options)
+        if args.overwrite:
+            clear_run(Path(cfg.out))
+    except BaseException:
+        lock.release()
+        raise
+    return lock
+
+
+def _run_launched(rank: int, world: int, args: argparse.Namespace) -> None:
+    """One rank of a torchrun job; a stalled peer ends it with one line and no clean shutdown."""
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    try:
+        run_rank(int(os.environ.get("LOCAL_RANK", 0)), rank, world, backend, args, compiled_s=None)
+    except CollectiveTimeout as exc:
+        print(f"micromoe train: error: {exc}", file=sys.stderr, flush=True)
+        os._exit(1)  # a peer is gone: destroying the process group could wait for it
 
 
 def _free_port() -> int:

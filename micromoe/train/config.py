@@ -7,10 +7,59 @@ model preset its training defaults. Both are saved inside every checkpoint.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Any, Literal
 
 from micromoe.plan.forecast import REPLACE_WINDOW
+
+_POSITIVE_INTS = ("micro_batch", "grad_accum", "max_steps", "eval_batches", "log_interval")
+_POSITIVE_INTS += ("replace_trigger_after", "replace_warmup", "replace_window")
+_OPTIONAL_POSITIVE_INTS = ("dp", "ep", "merge", "lr_decay_steps")  # None = derived
+_NON_NEGATIVE_INTS = ("warmup_steps", "eval_interval", "ckpt_interval", "replace_interval")
+_NON_NEGATIVE_INTS += ("replace_cooldown", "seed", "keep")
+INF = math.inf
+MAX_SEED = 2**63
+# float field -> (low, low excluded?, high, high excluded?); every float must also be finite
+_FLOAT_RANGES: dict[str, tuple[float, bool, float, bool]] = {
+    "val_fraction": (0.0, True, 1.0, True),
+    "lr": (0.0, True, INF, True),
+    "min_lr": (0.0, False, INF, True),
+    "weight_decay": (0.0, False, INF, True),
+    "beta1": (0.0, False, 1.0, True),
+    "beta2": (0.0, False, 1.0, True),
+    "grad_clip": (0.0, False, INF, True),  # 0 = off
+    "replace_threshold": (1.0, False, INF, True),  # 1.0 = perfect balance
+    "replace_min_gain": (0.0, False, INF, True),
+    "timeout": (0.0, True, INF, True),
+}
+_NO_FLAG = ("beta1", "beta2")  # fields without a command-line flag
+
+
+def flag_name(field_name: str) -> str:
+    """The command-line flag of a TrainConfig field ('grad_clip' -> '--grad-clip')."""
+    if field_name in _NO_FLAG:
+        return f"TrainConfig.{field_name}"
+    return "--" + field_name.replace("_", "-")
+
+
+def check_real(
+    value: Any, name: str, low: float, high: float = INF, *, low_open: bool = False, high_open: bool = True
+) -> float:
+    """`value` as a float if it is a finite real number in the range; ValueError naming `name`.
+
+    Rejects bool, str, NaN and infinities; the range's ends are included unless `*_open`.
+    """
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
+    below = value <= low if low_open else value < low
+    above = value >= high if high_open else value > high
+    if below or above:
+        lo = f"{'>' if low_open else '>='} {low:g}"
+        hi = "" if high == INF else f" and {'<' if high_open else '<='} {high:g}"
+        raise ValueError(f"{name} must be {lo}{hi}, got {value!r}")
+    return float(value)
+
 
 Dispatcher = Literal["ep", "microep"]
 PlacementKind = Literal["symmetric", "random", "asymmetric"]
@@ -72,27 +121,22 @@ class TrainConfig:
     timeout: float = 300.0
 
     def __post_init__(self) -> None:
-        positive = ("micro_batch", "grad_accum", "max_steps", "eval_batches", "log_interval")
-        positive += ("replace_trigger_after", "replace_warmup", "replace_window")
-        optional = ("dp", "ep", "merge", "lr_decay_steps")
-        for name in positive + optional:
-            v = getattr(self, name)
-            if v is None and name in optional:
+        for name in _POSITIVE_INTS + _OPTIONAL_POSITIVE_INTS + _NON_NEGATIVE_INTS:
+            value = getattr(self, name)
+            if value is None and name in _OPTIONAL_POSITIVE_INTS:
                 continue
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"--{name.replace('_', '-')} must be a positive integer, got {v!r}")
-        for name in (
-            "warmup_steps",
-            "eval_interval",
-            "ckpt_interval",
-            "keep",
-            "replace_interval",
-            "replace_cooldown",
-        ):
-            if getattr(self, name) < 0:
-                raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
-        if not (self.lr > 0 and 0 <= self.min_lr <= self.lr):
-            raise ValueError(f"need lr > 0 and 0 <= min_lr <= lr, got lr={self.lr}, min_lr={self.min_lr}")
+            low = 0 if name in _NON_NEGATIVE_INTS else 1
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                kind = "an integer >= 0" if low == 0 else "a positive integer"
+                raise ValueError(f"{flag_name(name)} must be {kind}, got {value!r}")
+        for name, (low, low_open, high, high_open) in _FLOAT_RANGES.items():
+            check_real(
+                getattr(self, name), flag_name(name), low, high, low_open=low_open, high_open=high_open
+            )
+        if self.seed >= MAX_SEED:  # torch.manual_seed and NumPy's generators take 64-bit seeds
+            raise ValueError(f"--seed must be < 2**63, got {self.seed}")
+        if self.min_lr > self.lr:
+            raise ValueError(f"--min-lr {self.min_lr:g} must be <= --lr {self.lr:g} (min_lr <= lr)")
         for flag, value, allowed in (
             ("--precision", self.precision, PRECISIONS),
             ("--ac", self.ac, RECOMPUTE),
@@ -104,16 +148,6 @@ class TrainConfig:
             raise ValueError(f"--dispatcher must be 'ep' or 'microep', got {self.dispatcher!r}")
         if self.placement not in ("symmetric", "random", "asymmetric"):
             raise ValueError(f"--placement must be symmetric, random or asymmetric, got {self.placement!r}")
-        if not self.replace_threshold >= 1.0:
-            raise ValueError(
-                f"--replace-threshold must be >= 1.0 (1.0 = perfect balance), got {self.replace_threshold}"
-            )
-        if not self.replace_min_gain >= 0:
-            raise ValueError(f"--replace-min-gain must be >= 0, got {self.replace_min_gain}")
-        if self.grad_clip < 0:
-            raise ValueError(f"--grad-clip must be >= 0 (0 = off), got {self.grad_clip}")
-        if self.timeout <= 0:
-            raise ValueError(f"--timeout must be > 0 seconds, got {self.timeout}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -16,6 +16,8 @@ with `world * grad_accum` micro-batches sees exactly the sequences `world` proce
 
 from __future__ import annotations
 
+import hashlib
+import stat
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -27,6 +29,9 @@ import torch
 from micromoe.model.hf import load_tokenizer
 from micromoe.train.token_file import read_token_file
 from micromoe.train.tokenize import TEXT_SUFFIXES, tokenize_in_memory
+
+FINGERPRINT_BLOCKS = 64
+FINGERPRINT_BLOCK_BYTES = 4096
 
 
 def default_corpus() -> Path:
@@ -50,6 +55,11 @@ def load_tokens(
     path = Path(path) if path is not None else default_corpus()
     if not path.exists():
         raise ValueError(f"data path {str(path)!r} does not exist; pass a text file, a folder or a .bin")
+    if not path.is_dir() and not path.is_file():  # a device, FIFO or socket: reading may never end
+        raise ValueError(
+            f"data path {str(path)!r} is {_file_kind(path)}, not a regular file or folder; pass a text "
+            "file, a folder or a .bin"
+        )
     if path.suffix == ".bin":
         tokens, vocab = read_token_file(path)
         if hf is not None:
@@ -69,6 +79,32 @@ def load_tokens(
         tokens = np.frombuffer(b"\n".join(f.read_bytes() for f in files), dtype=np.uint8)
         return tokens, 256
     return np.frombuffer(path.read_bytes(), dtype=np.uint8), 256
+
+
+def _file_kind(path: Path) -> str:
+    """'a character device', 'a FIFO', ... for a path that is not a regular file or folder."""
+    mode = path.stat().st_mode
+    kinds = {stat.S_ISCHR: "a character device", stat.S_ISBLK: "a block device"}
+    kinds |= {stat.S_ISFIFO: "a FIFO (named pipe)", stat.S_ISSOCK: "a socket"}
+    return next((name for test, name in kinds.items() if test(mode)), "a special file")
+
+
+def data_fingerprint(tokens: npt.NDArray[np.integer]) -> str:
+    """A cheap, stable fingerprint of a token stream: '<dtype>:<tokens>:<hash>', the hash (BLAKE2b)
+    over FINGERPRINT_BLOCKS evenly spaced blocks of FINGERPRINT_BLOCK_BYTES (the first and the last
+    included; all of it when smaller). It reads at most 256 KiB whatever the size, so a memory-mapped
+    .bin stays on disk; any change of length or dtype, and most edits, change it. The same tokens
+    give the same fingerprint wherever the file lives (moving or renaming data changes nothing)."""
+    arr = np.asarray(tokens)
+    raw = arr.reshape(-1).view(np.uint8)
+    h = hashlib.blake2b(digest_size=16)
+    size, block = raw.size, FINGERPRINT_BLOCK_BYTES
+    if size <= FINGERPRINT_BLOCKS * block:
+        h.update(raw.tobytes())
+    else:
+        for start in np.linspace(0, size - block, FINGERPRINT_BLOCKS).astype(np.int64):
+            h.update(raw[start : start + block].tobytes())
+    return f"{arr.dtype.name}:{arr.size}:{h.hexdigest()}"
 
 
 @dataclass(frozen=True)
@@ -95,6 +131,10 @@ class TokenData:
         vocab_size: V.
         val_fraction: share of the stream held out for validation.
         seed: base seed of the sampling.
+
+    Attributes:
+        fingerprint: `data_fingerprint(tokens)` (saved in checkpoints: a resume on other data is
+            refused).
     """
 
     def __init__(
@@ -105,6 +145,7 @@ class TokenData:
         n_val = int(len(tokens) * val_fraction)
         self.splits = {"train": tokens[: len(tokens) - n_val], "val": tokens[len(tokens) - n_val :]}
         self.vocab_size, self.seed = vocab_size, seed
+        self.fingerprint = data_fingerprint(tokens)
 
     def check(self, seq_len: int) -> None:
         """Raise ValueError when a split is too short for one sequence of `seq_len` + 1 tokens."""

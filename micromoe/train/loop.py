@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -32,6 +33,7 @@ from micromoe.train.metrics import StepMeter, mfu
 from micromoe.train.trainer import Run, save
 
 log = logging.getLogger("micromoe.train")
+ROUTINE_DECISIONS = ("no check due", "cooldown")  # the policy's reasons when it checked nothing
 
 
 def lr_at(step: int, run: Run) -> float:
@@ -121,18 +123,21 @@ def evaluate(run: Run) -> float:
     return total / (run.cfg.eval_batches * run.parallel.world)
 
 
-def train(run: Run) -> list[dict[str, Any]]:
+def train(run: Run, *, compile_s: float | None = None) -> list[dict[str, Any]]:
     """Train from run.start_step to max_steps; append one JSON line per step to out/log.jsonl.
-    Returns the records of this call (rank 0 writes files; every rank returns the same losses)."""
+    Returns the records of this call (rank 0 writes files; every rank returns the same losses).
+
+    The first record of the call is marked `"cold": true` (its time includes one-time set-up) and
+    carries `compile_s`, the seconds this process spent compiling or loading the planner's kernels
+    before it (kept out of the scheduler time). Before every checkpoint the logs are flushed and
+    fsynced (`sync_logs`), so after a crash they hold every step up to the newest checkpoint."""
     cfg, par = run.cfg, run.parallel
     out = Path(cfg.out)
     lead = par.rank == 0
-    log_fp = _open_log(out / "log.jsonl", run.start_step) if lead else None
-    routing_fp = None
-    if lead and cfg.record_routing:
-        Path(cfg.record_routing).parent.mkdir(parents=True, exist_ok=True)
-        routing_fp = _open_log(Path(cfg.record_routing), run.start_step)
+    log_fp = open_log(out / "log.jsonl", run.start_step) if lead else None
+    routing_fp = open_log(Path(cfg.record_routing), run.start_step) if lead and cfg.record_routing else None
     tokens_per_step = run.spec.global_batch * run.spec.seq_len
+    scheduled = par.distributed and par.dispatcher == "microep"  # plain EP and one process plan nothing
     bar = _progress(run) if lead else None
     records = []
     try:
@@ -141,6 +146,9 @@ def train(run: Run) -> list[dict[str, Any]]:
             meter = StepMeter(len(run.model.moe_layers()), par.ep_size)
             rec: dict[str, Any] = {"step": step, "lr": lr_at(step, run)}
             rec.update(train_step(run, step, meter, routing_fp))
+            checks = replacement_checks(run, step)
+            if checks:
+                rec["replace_checks"] = checks
             if par.device.type == "cuda":
                 torch.cuda.synchronize(par.device)  # host sync: the step's wall time
             step_s = time.perf_counter() - t0
@@ -150,18 +158,22 @@ def train(run: Run) -> list[dict[str, Any]]:
             rec["mfu"] = mfu(run.flops_per_token, rec["tokens_per_s"], run.peak_flops, par.world)
             if par.device.type == "cuda":  # this rank's peak so far (what the memory plan predicts)
                 rec["max_memory_gib"] = torch.cuda.max_memory_allocated(par.device) / 2**30
-            rec.update(meter.record())
+            rec.update(meter.record(scheduled=scheduled))
+            if not records:
+                rec.update({"cold": True, "compile_s": compile_s})
             last = step + 1 == cfg.max_steps
             if cfg.eval_interval and ((step + 1) % cfg.eval_interval == 0 or last):
                 rec["val_loss"] = evaluate(run)
-            if cfg.save and cfg.ckpt_interval and (step + 1) % cfg.ckpt_interval == 0 and not last:
-                save(run, step + 1)
             records.append(rec)
             if lead:
                 log_fp.write(json.dumps(rec) + "\n")
                 log_fp.flush()
                 _show(bar, rec, cfg.log_interval, cfg.max_steps)
+            if cfg.save and cfg.ckpt_interval and (step + 1) % cfg.ckpt_interval == 0 and not last:
+                sync_logs(log_fp, routing_fp)  # every logged step is on disk before the checkpoint
+                save(run, step + 1)
         if cfg.save and run.start_step < cfg.max_steps:
+            sync_logs(log_fp, routing_fp)
             save(run, cfg.max_steps)
     finally:
         for fp in (log_fp, routing_fp):
@@ -172,18 +184,73 @@ def train(run: Run) -> list[dict[str, Any]]:
     return records
 
 
-def _open_log(path: Path, start_step: int) -> IO[str]:
-    """Open a JSON-lines log for appending from `start_step`: lines of later steps (written after
-    the checkpoint a resumed run starts from) are dropped, so every step appears once."""
+def replacement_checks(run: Run, step: int) -> list[dict[str, Any]]:
+    """The adaptive-replacement checks of `step` (cold start, realized trigger, interval), moved or
+    not, each with its layer, micro-batch, realized score and the policy's reason: the moves are
+    also logged as `replacements` with their cost, but a check that kept the placement (the usual
+    outcome) would otherwise leave no trace. Micro-batches without a check are left out."""
+    checks = getattr(run.replacer, "checks", ())
+    return [
+        {k: c[k] for k in ("layer", "micro_batch", "realized", "replace", "reason")}
+        for c in checks
+        if c["step"] == step and not c["reason"].startswith(ROUTINE_DECISIONS)
+    ]
+
+
+def sync_logs(*files: IO[str] | None) -> None:
+    """Flush and fsync each open log (None: not this rank's): a checkpoint written after this
+    never runs ahead of the logs, whatever kills the job."""
+    for fp in files:
+        if fp is not None:
+            fp.flush()
+            os.fsync(fp.fileno())
+
+
+def open_log(path: Path, start_step: int) -> IO[str]:
+    """Open a JSON-lines log (one object with a "step" per line) to continue from `start_step`.
+
+    A fresh run (step 0) starts it empty. A resumed run keeps the lines of earlier steps and cuts
+    the file (in place, at a byte offset) before the first line of a later one: those were written
+    after the checkpoint it resumes from, and it writes them again. A torn last line (a crash in
+    the middle of a write) is cut too; an unreadable line followed by others is an error naming
+    the file and line, as is a log that ends before the checkpoint (steps missing)."""
     if start_step == 0 or not path.exists():
         return path.open("w")
-    keep = [
-        line
-        for line in path.read_text().splitlines()
-        if line.strip() and json.loads(line)["step"] < start_step
-    ]
-    path.write_text("".join(line + "\n" for line in keep))
+    cut, last_step = _resume_offset(path, start_step)
+    if last_step is not None and last_step < start_step - 1:
+        log.warning(
+            "%s ends at step %d but the run resumes at step %d: steps %d-%d are missing from it",
+            path, last_step, start_step, last_step + 1, start_step - 1,
+        )  # fmt: skip
+    with path.open("r+b") as fp:
+        fp.truncate(cut)
+        if cut and fp.seek(cut - 1) is not None and fp.read(1) != b"\n":
+            fp.write(b"\n")  # a complete last record whose newline was not written
     return path.open("a")
+
+
+def _resume_offset(path: Path, start_step: int) -> tuple[int, int | None]:
+    """(byte offset of the first line to drop, the last kept line's step) of a JSON-lines log."""
+    offset, last_step = 0, None
+    with path.open("rb") as fp:
+        lines = iter(fp)
+        for number, raw in enumerate(lines, start=1):
+            try:
+                step = json.loads(raw)["step"]
+                if isinstance(step, bool) or not isinstance(step, int):
+                    raise TypeError("step is not an integer")
+            except (ValueError, KeyError, TypeError) as exc:
+                if next(lines, None) is None:  # a torn last line: cut it
+                    return offset, last_step
+                raise ValueError(
+                    f"{str(path)!r} line {number} is not a log record ({exc}); fix or remove that line "
+                    "to resume"
+                ) from None
+            if step >= start_step:
+                return offset, last_step
+            offset += len(raw)
+            last_step = step
+    return offset, last_step
 
 
 def _progress(run: Run):
@@ -198,8 +265,10 @@ def _progress(run: Run):
 def _show(bar, rec: dict[str, Any], every: int, total: int) -> None:
     text = (
         f"loss {rec['loss']:.4f} | {rec['tokens_per_s']:,.0f} tok/s | max/mean load {rec['max_mean_load']:.3f}"
-        f" (plain EP {rec['ep_max_mean_load']:.3f}) | sched {rec['sched_us']:.0f} us"
+        f" (plain EP {rec['ep_max_mean_load']:.3f})"
     )
+    if rec.get("sched_us") is not None:
+        text += f" | sched {rec['sched_us']:.0f} us"
     if rec.get("mfu") is not None:
         text += f" | MFU {100 * rec['mfu']:.1f}%"
     if "val_loss" in rec:

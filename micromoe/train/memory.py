@@ -24,13 +24,15 @@ FFN hidden, K top-k, B micro-batch, T sequence length, V vocabulary.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
 import torch
 
 from micromoe.model import ModelConfig, MoETransformer
-from micromoe.runtime import ParallelLayout
+from micromoe.model.transformer import Block
+from micromoe.runtime import MoELayer, ParallelLayout
 from micromoe.train.config import TrainConfig
 from micromoe.train.precision import PrecisionPlan
 
@@ -110,12 +112,21 @@ class _Counts:
 
 
 def _counts(model_cfg: ModelConfig) -> _Counts:
+    """Counted on meta-device modules (no memory): one model of one block for the root, one
+    block of each kind (dense, MoE) for the rest, so a model of any depth costs the same."""
+    one = dataclasses.replace(model_cfg, num_layers=1, num_dense_layers=0)
     with torch.device("meta"):
-        model = MoETransformer(model_cfg)
-    expert_ids = {id(p) for m in model.moe_layers() for p in m.experts.parameters()}
-    block_ids = {id(p) for b in model.blocks for p in b.parameters()}
-    root = sum(p.numel() for p in model.parameters() if id(p) not in block_ids)
-    blocks = [sum(p.numel() for p in b.parameters() if id(p) not in expert_ids) for b in model.blocks]
+        small = MoETransformer(one)
+        kinds = {moe: Block(model_cfg, moe=moe) for moe in {False, True}}
+    block_ids = {id(p) for b in small.blocks for p in b.parameters()}
+    root = sum(p.numel() for p in small.parameters() if id(p) not in block_ids)
+
+    def dense_part(block: Block) -> int:
+        experts = set(map(id, block.ffn.experts.parameters())) if isinstance(block.ffn, MoELayer) else set()
+        return sum(p.numel() for p in block.parameters() if id(p) not in experts)
+
+    per_kind = {moe: dense_part(b) for moe, b in kinds.items()}
+    blocks = [per_kind[i >= model_cfg.num_dense_layers] for i in range(model_cfg.num_layers)]
     return _Counts(root, blocks, 3 * model_cfg.hidden * model_cfg.ffn_hidden)
 
 

@@ -72,8 +72,9 @@ class StepMeter:
         self.route_s += stats.route_s
         self.route_calls += 1
 
-    def record(self) -> dict[str, float | list[float]]:
-        """The log fields: means over micro-batches per layer, then over layers."""
+    def record(self, *, scheduled: bool = True) -> dict[str, float | list[float] | None]:
+        """The log fields: means over micro-batches per layer, then over layers. Without a
+        planner (`scheduled` False: plain EP, one process) the scheduler times are None."""
         ex = [float(np.mean(v)) if v else 1.0 for v in self.executed]
         cf = [float(np.mean(v)) if v else 1.0 for v in self.counterfactual]
         return {
@@ -81,8 +82,8 @@ class StepMeter:
             "ep_max_mean_load": float(np.mean(cf)) if cf else 1.0,
             "layer_max_mean_load": ex,
             "layer_ep_max_mean_load": cf,
-            "sched_us": 1e6 * self.route_s / max(1, self.route_calls),
-            "sched_us_step": 1e6 * self.route_s,
+            "sched_us": 1e6 * self.route_s / max(1, self.route_calls) if scheduled else None,
+            "sched_us_step": 1e6 * self.route_s if scheduled else None,
         }
 
 

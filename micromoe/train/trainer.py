@@ -241,6 +241,7 @@ def save(run: Run, step: int) -> Path:
         "optimizer_step": ckpt.optimizer_step(run.optimizer),
         "precision": run.precision.describe(),
         "data": {"seed": run.data.seed, "next_step": step},
+        "data_fingerprint": run.data.fingerprint,
         "hf": hf_meta(run.cfg),
     }
     if hasattr(run.replacer, "state_dict"):
