@@ -142,33 +142,46 @@ def plan_memory(
     where: str,
 ) -> MemoryPlan:
     """The memory plan of one rank (the busiest: the most owned experts) on a `device` ("cuda" or
-    "cpu") of `capacity` bytes, described as `where`."""
+    "cpu") of `capacity` bytes, described as `where`: its items at the peak (module doc)."""
     n = _counts(model_cfg)
     m, c = precision.master.itemsize, precision.compute.itemsize
-    red = precision.reduce.itemsize
     e, num_moe = model_cfg.num_experts, model_cfg.num_moe_layers
     g = layout.microep_size if layout is not None else 1
     slots = e * (layout.merge if layout is not None else 1) // g
     owned = math.ceil(e / g) * num_moe * n.per_expert
     dense = n.root + sum(n.block_dense)
-    dense_shard = math.ceil(dense / world)
+    masters = (math.ceil(dense / world) + owned) * m
+    sharded = world > 1 or precision.casts  # FSDP runs (one rank too, for mixed precision)
+    block = max(n.block_dense, default=0)
+    working = (n.root + 2 * block) * c if sharded else 0  # gathered root for the step, 2 blocks
+    early_grads = n.root * (m + (c if sharded else 0))  # the head's and embedding's, first in the backward
+    kept = _slots_kept(cfg, n, slots, num_moe, c, copies=layout is not None or precision.casts)
+    slot_grads = slots * n.per_expert * (c + 4 + (4 if layout is not None else 0))  # one layer's return
+    acts = _activations(model_cfg, cfg, c, rows_margin=ROW_MARGIN if g > 1 else 1.0)
+    logits = cfg.micro_batch * model_cfg.seq_len * model_cfg.vocab_size * (c + 12)
+    loss_peak = working + kept + acts + logits  # the loss's backward: every activation still kept
+    moe_peak = working + kept + acts + early_grads + slot_grads  # an MoE layer's backward
+    compute = max(loss_peak, moe_peak)
+    accumulating = cfg.grad_accum > 1  # earlier micro-batches' gradients stay through the next ones
     items = [
-        MemoryItem(
-            "master weights", (dense_shard + owned) * m, f"{_bn(dense)} dense / {world} ranks + owned experts"
-        ),
-        MemoryItem("optimizer state", 2 * (dense_shard + owned) * m, "AdamW moments, same dtype"),
-        MemoryItem("gradients", (dense_shard + owned) * m, "dense shard + owned experts"),
-        MemoryItem(
-            "working weights", _working_dense(n, c, red, world), "FSDP-gathered root + 2 blocks (+ grads)"
-        ),
-        MemoryItem("expert slots", _slot_bytes(cfg, n, slots, num_moe, c, red), _slot_note(cfg, slots)),
-        MemoryItem(
-            "activations",
-            _activations(model_cfg, cfg, c),
-            f"micro-batch {cfg.micro_batch} x {model_cfg.seq_len}, --ac {cfg.ac}",
-        ),
-        MemoryItem("runtime reserve", RUNTIME_RESERVE[device], "context, communication buffers"),
+        MemoryItem("master weights", masters, f"{_bn(dense)} dense / {world} rank{'s' if world > 1 else ''} + owned experts"),
+        MemoryItem("optimizer state", 2 * masters, "AdamW moments, same dtype"),
     ]
+    if not accumulating and masters >= compute:  # the optimizer step is the peak
+        items.append(MemoryItem("gradients", masters, "dense shard + owned experts (the step's peak)"))
+    else:
+        if accumulating:
+            items.append(MemoryItem("gradients", masters, "kept over the micro-batches of a step"))
+        what = "logits and loss" if loss_peak >= moe_peak else "gradients returning"
+        items += [
+            MemoryItem("working weights", working, "FSDP-gathered root + 2 blocks" if sharded else "none"),
+            MemoryItem("expert slots", kept, _slot_note(cfg, slots, layout is not None or precision.casts)),
+            MemoryItem(
+                "activations", acts, f"micro-batch {cfg.micro_batch} x {model_cfg.seq_len}, --ac {cfg.ac}"
+            ),
+            MemoryItem(what, compute - working - kept - acts, _peak_note(loss_peak >= moe_peak)),
+        ]
+    items.append(MemoryItem("runtime reserve", RUNTIME_RESERVE[device], "context, communication buffers"))
     return MemoryPlan(tuple(items), capacity, where, precision)
 
 
@@ -176,48 +189,51 @@ def _bn(x: int) -> str:
     return f"{x / 1e9:.2f}B" if x >= 1e8 else f"{x / 1e6:.1f}M"
 
 
-def _working_dense(n: _Counts, c: int, red: int, world: int) -> int:
-    """Gathered dense weights in the compute dtype: the root's for the whole step, two blocks at a
-    time (current + prefetched); the unsharded gradients of the root and one block before their
-    reduce-scatter. Nothing is gathered on one rank without mixed precision beyond the shards."""
-    block = max(n.block_dense, default=0)
-    return (n.root + 2 * block) * c + (n.root + block) * red
-
-
-def _slot_bytes(cfg: TrainConfig, n: _Counts, slots: int, num_moe: int, c: int, red: int) -> int:
+def _slots_kept(cfg: TrainConfig, n: _Counts, slots: int, num_moe: int, c: int, *, copies: bool) -> int:
+    """Gathered slot copies alive at the peak (none when the experts compute in their masters'
+    dtype on one process: no copy is made)."""
+    if not copies:
+        return 0
     one = slots * n.per_expert * c
-    grads = slots * n.per_expert * (c + 2 * red)  # slot gradient, its float32 rows, the return buffer
     if cfg.expert_gather == "step":
-        return num_moe * (one + slots * n.per_expert * 4) + grads
-    layers = num_moe if cfg.ac == "none" else min(2, num_moe)
-    return layers * one + grads
+        return num_moe * (one + slots * n.per_expert * 4)  # copies and their summed gradients
+    return num_moe * one if cfg.ac == "none" else one
 
 
-def _slot_note(cfg: TrainConfig, slots: int) -> str:
+def _slot_note(cfg: TrainConfig, slots: int, copies: bool) -> str:
+    if not copies:
+        return "none: the experts compute in their masters' dtype"
     if cfg.expert_gather == "step":
         return f"{slots} slots x every layer, kept for the step, with summed gradients"
-    return f"{slots} slots x {'every layer' if cfg.ac == 'none' else '2 layers'} (gathered copies)"
+    return f"{slots} slots x {'every layer' if cfg.ac == 'none' else 'the recomputed layer'}"
 
 
-def _activations(mc: ModelConfig, cfg: TrainConfig, c: int) -> int:
-    """Bytes autograd keeps for one micro-batch (see the module doc)."""
+def _peak_note(loss: bool) -> str:
+    if loss:
+        return "the peak: bf16 logits and three float32 [tokens, V] arrays in the loss's backward"
+    return "the peak: early gradients and one layer's slot gradients on their way to the owners"
+
+
+def _activations(mc: ModelConfig, cfg: TrainConfig, c: int, *, rows_margin: float) -> int:
+    """Bytes autograd keeps for one micro-batch (module doc), the logits excluded."""
     tokens = cfg.micro_batch * mc.seq_len
     h, hd, nh, nkv = mc.hidden, mc.dim_head, mc.num_heads, mc.kv_heads
     attn = tokens * (2 * h + (2 * nh + 3 * nkv) * hd + nh * hd) * c + tokens * nh * 4
-    rows = int(tokens * mc.top_k * ROW_MARGIN)
-    moe = tokens * h * c + tokens * mc.num_experts * 4 + rows * (3 * h + 4 * mc.ffn_hidden) * c
+    rows = int(tokens * mc.top_k * rows_margin)
+    # router input and probabilities; per dispatched row its input and output (H each), the
+    # gate/up output (2F) and the activation (F)
+    moe = tokens * h * c + tokens * mc.num_experts * 4 + rows * (2 * h + 3 * mc.ffn_hidden) * c
     dense_f = mc.dense_ffn_hidden or mc.top_k * mc.ffn_hidden
     dense = tokens * (h + 3 * dense_f) * c
     per_block = [attn + (moe if i >= mc.num_dense_layers else dense) for i in range(mc.num_layers)]
-    logits = tokens * mc.vocab_size * (c + 4 + 4)  # logits, their float32 copy, its gradient
     if cfg.ac == "full":
-        return mc.num_layers * tokens * h * c + max(per_block) + logits
+        return mc.num_layers * tokens * h * c + max(per_block)
     if cfg.ac == "moe":
         kept = [
             attn + tokens * h * c if i >= mc.num_dense_layers else attn + dense for i in range(mc.num_layers)
         ]
-        return sum(kept) + moe + logits
-    return sum(per_block) + logits
+        return sum(kept) + moe
+    return sum(per_block)
 
 
 def device_capacity(device: torch.device, local_ranks: int) -> tuple[int, str]:
