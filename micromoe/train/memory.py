@@ -155,7 +155,9 @@ def plan_memory(
     block = max(n.block_dense, default=0)
     working = (n.root + 2 * block) * c if sharded else 0  # gathered root for the step, 2 blocks
     early_grads = n.root * (m + (c if sharded else 0))  # the head's and embedding's, first in the backward
-    kept = _slots_kept(cfg, n, slots, num_moe, c, copies=layout is not None or precision.casts)
+    kept = _slots_kept(
+        cfg, n, slots, num_moe, c, copies=layout is not None or precision.casts, owned=layout is not None
+    )
     slot_grads = slots * n.per_expert * (c + 4 + (4 if layout is not None else 0))  # one layer's return
     acts = _activations(model_cfg, cfg, c, rows_margin=ROW_MARGIN if g > 1 else 1.0)
     logits = cfg.micro_batch * model_cfg.seq_len * model_cfg.vocab_size * (c + 12)
@@ -163,19 +165,31 @@ def plan_memory(
     moe_peak = working + kept + acts + early_grads + slot_grads  # an MoE layer's backward
     compute = max(loss_peak, moe_peak)
     accumulating = cfg.grad_accum > 1  # earlier micro-batches' gradients stay through the next ones
+    foreach_temp = math.ceil(dense / world) * m  # AdamW's multi-tensor step on the FSDP shards
     items = [
-        MemoryItem("master weights", masters, f"{_bn(dense)} dense / {world} rank{'s' if world > 1 else ''} + owned experts"),
+        MemoryItem(
+            "master weights",
+            masters,
+            f"{_bn(dense)} dense / {world} rank{'s' if world > 1 else ''} + owned experts",
+        ),
         MemoryItem("optimizer state", 2 * masters, "AdamW moments, same dtype"),
     ]
-    if not accumulating and masters >= compute:  # the optimizer step is the peak
-        items.append(MemoryItem("gradients", masters, "dense shard + owned experts (the step's peak)"))
+    if masters + foreach_temp >= compute + (masters if accumulating else 0):  # the optimizer step
+        items.append(MemoryItem("gradients", masters, "dense shard + owned experts"))
+        items.append(
+            MemoryItem("optimizer step", foreach_temp, "the peak: AdamW's temporaries on the dense shard")
+        )
     else:
         if accumulating:
             items.append(MemoryItem("gradients", masters, "kept over the micro-batches of a step"))
         what = "logits and loss" if loss_peak >= moe_peak else "gradients returning"
         items += [
             MemoryItem("working weights", working, "FSDP-gathered root + 2 blocks" if sharded else "none"),
-            MemoryItem("expert slots", kept, _slot_note(cfg, slots, layout is not None or precision.casts)),
+            MemoryItem(
+                "expert slots",
+                kept,
+                _slot_note(cfg, slots, layout is not None or precision.casts, layout is not None),
+            ),
             MemoryItem(
                 "activations", acts, f"micro-batch {cfg.micro_batch} x {model_cfg.seq_len}, --ac {cfg.ac}"
             ),
@@ -189,21 +203,24 @@ def _bn(x: int) -> str:
     return f"{x / 1e9:.2f}B" if x >= 1e8 else f"{x / 1e6:.1f}M"
 
 
-def _slots_kept(cfg: TrainConfig, n: _Counts, slots: int, num_moe: int, c: int, *, copies: bool) -> int:
+def _slots_kept(
+    cfg: TrainConfig, n: _Counts, slots: int, num_moe: int, c: int, *, copies: bool, owned: bool
+) -> int:
     """Gathered slot copies alive at the peak (none when the experts compute in their masters'
-    dtype on one process: no copy is made)."""
+    dtype on one process: no copy is made). `--expert-gather step` applies to owned experts only
+    (one process casts its experts per micro-batch)."""
     if not copies:
         return 0
     one = slots * n.per_expert * c
-    if cfg.expert_gather == "step":
+    if cfg.expert_gather == "step" and owned:
         return num_moe * (one + slots * n.per_expert * 4)  # copies and their summed gradients
     return num_moe * one if cfg.ac == "none" else one
 
 
-def _slot_note(cfg: TrainConfig, slots: int, copies: bool) -> str:
+def _slot_note(cfg: TrainConfig, slots: int, copies: bool, owned: bool) -> str:
     if not copies:
         return "none: the experts compute in their masters' dtype"
-    if cfg.expert_gather == "step":
+    if cfg.expert_gather == "step" and owned:
         return f"{slots} slots x every layer, kept for the step, with summed gradients"
     return f"{slots} slots x {'every layer' if cfg.ac == 'none' else 'the recomputed layer'}"
 
