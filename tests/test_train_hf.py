@@ -14,8 +14,8 @@ from micromoe.cli import build_parser, main
 from micromoe.model import ModelConfig, MoETransformer
 from micromoe.model.hf import hf_source, split_experts
 from micromoe.train import checkpoint as ckpt
-from micromoe.train.preflight import resolve_configs
 from micromoe.train.data import load_tokens
+from micromoe.train.preflight import resolve_configs
 
 
 def _args(*argv: str):

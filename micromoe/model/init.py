@@ -88,8 +88,3 @@ def _tied_parameters(model: nn.Module) -> list[list[tuple[nn.Module, str]]]:
         for name, p in mod.named_parameters(recurse=False):
             places.setdefault(id(p), []).append((mod, name))
     return [v for v in places.values() if len(v) > 1]
-
-
-def num_local_bytes(module: nn.Module) -> int:
-    """Bytes of this rank's parameter storage (a DTensor counts its local shard)."""
-    return sum((p.to_local() if isinstance(p, DTensor) else p).nbytes for p in module.parameters())

@@ -1,19 +1,17 @@
 """The run's process layout: device, `ParallelLayout`, and one placement + process groups per MoE
 layer (`ParallelState.groups`, indexed by MoE layer: the one place adaptive replacement swaps).
 
-Launch: under torchrun (RANK/WORLD_SIZE/LOCAL_RANK set by the launcher, NCCL, one GPU per rank)
-the caller passes them in; a single process needs no process group at all.
+The process group itself is started by `launch.py` (through `runtime.timeouts.init_distributed`);
+a single process needs none, except a one-rank group for mixed precision (FSDP).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import datetime
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
 from micromoe.plan import Placement
 from micromoe.runtime import ParallelLayout, ProcessGroups, build_process_groups
@@ -52,13 +50,6 @@ class ParallelState:
     def placements(self) -> list[list[list[int]]]:
         """slot_expert of every MoE layer's placement (JSON-ready)."""
         return [g.placement.slot_expert.tolist() for g in self.groups]
-
-
-def init_distributed(backend: str, rank: int, world: int, timeout_s: float) -> None:
-    """Join the default process group (env:// rendezvous: MASTER_ADDR/MASTER_PORT are set)."""
-    dist.init_process_group(
-        backend, rank=rank, world_size=world, timeout=datetime.timedelta(seconds=timeout_s)
-    )
 
 
 def resolve_layout(cfg: TrainConfig, world: int) -> ParallelLayout:
