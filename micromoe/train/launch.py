@@ -3,12 +3,13 @@
 `run_rank` is one rank: build, train, report (rank 0), every collective bounded by `--timeout`
 through the runtime's `Watchdog`. `spawn` starts `world` gloo processes and supervises them. Each
 spawned rank that fails writes why to REPORTS/rank<r>.txt: `error` (a ValueError: a user mistake
-the ranks found) or `stall` (a collective timed out, or a peer's connection closed). When one rank
+the ranks found), `stall` (a collective timed out, or a peer's connection closed) or `crash` (any
+other exception: a bug, with its traceback as text). When one rank
 ends badly the others get GRACE_S to end on their own; the rest are then killed (a stopped process
 ignores SIGTERM). The job then fails with one line:
 - the lowest rank's `error` (ValueError, exit status 2);
-- a rank that ended by itself without a report: it died (a signal or exit code: CommandError) or
-  crashed (its traceback: RuntimeError, a bug);
+- a `crash` report: its traceback (RuntimeError, a bug);
+- a rank that ended by itself without a report: it died (a signal or exit code: CommandError);
 - `stall` reports: the ranks that reported nothing are the stalled ones (CommandError).
 """
 
@@ -19,7 +20,6 @@ import json
 import logging
 import multiprocessing.connection
 import os
-import pickle
 import signal
 import sys
 import tempfile
@@ -188,7 +188,7 @@ def spawn(world: int, args: argparse.Namespace, out: Path, *, compiled_s: float)
             raise
         codes = [p.exitcode for p in ctx.processes]
         if any(c != 0 for c in codes):
-            _raise_failure(Path(reports), codes, killed, ctx.error_files)
+            _raise_failure(Path(reports), codes, killed)
 
 
 def _supervise(procs: list) -> set[int]:
@@ -211,7 +211,7 @@ def _supervise(procs: list) -> set[int]:
     return set(alive.values())
 
 
-def _raise_failure(reports: Path, codes: list[int], killed: set[int], error_files: list[str | None]) -> None:
+def _raise_failure(reports: Path, codes: list[int], killed: set[int]) -> None:
     """Raise the job's one-line error from the ranks' reports and exit codes (module docstring)."""
     kinds = {}
     for r in range(len(codes)):
@@ -222,12 +222,12 @@ def _raise_failure(reports: Path, codes: list[int], killed: set[int], error_file
     errors = [text for r, (kind, text) in sorted(kinds.items()) if kind == "error"]
     if errors:
         raise ValueError(errors[0])
+    crashes = [(r, text) for r, (kind, text) in sorted(kinds.items()) if kind == "crash"]
+    if crashes:  # a bug, not a user mistake: the rank's traceback, as text
+        raise RuntimeError(f"rank {crashes[0][0]} failed:\n{crashes[0][1]}")
     for r, code in enumerate(codes):
         if r in kinds or r in killed or code == 0:
             continue
-        crash = Path(error_files[r]) if error_files[r] else None
-        if crash is not None and crash.exists() and crash.stat().st_size:
-            raise RuntimeError(f"rank {r} failed:\n{pickle.loads(crash.read_bytes())}")
         how = f"signal {signal.Signals(-code).name}" if code < 0 else f"exit status {code}"
         raise CommandError(f"rank {r} died ({how}); the other ranks were stopped")
     silent = sorted(killed - set(kinds))
@@ -258,9 +258,13 @@ def _spawned(
         os._exit(STALL_EXIT)  # no clean shutdown: a peer is gone
     except RuntimeError as exc:
         if not is_stall_error(exc):
+            _report(reports, rank, "crash", "".join(traceback.format_exception(exc)), exc, args)
             raise
         _report(reports, rank, "stall", f"rank {rank}: {exc}".splitlines()[0], exc, args)
         os._exit(STALL_EXIT)
+    except Exception as exc:
+        _report(reports, rank, "crash", "".join(traceback.format_exception(exc)), exc, args)
+        raise
     finally:
         lock.release()
 
