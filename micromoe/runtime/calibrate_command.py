@@ -204,12 +204,13 @@ def _where(device: str, args: argparse.Namespace, *, fell_back: bool) -> str:
 
 
 class _Progress:
-    """Progress against the time budget: a tqdm bar on a terminal, a line every EVERY_S otherwise."""
+    """Progress against the time budget: a tqdm bar on a terminal, otherwise a line at the first
+    sample and then every EVERY_S."""
 
     EVERY_S = 5.0
 
     def __init__(self, budget_s: float) -> None:
-        self.budget_s, self.last = budget_s, time.monotonic()
+        self.budget_s, self.last = budget_s, -float("inf")
         self.bar = None
         if sys.stderr.isatty():
             from tqdm import tqdm  # optional UI dependency, only on a terminal
